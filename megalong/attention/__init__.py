@@ -1,0 +1,1 @@
+"""Attention kinds, chosen per layer by name (see registry.py)."""

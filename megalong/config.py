@@ -1,0 +1,418 @@
+"""Typed run configuration: dataclasses loaded from one or more YAML files, merged, validated.
+
+Every error names the offending key (`model.num_attention_heads`, `data.train[0].path`, ...) and,
+for unknown keys, suggests the closest valid one. Validation runs before any model, data or
+process group is built, so a bad config never costs work.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from megalong.attention.options import ATTENTION_OPTIONS
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the key it is about."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
+    max_position_embeddings: int = 256
+    # Per-layer attention kinds as (pattern, repeat) pairs, as GPT-Neo writes them:
+    # [[["global", "local"], 6]] is 12 layers alternating global and local.
+    attention_layers: list = field(default_factory=lambda: [[["global"], 2]])
+    # Options per attention kind, e.g. {"local": {"window": 256}}.
+    attention: dict = field(default_factory=dict)
+    alibi: bool = False  # ALiBi biases in every layer; needs position_embedding: none
+    position_embedding: Literal["learned", "rope", "none"] = "learned"
+    rotary_base: int = 10000
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: Literal["gelu_tanh", "gelu", "swiglu"] = "gelu_tanh"
+    scale_attention: bool = True  # scores / sqrt(head_dim); GPT-Neo does not scale
+    qkv_bias: bool = False
+    linear_bias: bool = True  # bias of the output projection and the MLP
+    tie_embeddings: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    vocab_size: Optional[int] = None  # default: the tokenizer's
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class DatasetEntry:
+    path: str = ""  # megatron .bin/.idx prefix
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    tokenizer: Optional[str] = None  # SentencePiece .model
+    train: list = field(default_factory=list)  # list of DatasetEntry (or plain prefixes)
+    split: str = "98,2,0"  # train, valid, test shares of the documents
+    seq_length: Optional[int] = None  # default model.max_position_embeddings
+    cache_dir: Optional[str] = None  # megatron dataset index cache; default <save_dir>/data_cache
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8  # micro_batch_size * data_parallel * accumulation steps
+    train_steps: int = 100
+    stop_at_step: Optional[int] = None  # stop early (the schedule still spans train_steps)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_decay_steps: Optional[int] = None  # default train_steps
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 5
+    log_interval: int = 10
+    save_dir: Optional[str] = None
+    save_interval: Optional[int] = None  # default: only at the end
+    load: Optional[str] = None  # checkpoint directory to resume from ("auto": save_dir)
+    tensorboard_dir: Optional[str] = None
+    peak_tflops: float = 989.0  # per device, for MFU (H100 SXM bf16 dense)
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    # ---- derived values, computed from the fields above ----
+    @property
+    def seq_length(self) -> int:
+        return self.data.seq_length or self.model.max_position_embeddings
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.model.ffn_hidden_size or 4 * self.model.hidden_size
+
+    def layer_kinds(self) -> list[str]:
+        """The attention kind of every layer, in order."""
+        return expand_layer_pattern(self.model.attention_layers, "model.attention_layers")
+
+    def attention_options(self, kind: str) -> Any:
+        return ATTENTION_OPTIONS[kind](**self.model.attention.get(kind, {}))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer patterns
+# --------------------------------------------------------------------------------------------
+
+
+def expand_layer_pattern(pattern: Any, key: str) -> list[str]:
+    """`[[["global", "local"], 2]]` -> ["global", "local", "global", "local"].
+
+    Also accepts a flat list of kinds (`["global", "local"]`) or one kind for every layer.
+    """
+    if isinstance(pattern, str):
+        return [pattern]
+    if not isinstance(pattern, list):
+        raise ConfigError(f"{key}: expected a list of [pattern, repeat] pairs, got {pattern!r}")
+    kinds: list[str] = []
+    for i, item in enumerate(pattern):
+        if isinstance(item, str):
+            kinds.append(item)
+        elif (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)
+              and isinstance(item[0], (list, str))):
+            block = [item[0]] if isinstance(item[0], str) else item[0]
+            if not all(isinstance(k, str) for k in block):
+                raise ConfigError(f"{key}[{i}]: a pattern is a list of attention kinds, got {item[0]!r}")
+            if item[1] < 1:
+                raise ConfigError(f"{key}[{i}]: repeat count must be >= 1, got {item[1]}")
+            kinds.extend(block * item[1])
+        else:
+            raise ConfigError(
+                f"{key}[{i}]: expected a kind or a [pattern, repeat] pair such as "
+                f'[["global", "local"], 6], got {item!r}')
+    return kinds
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with key and type checking
+# --------------------------------------------------------------------------------------------
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in raw.items():
+        full = f"{key}.{name}" if key else str(name)
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(name), list(fields))}")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, full)
+        else:
+            values[name] = _check_type(value, hint, full)
+    return cls(**values)
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    cfg.data.train = [_dataset_entry(e, f"data.train[{i}]") for i, e in enumerate(cfg.data.train)]
+    return cfg
+
+
+def _dataset_entry(entry: Any, key: str) -> DatasetEntry:
+    if isinstance(entry, DatasetEntry):
+        return entry
+    if isinstance(entry, str):
+        return DatasetEntry(path=entry)
+    return _build(DatasetEntry, entry, key)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """`train.lr=3e-4` -> {"train": {"lr": 0.0003}} (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. train.lr=3e-4")
+    dotted, value = item.split("=", 1)
+    parsed = yaml.safe_load(value) if value != "" else None
+    out: dict = {}
+    node = out
+    parts = dotted.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = parsed
+    return out
+
+
+def load_raw(paths: list[str | os.PathLike], overrides: list[str] = ()) -> dict:
+    raw: dict = {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raw = deep_merge(raw, loaded)
+    for item in overrides:
+        raw = deep_merge(raw, parse_override(item))
+    return raw
+
+
+def load_config(paths: list[str | os.PathLike], overrides: list[str] = (),
+                check_paths: bool = True, world_size: int = 1) -> Config:
+    """Load, merge (later files and overrides win) and validate a configuration."""
+    cfg = config_from_dict(load_raw(paths, overrides))
+    validate(cfg, check_paths=check_paths, world_size=world_size)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of values and of how they fit together
+# --------------------------------------------------------------------------------------------
+
+
+def _positive(value: Any, key: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None:
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                 "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
+                 "rotary_base", "init_std", "layernorm_epsilon"):
+        _positive(getattr(m, name), f"model.{name}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            raise ConfigError(f"model.{name}: must be in [0, 1), got {getattr(m, name)}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.num_attention_heads: {m.num_attention_heads} heads do not divide "
+                          f"model.hidden_size {m.hidden_size}")
+
+    kinds = cfg.layer_kinds()
+    for i, kind in enumerate(kinds):
+        if kind not in ATTENTION_OPTIONS:
+            raise ConfigError(f"model.attention_layers: unknown attention kind '{kind}' (layer {i})"
+                              f"{_suggest(kind, list(ATTENTION_OPTIONS))}")
+    if len(kinds) != m.num_layers:
+        raise ConfigError(f"model.attention_layers: the pattern expands to {len(kinds)} layers but "
+                          f"model.num_layers is {m.num_layers}")
+    for kind, options in m.attention.items():
+        key = f"model.attention.{kind}"
+        if kind not in ATTENTION_OPTIONS:
+            raise ConfigError(f"{key}: unknown attention kind{_suggest(kind, list(ATTENTION_OPTIONS))}")
+        _build(ATTENTION_OPTIONS[kind], options, key)
+    if "local" in kinds:
+        window = cfg.attention_options("local").window
+        if window < 1:
+            raise ConfigError(f"model.attention.local.window: must be >= 1, got {window}")
+    if m.alibi and m.position_embedding != "none":
+        raise ConfigError("model.alibi: ALiBi replaces position embeddings; set "
+                          f"model.position_embedding: none (it is '{m.position_embedding}')")
+    if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError("model.position_embedding: rope needs an even head dimension")
+
+    _positive(d.seq_length, "data.seq_length")
+    if m.position_embedding == "learned" and cfg.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"data.seq_length: {cfg.seq_length} exceeds model.max_position_embeddings "
+                          f"{m.max_position_embeddings} (learned positions cannot extrapolate)")
+    shares = d.split.split(",")
+    try:
+        nums = [float(s) for s in shares]
+    except ValueError:
+        raise ConfigError(f"data.split: expected comma-separated numbers like '98,2,0', got '{d.split}'") from None
+    if len(nums) != 3 or any(x < 0 for x in nums) or sum(nums) <= 0:
+        raise ConfigError(f"data.split: expected three non-negative shares like '98,2,0', got '{d.split}'")
+    for i, entry in enumerate(d.train):
+        if not entry.path:
+            raise ConfigError(f"data.train[{i}].path: missing")
+        _positive(entry.weight, f"data.train[{i}].weight")
+
+    for name in ("micro_batch_size", "global_batch_size", "train_steps", "lr", "eval_interval",
+                 "eval_iters", "log_interval", "save_interval", "stop_at_step", "lr_decay_steps",
+                 "peak_tflops"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} is larger than train.lr {t.lr}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+
+    _positive(p.tensor, "parallel.tensor")
+    if m.num_attention_heads % p.tensor:
+        raise ConfigError(f"parallel.tensor: {p.tensor} does not divide model.num_attention_heads "
+                          f"{m.num_attention_heads}")
+    if cfg.ffn_hidden_size % p.tensor:
+        raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the MLP width "
+                          f"{cfg.ffn_hidden_size} (model.ffn_hidden_size)")
+    if world_size % p.tensor:
+        raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the {world_size} processes")
+    dp = world_size // p.tensor
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+
+    if check_paths:
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer: missing (path to a SentencePiece .model)")
+        if not Path(d.tokenizer).is_file():
+            raise ConfigError(f"data.tokenizer: file not found: {d.tokenizer}")
+        if not d.train:
+            raise ConfigError("data.train: no datasets given (list of .bin/.idx prefixes)")
+        for i, entry in enumerate(d.train):
+            for suffix in (".bin", ".idx"):
+                if not Path(entry.path + suffix).is_file():
+                    raise ConfigError(f"data.train[{i}].path: {entry.path}{suffix} not found")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Vocabulary padded so that every tensor-parallel rank holds an equal slice.
+
+    The multiple does not depend on the TP size when it already divides `divisible_by`, so that
+    TP=1 and TP=2 runs of one config have identical embeddings.
+    """
+    multiple = divisible_by * tensor_parallel // math.gcd(divisible_by, tensor_parallel)
+    return -(-vocab_size // multiple) * multiple

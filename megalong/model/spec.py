@@ -1,0 +1,73 @@
+"""Config -> megatron-core ModuleSpec for every layer: the one place that composes a layer.
+
+Each layer is megatron's TransformerLayer with SelfAttention whose `core_attention` is the
+megalong kind named for that layer in `model.attention_layers`, and megatron's MLP.
+"""
+from __future__ import annotations
+
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megalong.attention.registry import core_attention_spec
+from megalong.config import Config
+from megalong.model.linear import BiasFreeColumnParallelLinear
+
+
+def norm_class() -> type:
+    """apex's fused LayerNorm where apex and CUDA are present, torch's otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import apex  # noqa: F401
+            from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+            return FusedLayerNorm
+        except ImportError:
+            pass
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def layer_spec(cfg: Config, kind: str) -> ModuleSpec:
+    norm = norm_class()
+    m = cfg.model
+    qkv_linear = BiasFreeColumnParallelLinear if (m.linear_bias and not m.qkv_bias) else ColumnParallelLinear
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=qkv_linear,
+            core_attention=core_attention_spec(kind, cfg.attention_options(kind), m.alibi),
+            linear_proj=RowParallelLinear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                          linear_fc2=RowParallelLinear))
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def decoder_spec(cfg: Config) -> TransformerBlockSubmodules:
+    """Per-layer specs of the whole decoder (one pipeline stage holds them all for now)."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg, kind) for kind in cfg.layer_kinds()],
+                                      layer_norm=norm_class())

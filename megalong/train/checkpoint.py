@@ -1,0 +1,198 @@
+"""Checkpoints: one directory per step, written under a temporary name and renamed when complete.
+
+    <save_dir>/latest                 name of the newest complete checkpoint (replaced atomically)
+    <save_dir>/step_00000100/
+        config.yaml                   the resolved config of the run
+        meta.json                     step, parallel layout, vocab sizes, TP partition dims
+        model_tp00.pt ...             model state of each tensor-parallel rank
+        optim_tp00.pt ...             optimizer state of each tensor-parallel rank
+        rng_rank000.pt ...            RNG states of every process
+        tokenizer.model               the SentencePiece model the run trained with
+
+A process killed while saving leaves only `.step_XXXX.tmp`, never a half-written `step_XXXX`,
+and `latest` keeps naming the previous complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from megalong.config import Config, ConfigError, config_from_dict
+from megalong.model.tp_shard import merge_tensor_parallel, partition_dims
+from megalong.parallel.distributed import ParallelLayout
+
+LATEST = "latest"
+META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or from another configuration."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, layout: ParallelLayout,
+                    tokenizer_path: str, tokenizer_vocab_size: int) -> Path:
+    """Save on every rank (collective); returns the final directory."""
+    save_dir = Path(save_dir)
+    final = save_dir / step_dir_name(step)
+    tmp = save_dir / f".{final.name}.tmp"
+    if layout.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    tp = layout.tensor_rank
+    if layout.data_rank == 0:
+        torch.save(model.state_dict(), tmp / f"model_tp{tp:02d}.pt")
+        torch.save(optimizer.state_dict(), tmp / f"optim_tp{tp:02d}.pt")
+    torch.save(_rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
+    _barrier()
+
+    if layout.rank == 0:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        meta = {
+            "step": step,
+            "tensor_parallel": layout.tensor_parallel,
+            "data_parallel": layout.data_parallel,
+            "world_size": layout.world_size,
+            "tokenizer_vocab_size": tokenizer_vocab_size,
+            "gated_mlp": cfg.model.activation == "swiglu",
+            "partition_dims": partition_dims(model),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_text_atomically(save_dir / LATEST, final.name + "\n")
+    _barrier()
+    return final
+
+
+def find_latest(save_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint under save_dir, or None."""
+    save_dir = Path(save_dir)
+    pointer = save_dir / LATEST
+    if pointer.is_file():
+        candidate = save_dir / pointer.read_text().strip()
+        if (candidate / META).is_file():
+            return candidate
+    complete = sorted(p for p in save_dir.glob("step_*") if (p / META).is_file())
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or a save_dir whose newest complete checkpoint is taken."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    found = find_latest(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint at {path} (expected {META} in a step_* directory)")
+    return found
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    config: Config
+    meta: dict
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    path = resolve_checkpoint(path)
+    raw = yaml.safe_load((path / "config.yaml").read_text())
+    return CheckpointInfo(path=path, config=config_from_dict(raw), meta=json.loads((path / META).read_text()))
+
+
+def check_compatible(saved: Config, current: Config, path: Path) -> None:
+    """Refuse a checkpoint whose model (or TP layout) differs from the current config."""
+    saved_model, current_model = saved.to_dict()["model"], current.to_dict()["model"]
+    differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
+    if differing:
+        details = "; ".join(f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model[k]!r}"
+                            for k in differing)
+        raise CheckpointError(f"checkpoint {path} was trained with another model config: {details}")
+    if saved.parallel.tensor != current.parallel.tensor:
+        raise CheckpointError(
+            f"checkpoint {path} has parallel.tensor={saved.parallel.tensor} but the config asks for "
+            f"{current.parallel.tensor}; export and re-import, or keep the TP size")
+
+
+def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer], layout: ParallelLayout) -> int:
+    """Restore model, optimizer and RNG state in place; returns the step to continue from."""
+    info = read_checkpoint_info(path)
+    check_compatible(info.config, cfg, info.path)
+    tp = layout.tensor_rank
+    model.load_state_dict(torch.load(info.path / f"model_tp{tp:02d}.pt", map_location=layout.device,
+                                     weights_only=False))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(info.path / f"optim_tp{tp:02d}.pt",
+                                             map_location=layout.device, weights_only=False))
+    rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
+    if rng_file.is_file() and info.meta["world_size"] == layout.world_size:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(info.meta["step"])
+
+
+def load_merged_state(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
+    """The model's state dict as a single TP=1 model would hold it (TP shards merged)."""
+    info = read_checkpoint_info(path)
+    tp = info.meta["tensor_parallel"]
+    shards = [torch.load(info.path / f"model_tp{r:02d}.pt", map_location="cpu", weights_only=False)
+              for r in range(tp)]
+    state = merge_tensor_parallel(shards, info.meta["partition_dims"], info.meta["gated_mlp"])
+    return info, state
+
+
+def single_process_config(cfg: Config) -> Config:
+    """The same config for a TP=1 process (used to rebuild a merged model for export/sampling)."""
+    raw = cfg.to_dict()
+    raw["parallel"]["tensor"] = 1
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:  # pragma: no cover - a saved config was validated when it was saved
+        raise CheckpointError(str(e)) from None

@@ -1,0 +1,243 @@
+"""The training loop: build, (resume), step, evaluate, log, save. One process or many (torchrun)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megalong.config import Config, ConfigError, validate
+from megalong.model.gpt import build_model, model_flops_per_token, position_ids_for
+from megalong.parallel.distributed import ParallelLayout, initialize
+from megalong.train import checkpoint as ckpt
+from megalong.train.batches import eval_batches, fetch, micro_batch_indices
+from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
+from megalong.train.optim import build_optimizer, clip_gradients
+from megalong.train.schedule import learning_rate
+
+log = logging.getLogger("megalong")
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss (1-based)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    final_valid_loss: Optional[float] = None
+    checkpoint: Optional[Path] = None
+    tokens_per_second: Optional[float] = None
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens the loss mask keeps."""
+    tokens = batch["tokens"]
+    per_token = model(tokens, position_ids_for(tokens), None, labels=batch["labels"])
+    mask = batch["loss_mask"].to(per_token.dtype)
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mean_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
+    if parallel_state.get_data_parallel_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    return value
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int, lr: float,
+               cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `n_micro` accumulated micro-batches; returns (loss, grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        last = i == n_micro - 1
+        no_sync = getattr(model, "no_sync", None)
+        with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+            with _autocast(cfg, device):
+                loss = lm_loss(model, batch) / n_micro
+            loss.backward()
+        total += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = clip_gradients(params, cfg.train.grad_clip)
+    optimizer.step()
+    return _mean_over_data_parallel(total), norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, cfg: Config, layout: ParallelLayout) -> float:
+    """Mean loss over the first `eval_iters` global batches of the held-out split."""
+    was_training = model.training
+    model.eval()
+    t = cfg.train
+    losses = []
+    for indices in eval_batches(dataset, t.eval_iters, t.global_batch_size, t.micro_batch_size,
+                                layout.data_parallel, layout.data_rank):
+        with _autocast(cfg, layout.device):
+            losses.append(lm_loss(model, fetch(dataset, indices, layout.device)))
+    model.train(was_training)
+    return float(_mean_over_data_parallel(torch.stack(losses).mean()))
+
+
+def _build_datasets(cfg: Config, tokenizer, layout: ParallelLayout):
+    from megalong.data.datasets import build_gpt_datasets
+
+    t = cfg.train
+    cache = cfg.data.cache_dir or str(Path(t.save_dir or ".megalong_cache") / "data_cache")
+    prefixes = [(entry.weight, entry.path) for entry in cfg.data.train]
+    num_samples = (t.train_steps * t.global_batch_size, t.eval_iters * t.global_batch_size, 0)
+
+    def build():
+        return build_gpt_datasets(prefixes, cfg.data.split, cfg.seq_length, t.seed, tokenizer,
+                                  num_samples, cache)
+
+    # Rank 0 writes megatron's index cache first; the others then read it instead of racing.
+    if layout.rank == 0:
+        datasets = build()
+    if dist.is_initialized():
+        dist.barrier()
+    if layout.rank != 0:
+        datasets = build()
+    return datasets
+
+
+def _resume_path(cfg: Config) -> Optional[Path]:
+    load = cfg.train.load
+    if not load:
+        return None
+    if load == "auto":
+        return ckpt.find_latest(cfg.train.save_dir) if cfg.train.save_dir else None
+    return ckpt.resolve_checkpoint(load)
+
+
+def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    kinds = cfg.layer_kinds()
+    summary = ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
+    return (f"model: {cfg.model.num_layers} layers ({summary}), hidden {cfg.model.hidden_size}, "
+            f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
+            f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x data "
+            f"{layout.data_parallel}) on {layout.device.type}")
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train as configured; every process of a torchrun job calls this."""
+    from megalong.data.tokenizer import SentencePieceTokenizer
+
+    t = cfg.train
+    layout = initialize(cfg.parallel.tensor, cfg.parallel.backend)
+    validate(cfg, world_size=layout.world_size)
+    if t.tensorboard_dir:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.tensorboard_dir: the tensorboard package is not installed "
+                              "(pip install tensorboard)") from None
+    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                          f"{tokenizer.vocab_size} pieces of data.tokenizer {cfg.data.tokenizer}")
+
+    torch.manual_seed(t.seed)  # identical on every rank: any TP size starts from the same weights
+    model = build_model(cfg, tokenizer.vocab_size).to(layout.device)
+    optimizer = build_optimizer(model, t)
+    start_step = 0
+    resume = _resume_path(cfg)
+    if resume is not None:
+        start_step = ckpt.load_checkpoint(resume, cfg, model, optimizer, layout)
+    else:
+        torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
+
+    train_set, valid_set, _ = _build_datasets(cfg, tokenizer, layout)
+    if layout.data_parallel > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, process_group=parallel_state.get_data_parallel_group(),
+            device_ids=[layout.device.index] if layout.device.type == "cuda" else None)
+    core = model.module if hasattr(model, "module") else model
+
+    n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
+    end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
+    tokens_per_step = t.global_batch_size * cfg.seq_length
+    throughput = Throughput(tokens_per_step, model_flops_per_token(cfg, core.vocab_size),
+                            t.peak_tflops * 1e12 * layout.world_size)
+    metrics_file = None
+    if t.save_dir and layout.rank == 0:
+        Path(t.save_dir).mkdir(parents=True, exist_ok=True)
+        metrics_file = str(Path(t.save_dir) / "metrics.jsonl")
+    reporter = Reporter(end_step, start_step, layout.rank == 0, t.progress_bar, t.tensorboard_dir,
+                        metrics_file)
+    reporter.line(_describe(cfg, core, layout))
+    reporter.line(f"data: {len(train_set)} training and {len(valid_set) if valid_set else 0} held-out "
+                  f"samples of {cfg.seq_length} tokens; {tokens_per_step} tokens per step "
+                  f"({n_micro} micro-batches of {t.micro_batch_size} per process)")
+    if resume is not None:
+        reporter.line(f"resumed from {resume} at step {start_step}")
+
+    result = TrainResult()
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    model.train()
+    for step in range(start_step, end_step):
+        lr = learning_rate(step, t)
+        indices = micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
+                                      layout.data_parallel, layout.data_rank)
+        batches = (fetch(train_set, idx, layout.device) for idx in indices)
+        loss, norm = train_step(model, optimizer, batches, n_micro, lr, cfg, layout.device)
+        throughput.step_done()
+        done = step + 1
+        pending.append((done, loss, norm))
+
+        if done % t.log_interval == 0 or done == end_step:
+            values = torch.stack([torch.stack([l, n]) for _, l, n in pending]).tolist()  # one sync
+            for (s, _, _), (l, n) in zip(pending, values):
+                result.losses[s], result.grad_norms[s] = l, n
+                reporter.scalars(s, {"train/loss": l, "train/grad_norm": n, "train/lr": learning_rate(s - 1, t)})
+            window_loss = sum(v[0] for v in values) / len(values)
+            pending.clear()
+            if not math.isfinite(window_loss):
+                raise FloatingPointError(f"loss is {window_loss} at step {done}")
+            tokens_per_s, mfu = throughput.window()
+            result.tokens_per_second = tokens_per_s
+            reporter.line(f"step {done}/{end_step} | loss {window_loss:.4f} | lr {lr:.3e} | "
+                          f"grad norm {values[-1][1]:.3f} | {tokens_per_s:,.0f} tokens/s | "
+                          f"MFU {100 * mfu:.2f}% | mem {memory_gib(layout.device):.2f} GiB | "
+                          f"ETA {format_duration(throughput.eta(end_step - done))}")
+            reporter.scalars(done, {"perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu,
+                                    "perf/memory_gib": memory_gib(layout.device)})
+        reporter.advance({"loss": f"{result.losses[max(result.losses)]:.3f}"} if result.losses else {})
+
+        if valid_set is not None and done % t.eval_interval == 0 and done != end_step:
+            result.valid_losses[done] = evaluate(model, valid_set, cfg, layout)
+            reporter.line(f"step {done}: held-out loss {result.valid_losses[done]:.4f} "
+                          f"(perplexity {math.exp(result.valid_losses[done]):.2f})")
+            reporter.scalars(done, {"valid/loss": result.valid_losses[done]})
+        if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
+            ckpt.save_checkpoint(t.save_dir, done, cfg, core, optimizer, layout,
+                                 cfg.data.tokenizer, tokenizer.vocab_size)
+
+    if valid_set is not None:
+        result.final_valid_loss = evaluate(model, valid_set, cfg, layout)
+        result.valid_losses[end_step] = result.final_valid_loss
+        reporter.scalars(end_step, {"valid/loss": result.final_valid_loss})
+        reporter.line(f"held-out loss {result.final_valid_loss:.4f}, perplexity "
+                      f"{math.exp(result.final_valid_loss):.2f} after {end_step} steps")
+    if t.save_dir:
+        result.checkpoint = ckpt.save_checkpoint(t.save_dir, end_step, cfg, core, optimizer, layout,
+                                                 cfg.data.tokenizer, tokenizer.vocab_size)
+        reporter.line(f"saved {result.checkpoint}")
+    reporter.close()
+    return result

@@ -1,0 +1,98 @@
+"""Shared fixtures: a small real corpus (the standard library's docs), its tokenizer and .bin/.idx."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TinyData:
+    tokenizer: str
+    prefix: str
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> TinyData:
+    from megalong.data.preprocess import preprocess
+    from megalong.data.stdlib_corpus import build_stdlib_corpus
+    from megalong.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    corpus = root / "docs.jsonl.zst"
+    build_stdlib_corpus(corpus, max_docs=120)
+    train_sentencepiece([str(corpus)], str(root / "spm"), vocab_size=512, model_type="bpe")
+    preprocess([str(corpus)], str(root / "docs"), str(root / "spm.model"), workers=1)
+    return TinyData(tokenizer=str(root / "spm.model"), prefix=str(root / "docs"))
+
+
+def tiny_overrides(data: TinyData, save_dir: Path, steps: int = 5, **extra) -> list[str]:
+    """--set overrides for a small, fast GPT-Neo-shaped run on the tiny corpus."""
+    values = {
+        "data.tokenizer": data.tokenizer,
+        "data.train": f"[{data.prefix}]",
+        "data.split": "90,10,0",
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.num_attention_heads": 4,
+        "model.max_position_embeddings": 64,
+        "model.attention_layers": '[[["global", "local"], 1]]',
+        "model.attention": "{local: {window: 8}}",
+        "model.scale_attention": "false",
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.train_steps": steps,
+        "train.warmup_steps": 2,
+        "train.log_interval": 1,
+        "train.eval_interval": 1000,
+        "train.eval_iters": 1,
+        "train.progress_bar": "false",
+        "train.save_dir": str(save_dir),
+        **extra,
+    }
+    out = []
+    for k, v in values.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
+            launcher: str = "python") -> subprocess.CompletedProcess:
+    """Run `megalong ...` as one process, or under torchrun with `nproc` gloo processes."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    if launcher == "torchrun.sh":
+        cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), "--nproc", str(nproc), *args[1:]]
+    elif nproc == 1:
+        cmd = [sys.executable, "-m", "megalong.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "megalong.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(save_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    import json
+
+    out = {}
+    for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record[key]
+    return out

@@ -1,0 +1,55 @@
+"""Tensor and data parallelism on two gloo processes give the one-process losses and weights."""
+from __future__ import annotations
+
+import torch
+
+from conftest import read_metrics, run_cli, tiny_overrides
+from megalong.train.checkpoint import load_merged_state
+
+# 12 heads (not a power of two) with ALiBi in global and local layers: TP=2 holds 6 heads per
+# rank, so per-head slopes must be taken by global head index for the runs to agree.
+ALIBI_12_HEADS = {
+    "model.hidden_size": 96,
+    "model.num_attention_heads": 12,
+    "model.alibi": "true",
+    "model.position_embedding": "none",
+    "model.scale_attention": "true",
+}
+STEPS = 5
+# Reductions run in a different order across processes (TP splits matmuls, DP averages two
+# halves of the batch), so the losses agree to float32 rounding, not bit for bit.
+LOSS_TOL = 2e-5
+WEIGHT_TOL = 2e-5
+
+
+def _run(tiny_data, save_dir, nproc=1, launcher="python", **extra):
+    run_cli(["train", *tiny_overrides(tiny_data, save_dir, STEPS, **ALIBI_12_HEADS, **extra)],
+            nproc=nproc, launcher=launcher)
+    return read_metrics(save_dir)
+
+
+def test_tp2_and_dp2_match_one_process(tiny_data, tmp_path):
+    single = _run(tiny_data, tmp_path / "single")
+    tp2 = _run(tiny_data, tmp_path / "tp2", nproc=2, launcher="torchrun.sh", **{"parallel.tensor": 2})
+    dp2 = _run(tiny_data, tmp_path / "dp2", nproc=2)
+    assert sorted(single) == sorted(tp2) == sorted(dp2) == list(range(1, STEPS + 1))
+    assert single[STEPS] < single[1]  # it trains
+    for step in single:
+        assert abs(tp2[step] - single[step]) < LOSS_TOL, (step, tp2[step], single[step])
+        assert abs(dp2[step] - single[step]) < LOSS_TOL, (step, dp2[step], single[step])
+
+    # Same weights after training, with the TP=2 shards merged (so also the same initial weights).
+    _, reference = load_merged_state(tmp_path / "single")
+    for other in ("tp2", "dp2"):
+        info, merged = load_merged_state(tmp_path / other)
+        assert info.meta["tensor_parallel"] == (2 if other == "tp2" else 1)
+        assert merged.keys() == reference.keys()
+        for name, tensor in reference.items():
+            if isinstance(tensor, torch.Tensor):
+                assert (merged[name] - tensor).abs().max().item() < WEIGHT_TOL, (other, name)
+
+
+def test_torchrun_launcher_dry_run_prints_the_command():
+    proc = run_cli(["train", "configs/tiny-cpu.yaml", "--dry-run"], nproc=3, launcher="torchrun.sh")
+    assert "torch.distributed.run --standalone --nproc_per_node 3 -m megalong.cli train configs/tiny-cpu.yaml" \
+        in proc.stdout
