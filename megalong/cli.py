@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from one or more YAML configs (merged in order)")
-    p.add_argument("configs", nargs="+", help="YAML files; later ones override earlier ones")
+    p.add_argument("configs", nargs="*", help="YAML files; later ones override earlier ones")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     p.set_defaults(func=cmd_train)

@@ -102,18 +102,9 @@ def _build_datasets(cfg: Config, tokenizer, layout: ParallelLayout):
     prefixes = [(entry.weight, entry.path) for entry in cfg.data.train]
     num_samples = (t.train_steps * t.global_batch_size, t.eval_iters * t.global_batch_size, 0)
 
-    def build():
-        return build_gpt_datasets(prefixes, cfg.data.split, cfg.seq_length, t.seed, tokenizer,
-                                  num_samples, cache)
-
-    # Rank 0 writes megatron's index cache first; the others then read it instead of racing.
-    if layout.rank == 0:
-        datasets = build()
-    if dist.is_initialized():
-        dist.barrier()
-    if layout.rank != 0:
-        datasets = build()
-    return datasets
+    # megatron-core builds on rank 0 first and lets the others read its index cache.
+    return build_gpt_datasets(prefixes, cfg.data.split, cfg.seq_length, t.seed, tokenizer,
+                              num_samples, cache)
 
 
 def _resume_path(cfg: Config) -> Optional[Path]:

@@ -1,0 +1,1 @@
+"""Corpus streaming, tokenizer training, preprocessing to megatron .bin/.idx, GPT datasets."""

@@ -1,0 +1,119 @@
+"""Pile-format corpora: `.jsonl` and `.jsonl.zst` files and globs, read as streams.
+
+A line that is not valid UTF-8, not JSON, or lacks the text key is a `CorpusError` naming the file
+and the line, unless the caller asked to skip bad lines (then it is counted).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Optional
+
+import zstandard
+
+
+class CorpusError(ValueError):
+    """A corpus file that is missing or a line that cannot be read; names the file and line."""
+
+
+@dataclass
+class RawLine:
+    path: str
+    line_number: int  # 1-based
+    data: bytes
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Paths and globs -> sorted, de-duplicated files; a name that matches nothing is an error."""
+    files: list[str] = []
+    for pattern in inputs:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise CorpusError(f"{pattern}: no file matches this pattern")
+        for path in matches:
+            if not os.path.isfile(path):
+                raise CorpusError(f"{path}: file not found")
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """A buffered byte stream of the file, decompressing `.zst` on the fly."""
+    raw = open(path, "rb")
+    if path.endswith(".zst"):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
+
+
+def iter_raw_lines(paths: Iterable[str]) -> Iterator[RawLine]:
+    """Every non-blank line of every file, undecoded, with its position."""
+    for path in paths:
+        with open_binary(path) as f:
+            number = 0
+            try:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield RawLine(path, number, line)
+            except zstandard.ZstdError as e:
+                raise CorpusError(f"{path}: line {number + 1}: truncated or corrupt zstd stream ({e})") from None
+
+
+def parse_line(line: RawLine, json_key: str) -> str:
+    """The document text of one line; CorpusError with file and line if it cannot be had."""
+    where = f"{line.path}: line {line.line_number}"
+    try:
+        text = line.data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or json_key not in record:
+        raise CorpusError(f"{where}: no '{json_key}' key in this record")
+    value = record[json_key]
+    if not isinstance(value, str):
+        raise CorpusError(f"{where}: '{json_key}' is not a string")
+    return value
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0
+    bad_lines: int = 0
+
+
+def iter_documents(inputs: Iterable[str], json_key: str = "text", skip_bad_lines: bool = False,
+                   stats: Optional[ReadStats] = None) -> Iterator[str]:
+    """Documents of the corpus in file order, one at a time."""
+    stats = stats if stats is not None else ReadStats()
+    for line in iter_raw_lines(expand_inputs(inputs)):
+        try:
+            text = parse_line(line, json_key)
+        except CorpusError:
+            if not skip_bad_lines:
+                raise
+            stats.bad_lines += 1
+            continue
+        stats.documents += 1
+        yield text
+
+
+def write_jsonl_zst(path: str | Path, documents: Iterable[str], pile_set_name: str) -> int:
+    """Write documents as Pile-format `.jsonl.zst` (streamed); returns the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+        for text in documents:
+            record = {"text": text, "meta": {"pile_set_name": pile_set_name}}
+            out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            count += 1
+    os.replace(tmp, path)
+    return count

@@ -1,0 +1,1 @@
+"""Export of megalong checkpoints to Hugging Face folders."""

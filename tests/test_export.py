@@ -1,0 +1,96 @@
+"""Hugging Face export: a plain GPTNeoForCausalLM with megalong's logits and greedy tokens, for
+TP=1 and TP=2 (merged) checkpoints; the tokenizer loads with AutoTokenizer; refusals say why."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_overrides
+from megalong.config import load_config
+from megalong.data.corpus import iter_documents
+from megalong.data.tokenizer import SentencePieceTokenizer
+from megalong.export.hf import ExportError, export_checkpoint
+from megalong.generate import generate, load_for_inference
+from megalong.parallel.distributed import shutdown
+from megalong.train.loop import train
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """Checkpoints of the same GPT-Neo-shaped model trained a few steps with TP=1 and TP=2."""
+    root = tmp_path_factory.mktemp("export")
+    extra = {"train.lr": 3e-3, "model.num_layers": 4, "model.attention_layers": '[[["global", "local"], 2]]'}
+    args = tiny_overrides(tiny_data, root / "tp1", STEPS, **extra)
+    try:
+        train(load_config([], [a for a in args if a != "--set"]))
+    finally:
+        shutdown()
+    run_cli(["train", *tiny_overrides(tiny_data, root / "tp2", STEPS, **extra, **{"parallel.tensor": 2})], nproc=2)
+    return {"tp1": root / "tp1", "tp2": root / "tp2", "root": root}
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_export_is_plain_gpt_neo_with_equal_logits_and_greedy_tokens(trained, layout):
+    from transformers import AutoModelForCausalLM, GPTNeoForCausalLM
+
+    out = export_checkpoint(trained[layout], trained["root"] / f"hf_{layout}")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(hf, GPTNeoForCausalLM)
+    try:
+        model, cfg, tokenizer = load_for_inference(trained[layout])
+        vocab = hf.config.vocab_size
+        tokens = torch.randint(0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = model(tokens, torch.arange(40).expand(2, 40), None)
+            theirs = hf(tokens).logits
+        assert ours.shape == theirs.shape == (2, 40, vocab)
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+        prompt = tokenizer.encode("Return the number of")
+        mine = generate(model, prompt, 12, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
+        with torch.no_grad():
+            generated = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        assert generated[0, len(prompt):].tolist() == mine
+    finally:
+        shutdown()
+
+
+def test_tp2_export_equals_its_unmerged_shards_merged_by_training(trained):
+    """Both layouts trained from the same weights on the same data: their exports agree."""
+    from safetensors.torch import load_file
+
+    a = load_file(export_checkpoint(trained["tp1"], trained["root"] / "a") / "model.safetensors")
+    b = load_file(export_checkpoint(trained["tp2"], trained["root"] / "b") / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_auto_tokenizer_matches_sentencepiece(trained, tiny_data):
+    from transformers import AutoTokenizer
+
+    out = export_checkpoint(trained["tp1"], trained["root"] / "tok")
+    hf = AutoTokenizer.from_pretrained(out)
+    sp = SentencePieceTokenizer(tiny_data.tokenizer)
+    texts = list(iter_documents([tiny_data.prefix.replace("docs", "docs.jsonl.zst")]))[:20]
+    texts += ["  leading spaces\n\nand newlines 12345 ünïcödé 🎉", "\nfirst", " ", "trailing   "]
+    for text in texts:
+        ids = hf(text).input_ids
+        assert ids == sp.encode(text)
+        assert hf.decode(ids) == text
+    assert hf.eos_token_id == sp.eod
+
+
+def test_models_that_are_not_gpt_neo_are_refused_with_the_reason(tiny_data, tmp_path):
+    extra = {"model.alibi": "true", "model.position_embedding": "none", "model.normalization": "RMSNorm"}
+    args = tiny_overrides(tiny_data, tmp_path / "ckpt", 1, **extra)
+    try:
+        train(load_config([], [a for a in args if a != "--set"]))
+    finally:
+        shutdown()
+    with pytest.raises(ExportError, match=r"model.position_embedding is 'none'.*model.alibi is true.*"
+                                          r"model.normalization is 'RMSNorm'"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    assert not list(tmp_path.glob(".hf*"))
