@@ -6,12 +6,11 @@ and the line, unless the caller asked to skip bad lines (then it is counted).
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import zstandard
 
@@ -42,25 +41,60 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     return files
 
 
-def open_binary(path: str) -> IO[bytes]:
-    """A buffered byte stream of the file, decompressing `.zst` on the fly."""
-    raw = open(path, "rb")
+def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed bytes of a (possibly multi-frame) .zst file; a truncated frame is an error
+    (zstandard's stream reader would end silently)."""
+    with open(path, "rb") as raw:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        pending = b""
+        while True:
+            data = pending or raw.read(chunk_size)
+            pending = b""
+            if not data:
+                break
+            out = dobj.decompress(data)
+            if out:
+                yield out
+            if dobj.eof:  # one frame done; whatever follows starts the next frame
+                pending = dobj.unused_data
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+                if not pending:
+                    pending = raw.read(chunk_size)
+                    if not pending:
+                        return
+        if not dobj.eof:
+            raise zstandard.ZstdError("the file ends inside a frame")
+
+
+def _lines_of_chunks(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    tail = b""
+    for chunk in chunks:
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
+
+
+def iter_file_lines(path: str) -> Iterator[bytes]:
+    """The lines of a file as bytes, decompressing `.zst` on the fly, never the whole file at once."""
     if path.endswith(".zst"):
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return raw
+        yield from _lines_of_chunks(_zstd_chunks(path))
+    else:
+        with open(path, "rb") as f:
+            yield from f
 
 
 def iter_raw_lines(paths: Iterable[str]) -> Iterator[RawLine]:
     """Every non-blank line of every file, undecoded, with its position."""
     for path in paths:
-        with open_binary(path) as f:
-            number = 0
-            try:
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        yield RawLine(path, number, line)
-            except zstandard.ZstdError as e:
-                raise CorpusError(f"{path}: line {number + 1}: truncated or corrupt zstd stream ({e})") from None
+        number = 0
+        try:
+            for number, line in enumerate(iter_file_lines(path), start=1):
+                if line.strip():
+                    yield RawLine(path, number, line)
+        except zstandard.ZstdError as e:
+            raise CorpusError(f"{path}: line {number + 1}: truncated or corrupt zstd stream ({e})") from None
 
 
 def parse_line(line: RawLine, json_key: str) -> str:

@@ -66,5 +66,6 @@ def build_gpt_datasets(data_prefixes: list[tuple[float, str]], split: str, seq_l
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [n if n > 0 else None for n in num_samples]
+    # megatron wants every split sized when blend weights are given; None skips a split otherwise.
+    sizes = list(num_samples) if len(prefixes) > 1 else [n if n > 0 else None for n in num_samples]
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
