@@ -20,9 +20,7 @@ def setup_logging(log_file: Optional[Path] = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers,
                         force=True)
-    # megatron-core warns on import that TransformerEngine/apex are absent; we know.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    warnings.filterwarnings("ignore", message=".*Apex.*")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builder logs every index
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -94,16 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_megatron_warnings() -> None:
+    """megatron-core warns on import that TransformerEngine/apex are absent and about its own
+    deprecations; megalong knows, and a user's log should not start with a page of them."""
+    for category in (UserWarning, DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"megatron\.")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet_megatron_warnings()
     from megalong.config import ConfigError
+    from megalong.data.corpus import CorpusError
+    from megalong.export.hf import ExportError
+    from megalong.train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "logging", False):
         setup_logging()
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"megalong: config error: {e}", file=sys.stderr)
+    except (ConfigError, CorpusError, CheckpointError, ExportError) as e:
+        kind = {ConfigError: "config", CorpusError: "corpus", CheckpointError: "checkpoint",
+                ExportError: "export"}[type(e)]
+        print(f"megalong: {kind} error: {e}", file=sys.stderr)
         return 2
 
 

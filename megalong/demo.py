@@ -6,6 +6,7 @@ checkpoint -> Hugging Face export -> text sampled from the export with `transfor
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -103,6 +104,7 @@ def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] =
         "hf_dir": str(hf_dir),
         "minutes": (time.perf_counter() - started) / 60,
     }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("done in %.1f min: training loss %.3f, held-out loss %.3f (perplexity %.1f) vs unigram "
              "entropy %.3f", summary["minutes"], final, summary["held_out_loss"],
              summary["held_out_perplexity"], entropy)

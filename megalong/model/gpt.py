@@ -8,6 +8,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalong.config import Config, padded_vocab_size
 from megalong.model.spec import decoder_spec
+from megalong.parallel.cpu_compat import keep_rotary_embedding_on_cpu
 
 POSITION_EMBEDDING = {"learned": "learned_absolute", "rope": "rope", "none": "none"}
 
@@ -52,7 +53,7 @@ def build_model(cfg: Config, tokenizer_vocab_size: int) -> GPTModel:
     m = cfg.model
     vocab = padded_vocab_size(m.vocab_size or tokenizer_vocab_size, m.make_vocab_size_divisible_by,
                               cfg.parallel.tensor)
-    return GPTModel(
+    model = GPTModel(
         config=transformer_config(cfg),
         transformer_layer_spec=decoder_spec(cfg),
         vocab_size=vocab,
@@ -61,6 +62,9 @@ def build_model(cfg: Config, tokenizer_vocab_size: int) -> GPTModel:
         position_embedding_type=POSITION_EMBEDDING[m.position_embedding],
         rotary_base=m.rotary_base,
     )
+    if m.position_embedding == "rope":
+        keep_rotary_embedding_on_cpu(model.rotary_pos_emb)
+    return model
 
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:

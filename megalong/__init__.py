@@ -1,0 +1,1 @@
+"""megalong: GPT pretraining on megatron-core with per-layer plug-in attention."""
