@@ -20,6 +20,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from megalong.attention.options import ATTENTION_OPTIONS
+from megalong.moe.options import MoEOptions
+
+MLP_KINDS = ("dense", "moe")
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,9 @@ class ModelConfig:
     attention_layers: list = field(default_factory=lambda: [[["global"], 2]])
     # Options per attention kind, e.g. {"local": {"window": 256}}.
     attention: dict = field(default_factory=dict)
+    # Per-layer MLP kinds, "dense" or "moe", in the same (pattern, repeat) form; default all dense.
+    mlp_layers: Optional[list] = None
+    moe: dict = field(default_factory=dict)  # MoEOptions keys (megalong/moe/options.py)
     alibi: bool = False  # ALiBi biases in every layer; needs position_embedding: none
     position_embedding: Literal["learned", "rope", "none"] = "learned"
     rotary_base: int = 10000
@@ -129,6 +135,15 @@ class Config:
     def layer_kinds(self) -> list[str]:
         """The attention kind of every layer, in order."""
         return expand_layer_pattern(self.model.attention_layers, "model.attention_layers")
+
+    def mlp_kinds(self) -> list[str]:
+        """"dense" or "moe" for every layer, in order."""
+        if self.model.mlp_layers is None:
+            return ["dense"] * self.model.num_layers
+        return expand_layer_pattern(self.model.mlp_layers, "model.mlp_layers")
+
+    def moe_options(self) -> MoEOptions:
+        return MoEOptions(**self.model.moe)
 
     def attention_options(self, kind: str) -> Any:
         return ATTENTION_OPTIONS[kind](**self.model.attention.get(kind, {}))
@@ -349,6 +364,7 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
         window = cfg.attention_options("local").window
         if window < 1:
             raise ConfigError(f"model.attention.local.window: must be >= 1, got {window}")
+    _validate_moe(cfg)
     if m.alibi and m.position_embedding != "none":
         raise ConfigError("model.alibi: ALiBi replaces position embeddings; set "
                           f"model.position_embedding: none (it is '{m.position_embedding}')")
@@ -406,6 +422,34 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
             for suffix in (".bin", ".idx"):
                 if not Path(entry.path + suffix).is_file():
                     raise ConfigError(f"data.train[{i}].path: {entry.path}{suffix} not found")
+
+
+def _validate_moe(cfg: Config) -> None:
+    kinds = cfg.mlp_kinds()
+    for i, kind in enumerate(kinds):
+        if kind not in MLP_KINDS:
+            raise ConfigError(f"model.mlp_layers: unknown MLP kind '{kind}' (layer {i})"
+                              f"{_suggest(kind, list(MLP_KINDS))}")
+    if len(kinds) != cfg.model.num_layers:
+        raise ConfigError(f"model.mlp_layers: the pattern expands to {len(kinds)} layers but "
+                          f"model.num_layers is {cfg.model.num_layers}")
+    o = _build(MoEOptions, cfg.model.moe, "model.moe")
+    if o.num_experts < 1:
+        raise ConfigError(f"model.moe.num_experts: must be >= 1, got {o.num_experts}")
+    if not 1 <= o.top_k <= o.num_experts:
+        raise ConfigError(f"model.moe.top_k: {o.top_k} must be between 1 and model.moe.num_experts "
+                          f"{o.num_experts}")
+    if o.router == "switch" and o.top_k != 1:
+        raise ConfigError(f"model.moe.top_k: the switch router sends each token to one expert; set "
+                          f"top_k: 1 (it is {o.top_k}) or use router: topk")
+    if o.capacity_factor is not None and o.capacity_factor <= 0:
+        raise ConfigError(f"model.moe.capacity_factor: must be > 0 (or null with dropless), got {o.capacity_factor}")
+    if o.capacity_factor is None and not o.dropless:
+        raise ConfigError("model.moe.capacity_factor: null needs model.moe.dropless: true")
+    for name in ("expert_hidden_size",):
+        _positive(getattr(o, name), f"model.moe.{name}")
+    if o.num_shared_experts < 0:
+        raise ConfigError(f"model.moe.num_shared_experts: must be >= 0, got {o.num_shared_experts}")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

@@ -73,15 +73,21 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 def model_flops_per_token(cfg: Config, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), counting attention pairs
-    actually computed: a local layer attends to `window` keys, a global one to (L+1)/2 on average.
+    actually computed (a local layer attends to `window` keys, a global one to (L+1)/2 on average)
+    and, in MoE layers, only the experts a token is routed to.
     """
     m = cfg.model
     h, L, f = m.hidden_size, cfg.seq_length, cfg.ffn_hidden_size
     mlp_mats = 3 if m.activation == "swiglu" else 2
-    dense_per_layer = 2 * (4 * h * h + mlp_mats * h * f)
-    attention = 0.0
-    for kind in cfg.layer_kinds():
-        keys = (L + 1) / 2 if kind == "global" else min(cfg.attention_options(kind).window, L)
-        attention += 2 * 2 * h * keys  # q k^T and p v
-    forward = m.num_layers * dense_per_layer + attention + 2 * h * vocab_size
+    moe = cfg.moe_options()
+    expert_f = moe.expert_hidden_size or f
+    forward = 2 * h * vocab_size
+    for kind, mlp in zip(cfg.layer_kinds(), cfg.mlp_kinds()):
+        keys = (L + 1) / 2 if kind == "global" else min(getattr(cfg.attention_options(kind), "window", L), L)
+        forward += 2 * 4 * h * h + 2 * 2 * h * keys  # projections; q k^T and p v
+        if mlp == "moe":  # active parameters only: the chosen experts, shared experts, router
+            active = (1 if moe.router == "switch" else moe.top_k) + moe.num_shared_experts
+            forward += 2 * (mlp_mats * h * expert_f * active + h * moe.num_experts)
+        else:
+            forward += 2 * mlp_mats * h * f
     return 3.0 * forward

@@ -1,7 +1,8 @@
 """Config -> megatron-core ModuleSpec for every layer: the one place that composes a layer.
 
 Each layer is megatron's TransformerLayer with SelfAttention whose `core_attention` is the
-megalong kind named for that layer in `model.attention_layers`, and megatron's MLP.
+megalong kind named for that layer in `model.attention_layers`, and megatron's MLP or megalong's
+MoELayer as `model.mlp_layers` says.
 """
 from __future__ import annotations
 
@@ -37,7 +38,17 @@ def norm_class() -> type:
     return WrappedTorchNorm
 
 
-def layer_spec(cfg: Config, kind: str) -> ModuleSpec:
+def mlp_spec(cfg: Config, mlp_kind: str) -> ModuleSpec:
+    if mlp_kind == "moe":
+        from megalong.moe.layer import MoELayer
+
+        return ModuleSpec(module=MoELayer, params={"options": dict(cfg.model.moe),
+                                                   "ffn_hidden_size": cfg.ffn_hidden_size})
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                           linear_fc2=RowParallelLinear))
+
+
+def layer_spec(cfg: Config, kind: str, mlp_kind: str = "dense") -> ModuleSpec:
     norm = norm_class()
     m = cfg.model
     qkv_linear = BiasFreeColumnParallelLinear if (m.linear_bias and not m.qkv_bias) else ColumnParallelLinear
@@ -52,8 +63,6 @@ def layer_spec(cfg: Config, kind: str) -> ModuleSpec:
             k_layernorm=IdentityOp,
         ),
     )
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                          linear_fc2=RowParallelLinear))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -61,7 +70,7 @@ def layer_spec(cfg: Config, kind: str) -> ModuleSpec:
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=mlp,
+            mlp=mlp_spec(cfg, mlp_kind),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -69,5 +78,5 @@ def layer_spec(cfg: Config, kind: str) -> ModuleSpec:
 
 def decoder_spec(cfg: Config) -> TransformerBlockSubmodules:
     """Per-layer specs of the whole decoder (one pipeline stage holds them all for now)."""
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg, kind) for kind in cfg.layer_kinds()],
-                                      layer_norm=norm_class())
+    layers = [layer_spec(cfg, kind, mlp) for kind, mlp in zip(cfg.layer_kinds(), cfg.mlp_kinds())]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm_class())

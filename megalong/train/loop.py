@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 from megalong.config import Config, ConfigError, validate
 from megalong.model.gpt import build_model, model_flops_per_token, position_ids_for
+from megalong.moe.layer import moe_aux_loss, moe_stats
 from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train import checkpoint as ckpt
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
@@ -59,24 +60,30 @@ def _mean_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int, lr: float,
-               cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `n_micro` accumulated micro-batches; returns (loss, grad norm)."""
+               cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over `n_micro` accumulated micro-batches.
+
+    Returns (LM loss, MoE auxiliary loss, grad norm); the gradient is that of their sum."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
+    lm_total = torch.zeros((), device=device)
+    aux_total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         last = i == n_micro - 1
         no_sync = getattr(model, "no_sync", None)
         with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
             with _autocast(cfg, device):
                 loss = lm_loss(model, batch) / n_micro
-            loss.backward()
-        total += loss.detach()
+                aux = moe_aux_loss(model)
+                aux = aux / n_micro if aux is not None else torch.zeros((), device=device)
+            (loss + aux).backward()
+        lm_total += loss.detach()
+        aux_total += aux.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = clip_gradients(params, cfg.train.grad_clip)
     optimizer.step()
-    return _mean_over_data_parallel(total), norm
+    return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm
 
 
 @torch.no_grad()
@@ -124,6 +131,22 @@ def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> st
             f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
             f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x data "
             f"{layout.data_parallel}) on {layout.device.type}")
+
+
+def _report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
+    """Per MoE layer, of the last micro-batch on this rank: expert load spread and dropped tokens."""
+    parts, scalars = [], {"moe/aux_loss": aux}
+    for layer, stats in moe_stats(model):
+        load = stats.load.float() / max(1, stats.assignments)
+        cv = float(load.std() / load.mean()) if load.numel() > 1 else 0.0
+        dropped = float(stats.dropped) / max(1, stats.assignments)
+        parts.append(f"L{layer} load {float(load.min()):.3f}-{float(load.max()):.3f} cv {cv:.2f} "
+                     f"dropped {100 * dropped:.1f}%")
+        scalars.update({f"moe/layer{layer}/load_min": float(load.min()),
+                        f"moe/layer{layer}/load_max": float(load.max()),
+                        f"moe/layer{layer}/load_cv": cv, f"moe/layer{layer}/dropped": dropped})
+    reporter.line(f"  moe: aux loss {aux:.4f} | " + " | ".join(parts))
+    reporter.scalars(step, scalars)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -179,24 +202,26 @@ def train(cfg: Config) -> TrainResult:
     if resume is not None:
         reporter.line(f"resumed from {resume} at step {start_step}")
 
+    moe_layers = "moe" in cfg.mlp_kinds()
     result = TrainResult()
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     model.train()
     for step in range(start_step, end_step):
         lr = learning_rate(step, t)
         indices = micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
                                       layout.data_parallel, layout.data_rank)
         batches = (fetch(train_set, idx, layout.device) for idx in indices)
-        loss, norm = train_step(model, optimizer, batches, n_micro, lr, cfg, layout.device)
+        loss, aux, norm = train_step(model, optimizer, batches, n_micro, lr, cfg, layout.device)
         throughput.step_done()
         done = step + 1
-        pending.append((done, loss, norm))
+        pending.append((done, loss, aux, norm))
 
         if done % t.log_interval == 0 or done == end_step:
-            values = torch.stack([torch.stack([l, n]) for _, l, n in pending]).tolist()  # one sync
-            for (s, _, _), (l, n) in zip(pending, values):
+            values = torch.stack([torch.stack([l, a, n]) for _, l, a, n in pending]).tolist()  # one sync
+            for (s, *_), (l, a, n) in zip(pending, values):
                 result.losses[s], result.grad_norms[s] = l, n
-                reporter.scalars(s, {"train/loss": l, "train/grad_norm": n, "train/lr": learning_rate(s - 1, t)})
+                record = {"train/loss": l, "train/grad_norm": n, "train/lr": learning_rate(s - 1, t)}
+                reporter.scalars(s, {**record, "train/moe_aux_loss": a} if moe_layers else record)
             window_loss = sum(v[0] for v in values) / len(values)
             pending.clear()
             if not math.isfinite(window_loss):
@@ -209,6 +234,8 @@ def train(cfg: Config) -> TrainResult:
                           f"ETA {format_duration(throughput.eta(end_step - done))}")
             reporter.scalars(done, {"perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu,
                                     "perf/memory_gib": memory_gib(layout.device)})
+            if moe_layers:
+                _report_moe(reporter, done, core, values[-1][1])
         reporter.advance({"loss": f"{result.losses[max(result.losses)]:.3f}"} if result.losses else {})
 
         if valid_set is not None and done % t.eval_interval == 0 and done != end_step:

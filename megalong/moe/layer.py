@@ -1,0 +1,72 @@
+"""MoELayer: megatron's MLP slot filled with a router, a dispatcher and experts.
+
+forward(hidden [s, b, h]) -> (output [s, b, h], None), like megatron's MLP. The auxiliary loss of
+the last forward is kept on the layer (`aux_loss`) for the training step to add to the LM loss,
+and its routing statistics (`stats`) for the logs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from megalong.moe.dispatch import permute, plan, unpermute
+from megalong.moe.experts import Experts
+from megalong.moe.options import MoEOptions
+from megalong.moe.router import build_router
+
+
+@dataclass
+class RoutingStats:
+    load: torch.Tensor  # [E] assignments per expert (before capacity)
+    dropped: torch.Tensor  # assignments dropped by capacity
+    assignments: int
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: Any, options: Optional[dict] = None, ffn_hidden_size: Optional[int] = None,
+                 **unused: Any):
+        super().__init__()
+        self.options = MoEOptions(**(options or {}))
+        o = self.options
+        hidden = config.hidden_size
+        ffn = o.expert_hidden_size or ffn_hidden_size or config.ffn_hidden_size
+        gated = bool(config.gated_linear_unit)
+        output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+        self.router = build_router(hidden, o)
+        self.experts = Experts(o.num_experts, hidden, ffn, config.activation_func, gated,
+                               config.init_method_std, output_std)
+        self.shared = (Experts(1, hidden, ffn * o.num_shared_experts, config.activation_func, gated,
+                               config.init_method_std, output_std) if o.num_shared_experts else None)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.stats: Optional[RoutingStats] = None
+        self.layer_number: Optional[int] = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Any = None, **unused: Any):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.router(x)
+        dispatch = plan(routing.expert_index, routing.gates, routing.kept, self.options.num_experts)
+        y = self.experts(permute(x, dispatch), dispatch.tokens_per_expert)
+        out = unpermute(y, dispatch, x.shape[0])
+        if self.shared is not None:
+            out = out + self.shared.expert(0, x)
+        self.aux_loss = routing.aux_loss
+        self.stats = RoutingStats(routing.load.detach(), (~routing.kept).sum().detach(), routing.kept.numel())
+        return out.view(shape), None
+
+
+def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """Sum of the auxiliary losses of every MoE layer's last forward (None without MoE layers)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+    return torch.stack([l.float() for l in losses]).sum() if losses else None
+
+
+def moe_stats(model: nn.Module) -> list[tuple[int, RoutingStats]]:
+    return [(m.layer_number, m.stats) for m in model.modules() if isinstance(m, MoELayer) and m.stats]

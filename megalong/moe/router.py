@@ -1,0 +1,120 @@
+"""Routers: which experts each token goes to, with what weight, and the auxiliary loss."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalong.moe.losses import cv_squared, load_balance_loss, router_z_loss
+from megalong.moe.options import MoEOptions
+
+
+@dataclass
+class Routing:
+    expert_index: torch.Tensor  # [T, k] chosen experts per token, best first
+    gates: torch.Tensor  # [T, k] combine weights
+    kept: torch.Tensor  # [T, k] False where the expert was over capacity (token passes residual only)
+    aux_loss: torch.Tensor  # weighted auxiliary loss (balance + z-loss)
+    load: torch.Tensor  # [E] assignments per expert before capacity
+
+
+def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: Optional[float]) -> Optional[int]:
+    if factor is None:
+        return None
+    return math.ceil(tokens * top_k / num_experts * factor)
+
+
+def apply_capacity(expert_index: torch.Tensor, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
+    """kept[t, j]: whether token t's j-th choice fits in its expert. First choices of all tokens
+    take places before second choices (GShard); within a rank, earlier tokens come first."""
+    if capacity is None:
+        return torch.ones_like(expert_index, dtype=torch.bool)
+    T, k = expert_index.shape
+    by_rank = expert_index.t().reshape(-1)  # rank-major order: all first choices, then second ...
+    one_hot = F.one_hot(by_rank, num_experts)
+    position = (one_hot.cumsum(dim=0) - 1).gather(1, by_rank.unsqueeze(1)).squeeze(1)
+    return (position < capacity).view(k, T).t()
+
+
+class TopKRouter(nn.Module):
+    """GShard/Mixtral top-k (k >= 1, weights renormalised over the chosen) or Switch top-1 (the
+    gate is the router probability itself). Load-balance loss of Switch, optional z-loss."""
+
+    def __init__(self, hidden_size: int, options: MoEOptions):
+        super().__init__()
+        self.options = options
+        self.top_k = 1 if options.router == "switch" else options.top_k
+        self.renormalize = options.router == "topk" and self.top_k > 1
+        self.dtype = torch.float64 if options.router_dtype == "fp64" else torch.float32
+        self.weight = nn.Parameter(torch.empty(options.num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        o = self.options
+        logits = F.linear(x.to(self.dtype), self.weight.to(self.dtype))
+        probs = torch.softmax(logits, dim=-1)
+        top_probs, expert_index = probs.topk(self.top_k, dim=-1)
+        gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
+        capacity = None if o.dropless else expert_capacity(x.shape[0], self.top_k, o.num_experts, o.capacity_factor)
+        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts)
+        if o.z_loss_coeff:
+            aux = aux + o.z_loss_coeff * router_z_loss(logits)
+        load = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
+        return Routing(expert_index, gates.to(x.dtype), apply_capacity(expert_index, o.num_experts, capacity),
+                       aux, load)
+
+
+class NoisyTopKRouter(nn.Module):
+    """Shazeer et al. 2017: H = x W_g + N(0, 1) * softplus(x W_noise) (noise only in training),
+    softmax over the top-k of H. Losses: importance CV^2(sum of gates) and the smooth load
+    CV^2(sum over tokens of P(x, i)), P the normal-CDF probability that expert i stays in the
+    top-k under fresh noise."""
+
+    def __init__(self, hidden_size: int, options: MoEOptions):
+        super().__init__()
+        self.options = options
+        self.top_k = options.top_k
+        self.dtype = torch.float64 if options.router_dtype == "fp64" else torch.float32
+        self.w_gate = nn.Parameter(torch.zeros(options.num_experts, hidden_size))  # zero init, as in the paper
+        self.w_noise = nn.Parameter(torch.zeros(options.num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Routing:
+        o, k = self.options, self.top_k
+        x = x.to(self.dtype)
+        clean = F.linear(x, self.w_gate.to(self.dtype))
+        noise_std = F.softplus(F.linear(x, self.w_noise.to(self.dtype))) + 1e-2
+        if self.training:
+            if noise is None:
+                noise = torch.randn_like(clean)
+            noisy = clean + noise.to(self.dtype) * noise_std
+        else:
+            noisy = clean
+        kept_values, expert_index = noisy.topk(min(k + 1, o.num_experts), dim=-1)
+        top_values, expert_index = kept_values[:, :k], expert_index[:, :k]
+        gates = torch.softmax(top_values, dim=-1)
+
+        importance = torch.zeros(x.shape[0], o.num_experts, dtype=self.dtype, device=x.device)
+        importance = importance.scatter(1, expert_index, gates).sum(0)
+        aux = cv_squared(importance)
+        if self.training and k < o.num_experts:
+            # P(x, i): probability that clean_i + noise beats the k-th best of the *other* experts:
+            # the (k+1)-th value if i is in the top-k, else the k-th.
+            threshold_in, threshold_out = kept_values[:, k:k + 1], kept_values[:, k - 1:k]
+            is_in = noisy >= kept_values[:, k - 1:k]
+            threshold = torch.where(is_in, threshold_in, threshold_out)
+            normal = torch.distributions.Normal(torch.zeros((), dtype=self.dtype, device=x.device),
+                                                torch.ones((), dtype=self.dtype, device=x.device))
+            prob = normal.cdf((clean - threshold) / noise_std)
+            aux = aux + cv_squared(prob.sum(0))
+        aux = o.aux_loss_coeff * aux
+        capacity = None if o.dropless else expert_capacity(x.shape[0], k, o.num_experts, o.capacity_factor)
+        load = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
+        return Routing(expert_index, gates, apply_capacity(expert_index, o.num_experts, capacity), aux, load)
+
+
+def build_router(hidden_size: int, options: MoEOptions) -> nn.Module:
+    return NoisyTopKRouter(hidden_size, options) if options.router == "noisy_topk" else TopKRouter(hidden_size, options)
