@@ -113,6 +113,7 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = 1
+    expert: int = 1  # expert-parallel ranks: each holds model.moe.num_experts / expert experts
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
@@ -403,6 +404,18 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
     if cfg.ffn_hidden_size % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the MLP width "
                           f"{cfg.ffn_hidden_size} (model.ffn_hidden_size)")
+    _positive(p.expert, "parallel.expert")
+    if p.expert > 1:
+        if "moe" not in cfg.mlp_kinds():
+            raise ConfigError(f"parallel.expert: {p.expert} needs MoE layers (model.mlp_layers)")
+        if cfg.moe_options().num_experts % p.expert:
+            raise ConfigError(f"parallel.expert: {p.expert} does not divide model.moe.num_experts "
+                              f"{cfg.moe_options().num_experts}")
+        if p.tensor > 1:
+            raise ConfigError("parallel.expert: expert parallelism together with parallel.tensor > 1 "
+                              "is not supported yet; use one of them")
+        if world_size % p.expert:
+            raise ConfigError(f"parallel.expert: {p.expert} does not divide the {world_size} processes")
     if world_size % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the {world_size} processes")
     dp = world_size // p.tensor

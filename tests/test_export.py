@@ -94,3 +94,55 @@ def test_models_that_are_not_gpt_neo_are_refused_with_the_reason(tiny_data, tmp_
         export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert not list(tmp_path.glob(".hf*"))
+
+
+MIXTRAL_SHAPE = {
+    "model.num_layers": 2,
+    "model.attention_layers": '[[["global"], 2]]',
+    "model.mlp_layers": '[[["moe"], 2]]',
+    "model.moe": "{num_experts: 4, top_k: 2, dropless: true, capacity_factor: null, expert_hidden_size: 96}",
+    "model.activation": "swiglu",
+    "model.normalization": "RMSNorm",
+    "model.position_embedding": "rope",
+    "model.scale_attention": "true",
+    "model.linear_bias": "false",
+    "model.tie_embeddings": "false",
+    "train.lr": 3e-3,
+}
+
+
+@pytest.mark.parametrize("expert_parallel", [1, 2])
+def test_moe_exports_as_mixtral_with_every_expert(tiny_data, tmp_path, expert_parallel):
+    """SwiGLU experts + RMSNorm + RoPE -> a plain MixtralForCausalLM, on Mixtral's on-disk names,
+    every expert present and distinct (EP=2 checkpoints gathered), logits and greedy tokens equal."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    save = tmp_path / "ckpt"
+    run_cli(["train", *tiny_overrides(tiny_data, save, 4, **MIXTRAL_SHAPE,
+                                      **{"parallel.expert": expert_parallel})], nproc=expert_parallel)
+    out = export_checkpoint(save, tmp_path / "hf")
+    tensors = load_file(out / "model.safetensors")
+    for layer in range(2):
+        assert f"model.layers.{layer}.block_sparse_moe.gate.weight" in tensors
+        experts = [torch.cat([tensors[f"model.layers.{layer}.block_sparse_moe.experts.{j}.{w}.weight"].flatten()
+                              for w in ("w1", "w2", "w3")]) for j in range(4)]
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert not torch.equal(experts[a], experts[b])  # no expert silently lost or duplicated
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(hf, MixtralForCausalLM)
+    try:
+        model, cfg, tokenizer = load_for_inference(save)
+        tokens = torch.randint(0, tokenizer.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = model(tokens, torch.arange(30).expand(2, 30), None)
+            theirs = hf(tokens).logits
+        assert (ours - theirs).abs().max().item() < 1e-4
+        prompt = tokenizer.encode("Return the")
+        mine = generate(model, prompt, 8, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
+        with torch.no_grad():
+            generated = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+        assert generated[0, len(prompt):].tolist() == mine
+    finally:
+        shutdown()

@@ -173,6 +173,17 @@ def test_bad_moe_config_names_the_key(moe, message):
         validate(cfg, check_paths=False)
 
 
+@pytest.mark.parametrize("parallel,world,message", [
+    ({"expert": 3}, 3, "parallel.expert: 3 does not divide model.moe.num_experts 4"),
+    ({"expert": 2, "tensor": 2}, 4, "expert parallelism together with parallel.tensor > 1 is not supported yet"),
+])
+def test_bad_expert_parallel_layout_names_the_key(parallel, world, message):
+    cfg = config_from_dict({"model": {"mlp_layers": [[["dense", "moe"], 1]], "moe": {"num_experts": 4}},
+                            "parallel": parallel, "train": {"global_batch_size": 12, "micro_batch_size": 1}})
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, check_paths=False, world_size=world)
+
+
 def test_moe_gpt_trains_and_logs_expert_load(tiny_data, tmp_path):
     from conftest import read_metrics, tiny_overrides
     from megalong.config import load_config

@@ -56,3 +56,36 @@ def test_torchrun_launcher_dry_run_prints_the_command():
     proc = run_cli(["train", "configs/tiny-cpu.yaml", "--dry-run"], nproc=3, launcher="torchrun.sh")
     assert "torch.distributed.run --standalone --nproc_per_node 3 -m megalong.cli train configs/tiny-cpu.yaml" \
         in proc.stdout
+
+
+MOE_ONLY = {
+    "model.mlp_layers": '[[["moe", "dense"], 1]]',
+    "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5, num_shared_experts: 1}",
+    "train.micro_batch_size": 1,  # the same tokens per micro-batch (so the same capacity) everywhere
+}
+
+
+def test_expert_parallel_matches_one_process(tiny_data, tmp_path):
+    """EP=2 (2 processes) and EP=2 x DP=2 (4 processes: two expert-parallel groups) against one
+    process: same losses, and the gathered experts equal the one-process experts."""
+    def run(name, nproc, expert):
+        run_cli(["train", *tiny_overrides(tiny_data, tmp_path / name, STEPS, **MOE_ONLY,
+                                          **{"parallel.expert": expert})], nproc=nproc)
+        return read_metrics(tmp_path / name)
+
+    single, ep2, ep2dp2 = run("single", 1, 1), run("ep2", 2, 2), run("ep2dp2", 4, 2)
+    assert sorted(single) == sorted(ep2) == sorted(ep2dp2) == list(range(1, STEPS + 1))
+    for step in single:
+        assert abs(ep2[step] - single[step]) < LOSS_TOL, (step, ep2[step], single[step])
+        assert abs(ep2dp2[step] - single[step]) < LOSS_TOL, (step, ep2dp2[step], single[step])
+
+    _, reference = load_merged_state(tmp_path / "single")
+    for other in ("ep2", "ep2dp2"):
+        info, merged = load_merged_state(tmp_path / other)
+        assert info.meta["expert_parallel"] == 2
+        files = sorted(p.name for p in info.path.glob("*_ep*.pt"))
+        assert files == ["experts_tp00_ep01.pt", "optim_tp00_ep01.pt"]  # each expert saved once
+        assert merged["decoder.layers.0.mlp.experts.w1"].shape[0] == 4
+        for name, tensor in reference.items():
+            if isinstance(tensor, torch.Tensor):
+                assert (merged[name] - tensor).abs().max().item() < WEIGHT_TOL, (other, name)

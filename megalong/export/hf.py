@@ -1,4 +1,5 @@
-"""`megalong export CHECKPOINT OUT_DIR`: a Hugging Face folder that transformers loads as is."""
+"""`megalong export CHECKPOINT OUT_DIR`: a Hugging Face folder that transformers loads as is,
+as GPTNeoForCausalLM or MixtralForCausalLM; other models are refused with the reasons."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Optional
-
-import torch
 
 from megalong.train.checkpoint import load_merged_state
 
@@ -20,48 +19,80 @@ class ExportError(ValueError):
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Merge TP shards, map to GPTNeoForCausalLM, write config, safetensors and tokenizer.
+    """Merge TP shards and gather EP experts, map to GPTNeoForCausalLM or MixtralForCausalLM
+    (whichever the model is), write config, safetensors, generation config and tokenizer.
 
     Written into a temporary folder beside OUT_DIR and renamed when complete."""
-    from transformers import GPTNeoForCausalLM
-
     from megalong.data.tokenizer import SentencePieceTokenizer
-    from megalong.export.gpt_neo import gpt_neo_refusal, to_gpt_neo
+    from megalong.export.gpt_neo import gpt_neo_refusal
+    from megalong.export.mixtral import mixtral_refusal
     from megalong.export.tokenizer import export_tokenizer
 
     info, state = load_merged_state(checkpoint)
-    reason = gpt_neo_refusal(info.config)
-    if reason:
-        raise ExportError(f"{info.path} cannot be exported as GPTNeoForCausalLM: {reason}")
     tokenizer_model = info.path / "tokenizer.model"
     tokenizer = SentencePieceTokenizer(tokenizer_model)
-    hf_config, tensors = to_gpt_neo(info.config, state, tokenizer.bos, tokenizer.eod)
-
-    model = GPTNeoForCausalLM(hf_config)
-    result = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # tied to wte
-    if missing or result.unexpected_keys:
-        raise ExportError(f"weight mapping incomplete: missing {missing}, unexpected {result.unexpected_keys}")
-    model.tie_weights()
-    # The vocabulary is padded for tensor parallelism; the padded ids are never real tokens.
-    padded = list(range(tokenizer.vocab_size, hf_config.vocab_size))
-    model.generation_config.eos_token_id = tokenizer.eod
-    model.generation_config.pad_token_id = tokenizer.eod
-    model.generation_config.suppress_tokens = padded or None
+    not_neo, not_mixtral = gpt_neo_refusal(info.config), mixtral_refusal(info.config)
+    if not_neo and not_mixtral:
+        raise ExportError(f"{info.path} cannot be exported as GPTNeoForCausalLM: {not_neo}; "
+                          f"nor as MixtralForCausalLM: {not_mixtral}")
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir()
+    if not_neo is None:
+        kind, vocab = "GPTNeoForCausalLM", _write_gpt_neo(info.config, state, tokenizer, tmp)
+    else:
+        kind, vocab = "MixtralForCausalLM", _write_mixtral(info.config, state, tokenizer, tmp)
+    _generation_config(tokenizer, vocab).save_pretrained(tmp)
     export_tokenizer(tokenizer_model, tmp)
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
-    log.info("exported %s (step %d, TP=%d merged) -> %s as GPTNeoForCausalLM", info.path,
-             info.meta["step"], info.meta["tensor_parallel"], out)
+    log.info("exported %s (step %d, TP=%d, EP=%d gathered) -> %s as %s", info.path, info.meta["step"],
+             info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1), out, kind)
     return out
+
+
+def _generation_config(tokenizer, vocab_size: int):
+    from transformers import GenerationConfig
+
+    # The vocabulary is padded for tensor parallelism; the padded ids are never real tokens.
+    padded = list(range(tokenizer.vocab_size, vocab_size))
+    return GenerationConfig(eos_token_id=tokenizer.eod, pad_token_id=tokenizer.eod,
+                            bos_token_id=tokenizer.bos if tokenizer.bos >= 0 else tokenizer.eod,
+                            suppress_tokens=padded or None)
+
+
+def _write_gpt_neo(cfg, state, tokenizer, folder: Path) -> int:
+    from transformers import GPTNeoForCausalLM
+
+    from megalong.export.gpt_neo import to_gpt_neo
+
+    hf_config, tensors = to_gpt_neo(cfg, state, tokenizer.bos, tokenizer.eod)
+    model = GPTNeoForCausalLM(hf_config)
+    result = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # tied to wte
+    if missing or result.unexpected_keys:
+        raise ExportError(f"weight mapping incomplete: missing {missing}, unexpected {result.unexpected_keys}")
+    model.tie_weights()
+    model.save_pretrained(folder, safe_serialization=True)
+    return hf_config.vocab_size
+
+
+def _write_mixtral(cfg, state, tokenizer, folder: Path) -> int:
+    from safetensors.torch import save_file
+
+    from megalong.export.mixtral import to_mixtral
+
+    hf_config, tensors = to_mixtral(cfg, state, tokenizer.bos, tokenizer.eod)
+    hf_config.architectures = ["MixtralForCausalLM"]
+    hf_config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return hf_config.vocab_size
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> None:

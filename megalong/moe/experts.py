@@ -12,16 +12,23 @@ class Experts(nn.Module):
     expert over that expert's rows (a loop over experts, never over tokens)."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, activation: Callable, gated: bool,
-                 init_std: float, output_std: float):
+                 init_std: float, output_std: float, first: int = 0, count: int | None = None):
+        """Holds experts [first, first + count) of num_experts. All experts' weights are drawn
+        from the RNG and sliced, so any expert-parallel layout starts from the same weights."""
         super().__init__()
         self.activation, self.gated = activation, gated
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
-        nn.init.normal_(self.w1, std=init_std)
-        nn.init.normal_(self.w2, std=output_std)
+        count = num_experts if count is None else count
+        local = slice(first, first + count)
+
+        def weight(shape, std):
+            full = torch.empty(num_experts, *shape)
+            nn.init.normal_(full, std=std)
+            return nn.Parameter(full[local].clone())
+
+        self.w1 = weight((hidden, ffn), init_std)
+        self.w2 = weight((ffn, hidden), output_std)
         if gated:
-            self.w3 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
-            nn.init.normal_(self.w3, std=init_std)
+            self.w3 = weight((hidden, ffn), init_std)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on rows x (also the reference the tests loop over)."""

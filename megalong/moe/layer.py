@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from megalong.moe.dispatch import permute, plan, unpermute
+from megalong.moe.expert_parallel import all_to_all, plan_exchange
 from megalong.moe.experts import Experts
 from megalong.moe.options import MoEOptions
 from megalong.moe.router import build_router
@@ -36,9 +37,16 @@ class MoELayer(nn.Module):
         ffn = o.expert_hidden_size or ffn_hidden_size or config.ffn_hidden_size
         gated = bool(config.gated_linear_unit)
         output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+        self.ep_size, ep_rank, self.ep_group = expert_parallel_layout()
+        if o.num_experts % self.ep_size:
+            raise ValueError(f"model.moe.num_experts: {o.num_experts} experts do not divide over "
+                             f"parallel.expert={self.ep_size} ranks")
+        local = o.num_experts // self.ep_size
         self.router = build_router(hidden, o)
         self.experts = Experts(o.num_experts, hidden, ffn, config.activation_func, gated,
-                               config.init_method_std, output_std)
+                               config.init_method_std, output_std, first=ep_rank * local, count=local)
+        for param in self.experts.parameters():
+            param.expert_parallel = True  # reduced over the expert-data-parallel group, not DP
         self.shared = (Experts(1, hidden, ffn * o.num_shared_experts, config.activation_func, gated,
                                config.init_method_std, output_std) if o.num_shared_experts else None)
         self.aux_loss: Optional[torch.Tensor] = None
@@ -53,13 +61,38 @@ class MoELayer(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         routing = self.router(x)
         dispatch = plan(routing.expert_index, routing.gates, routing.kept, self.options.num_experts)
-        y = self.experts(permute(x, dispatch), dispatch.tokens_per_expert)
+        rows = permute(x, dispatch)
+        if self.ep_size == 1:
+            y = self.experts(rows, dispatch.tokens_per_expert)
+        else:
+            y = self._experts_across_ranks(rows, dispatch.tokens_per_expert)
         out = unpermute(y, dispatch, x.shape[0])
         if self.shared is not None:
             out = out + self.shared.expert(0, x)
         self.aux_loss = routing.aux_loss
         self.stats = RoutingStats(routing.load.detach(), (~routing.kept).sum().detach(), routing.kept.numel())
         return out.view(shape), None
+
+
+    def _experts_across_ranks(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by global expert -> their experts' ranks -> back, in the same order."""
+        ex = plan_exchange(tokens_per_expert, self.ep_size, self.ep_group)
+        received = all_to_all(rows, ex.send, ex.recv, self.ep_group)
+        y = self.experts(received[ex.order], ex.local_counts)
+        y = torch.empty_like(y).index_copy(0, ex.order, y)  # back to the order rows arrived in
+        return all_to_all(y, ex.recv, ex.send, self.ep_group)
+
+
+def expert_parallel_layout() -> tuple[int, int, Any]:
+    """(size, rank, group) of megatron-core's expert-model-parallel group; (1, 0, None) without one."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 0, None
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if size == 1:
+        return 1, 0, None
+    return size, parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_group()
 
 
 def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:

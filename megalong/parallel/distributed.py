@@ -18,13 +18,16 @@ class ParallelLayout:
     data_parallel: int
     data_rank: int
     device: torch.device
+    expert_parallel: int = 1
+    expert_rank: int = 0
+    expert_data_rank: int = 0
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def initialize(tensor_parallel: int, backend: str = "auto") -> ParallelLayout:
+def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int = 1) -> ParallelLayout:
     """Start torch.distributed (from torchrun's environment, or a one-process group) and
     megatron-core's model-parallel groups. NCCL on GPUs, gloo on the CPU."""
     use_cuda = torch.cuda.is_available()
@@ -40,7 +43,8 @@ def initialize(tensor_parallel: int, backend: str = "auto") -> ParallelLayout:
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 expert_model_parallel_size=expert_parallel)
     return ParallelLayout(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
@@ -49,6 +53,9 @@ def initialize(tensor_parallel: int, backend: str = "auto") -> ParallelLayout:
         data_parallel=parallel_state.get_data_parallel_world_size(),
         data_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        expert_parallel=parallel_state.get_expert_model_parallel_world_size(),
+        expert_rank=parallel_state.get_expert_model_parallel_rank(),
+        expert_data_rank=parallel_state.get_expert_data_parallel_rank(),
     )
 
 

@@ -4,8 +4,10 @@
     <save_dir>/step_00000100/
         config.yaml                   the resolved config of the run
         meta.json                     step, parallel layout, vocab sizes, TP partition dims
-        model_tp00.pt ...             model state of each tensor-parallel rank
+        model_tp00.pt ...             model state of each tensor-parallel rank (experts of EP rank 0)
+        experts_tp00_ep01.pt ...      with expert parallelism: the experts of EP rank 1, 2, ...
         optim_tp00.pt ...             optimizer state of each tensor-parallel rank
+        optim_tp00_ep01.pt ...        ... and of each further expert-parallel rank
         rng_rank000.pt ...            RNG states of every process
         tokenizer.model               the SentencePiece model the run trained with
 
@@ -83,10 +85,14 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
         tmp.mkdir()
     _barrier()
 
-    tp = layout.tensor_rank
+    tp, ep = layout.tensor_rank, layout.expert_rank
     if layout.data_rank == 0:
         torch.save(model.state_dict(), tmp / f"model_tp{tp:02d}.pt")
-        torch.save(optimizer.state_dict(), tmp / f"optim_tp{tp:02d}.pt")
+    if layout.expert_data_rank == 0:  # one copy of every expert, and of every optimizer state
+        if ep > 0:
+            experts = {k: v for k, v in model.state_dict().items() if is_expert_key(k)}
+            torch.save(experts, tmp / f"experts_tp{tp:02d}_ep{ep:02d}.pt")
+        torch.save(optimizer.state_dict(), tmp / _optim_name(tp, ep))
     torch.save(_rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
     _barrier()
 
@@ -97,6 +103,7 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
             "step": step,
             "tensor_parallel": layout.tensor_parallel,
             "data_parallel": layout.data_parallel,
+            "expert_parallel": layout.expert_parallel,
             "world_size": layout.world_size,
             "tokenizer_vocab_size": tokenizer_vocab_size,
             "gated_mlp": cfg.model.activation == "swiglu",
@@ -109,6 +116,23 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
         _write_text_atomically(save_dir / LATEST, final.name + "\n")
     _barrier()
     return final
+
+
+def is_expert_key(name: str) -> bool:
+    """State-dict keys of expert weights (split over expert-parallel ranks along dim 0)."""
+    return ".mlp.experts.w" in name
+
+
+def _optim_name(tp: int, ep: int) -> str:
+    return f"optim_tp{tp:02d}.pt" if ep == 0 else f"optim_tp{tp:02d}_ep{ep:02d}.pt"
+
+
+def _model_state(path: Path, tp: int, ep: int, device) -> dict[str, torch.Tensor]:
+    state = torch.load(path / f"model_tp{tp:02d}.pt", map_location=device, weights_only=False)
+    if ep > 0:
+        state.update(torch.load(path / f"experts_tp{tp:02d}_ep{ep:02d}.pt", map_location=device,
+                                weights_only=False))
+    return state
 
 
 def find_latest(save_dir: str | Path) -> Optional[Path]:
@@ -155,10 +179,11 @@ def check_compatible(saved: Config, current: Config, path: Path) -> None:
         details = "; ".join(f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model[k]!r}"
                             for k in differing)
         raise CheckpointError(f"checkpoint {path} was trained with another model config: {details}")
-    if saved.parallel.tensor != current.parallel.tensor:
-        raise CheckpointError(
-            f"checkpoint {path} has parallel.tensor={saved.parallel.tensor} but the config asks for "
-            f"{current.parallel.tensor}; export and re-import, or keep the TP size")
+    for key in ("tensor", "expert"):
+        if getattr(saved.parallel, key) != getattr(current.parallel, key):
+            raise CheckpointError(
+                f"checkpoint {path} has parallel.{key}={getattr(saved.parallel, key)} but the config "
+                f"asks for {getattr(current.parallel, key)}; keep the same layout to resume")
 
 
 def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
@@ -166,11 +191,10 @@ def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
     """Restore model, optimizer and RNG state in place; returns the step to continue from."""
     info = read_checkpoint_info(path)
     check_compatible(info.config, cfg, info.path)
-    tp = layout.tensor_rank
-    model.load_state_dict(torch.load(info.path / f"model_tp{tp:02d}.pt", map_location=layout.device,
-                                     weights_only=False))
+    tp, ep = layout.tensor_rank, layout.expert_rank
+    model.load_state_dict(_model_state(info.path, tp, ep, layout.device))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(info.path / f"optim_tp{tp:02d}.pt",
+        optimizer.load_state_dict(torch.load(info.path / _optim_name(tp, ep),
                                              map_location=layout.device, weights_only=False))
     rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
     if rng_file.is_file() and info.meta["world_size"] == layout.world_size:
@@ -181,9 +205,15 @@ def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
 def load_merged_state(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
     """The model's state dict as a single TP=1 model would hold it (TP shards merged)."""
     info = read_checkpoint_info(path)
-    tp = info.meta["tensor_parallel"]
-    shards = [torch.load(info.path / f"model_tp{r:02d}.pt", map_location="cpu", weights_only=False)
-              for r in range(tp)]
+    tp, ep = info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1)
+    shards = []
+    for r in range(tp):
+        per_expert_rank = [_model_state(info.path, r, e, "cpu") for e in range(ep)]
+        shard = per_expert_rank[0]
+        for key in shard:
+            if is_expert_key(key) and ep > 1:
+                shard[key] = torch.cat([s[key] for s in per_expert_rank], dim=0)
+        shards.append(shard)
     state = merge_tensor_parallel(shards, info.meta["partition_dims"], info.meta["gated_mlp"])
     return info, state
 
@@ -192,6 +222,7 @@ def single_process_config(cfg: Config) -> Config:
     """The same config for a TP=1 process (used to rebuild a merged model for export/sampling)."""
     raw = cfg.to_dict()
     raw["parallel"]["tensor"] = 1
+    raw["parallel"]["expert"] = 1
     try:
         return config_from_dict(raw)
     except ConfigError as e:  # pragma: no cover - a saved config was validated when it was saved

@@ -20,7 +20,7 @@ from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train import checkpoint as ckpt
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
 from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
-from megalong.train.optim import build_optimizer, clip_gradients
+from megalong.train.optim import build_optimizer, clip_gradients, reduce_expert_gradients
 from megalong.train.schedule import learning_rate
 
 log = logging.getLogger("megalong")
@@ -81,6 +81,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         lm_total += loss.detach()
         aux_total += aux.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    reduce_expert_gradients(params)
     norm = clip_gradients(params, cfg.train.grad_clip)
     optimizer.step()
     return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm
@@ -154,7 +155,7 @@ def train(cfg: Config) -> TrainResult:
     from megalong.data.tokenizer import SentencePieceTokenizer
 
     t = cfg.train
-    layout = initialize(cfg.parallel.tensor, cfg.parallel.backend)
+    layout = initialize(cfg.parallel.tensor, cfg.parallel.backend, cfg.parallel.expert)
     validate(cfg, world_size=layout.world_size)
     if t.tensorboard_dir:
         try:
@@ -179,6 +180,9 @@ def train(cfg: Config) -> TrainResult:
 
     train_set, valid_set, _ = _build_datasets(cfg, tokenizer, layout)
     if layout.data_parallel > 1:
+        # Expert weights differ across expert-parallel ranks: DDP must not average them over DP.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)])
         model = torch.nn.parallel.DistributedDataParallel(
             model, process_group=parallel_state.get_data_parallel_group(),
             device_ids=[layout.device.index] if layout.device.type == "cuda" else None)

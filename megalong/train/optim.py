@@ -23,21 +23,45 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
                              fused=fused or None)
 
 
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) ** 2
+
+
 def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of the gradients of the whole (tensor-parallel) model.
+    """Global L2 norm of the gradients of the whole (tensor- and expert-parallel) model.
 
     Parameters replicated on every TP rank (norms, row-parallel biases) are counted once; the
-    squared norms of the sliced ones are summed over the model-parallel group.
+    squared norms of the sliced ones are summed over the model-parallel group, and those of the
+    experts over the expert-parallel group (each rank holds different experts).
     """
-    grads = [p.grad for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
     device = params[0].device
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    if grads:
-        total = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) ** 2
+    expert = [p.grad for p in params if p.grad is not None and getattr(p, "expert_parallel", False)]
+    dense = [p.grad for p in params if p.grad is not None and not getattr(p, "expert_parallel", False)
+             and param_is_not_tensor_parallel_duplicate(p)]
+    total = _squared_norm(dense, device)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return total.sqrt()
+    expert_total = _squared_norm(expert, device)
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        dist.all_reduce(expert_total, group=parallel_state.get_expert_model_parallel_group())
+    return (total + expert_total).sqrt()
+
+
+def reduce_expert_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Expert weights are left out of DDP. Each copy of an expert (one per expert-data-parallel
+    rank) saw the tokens of its own expert-parallel group: sum over the copies and divide by the
+    data-parallel size, which is what DDP's average would have given a replicated weight."""
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return
+    group = parallel_state.get_expert_data_parallel_group()
+    for p in params:
+        if p.grad is not None and getattr(p, "expert_parallel", False):
+            if parallel_state.get_expert_data_parallel_world_size() > 1:
+                dist.all_reduce(p.grad, group=group)
+            p.grad /= dp
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
