@@ -452,6 +452,11 @@ def _validate_moe(cfg: Config) -> None:
     if not 1 <= o.top_k <= o.num_experts:
         raise ConfigError(f"model.moe.top_k: {o.top_k} must be between 1 and model.moe.num_experts "
                           f"{o.num_experts}")
+    if o.bias_update_rate < 0:
+        raise ConfigError(f"model.moe.bias_update_rate: must be >= 0, got {o.bias_update_rate}")
+    if o.bias_update_rate and o.router not in ("topk", "switch"):
+        raise ConfigError(f"model.moe.bias_update_rate: bias balancing is for the topk and switch "
+                          f"routers, not '{o.router}'")
     if o.router == "switch" and o.top_k != 1:
         raise ConfigError(f"model.moe.top_k: the switch router sends each token to one expert; set "
                           f"top_k: 1 (it is {o.top_k}) or use router: topk")

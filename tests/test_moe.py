@@ -13,7 +13,7 @@ from megalong.config import ConfigError, config_from_dict, validate
 from megalong.moe.layer import MoELayer, moe_aux_loss
 from megalong.moe.losses import load_balance_loss
 from megalong.moe.options import MoEOptions
-from megalong.moe.router import NoisyTopKRouter, TopKRouter, apply_capacity
+from megalong.moe.router import ExpertChoiceRouter, NoisyTopKRouter, TopKRouter, apply_capacity
 
 E, H = 4, 8
 
@@ -98,6 +98,47 @@ def test_noisy_topk_follows_shazeer_2017():
     assert routing.aux_loss.item() == pytest.approx(cv2(importance) + cv2(load), rel=1e-6)
 
 
+def test_expert_choice_lets_each_expert_pick_its_top_tokens():
+    r = _router(ExpertChoiceRouter, router="expert_choice", top_k=2, capacity_factor=1.0)
+    x = _x(T=10)
+    routing = r(x)
+    scores = torch.softmax(x @ r.weight.t(), dim=-1)
+    capacity = math.ceil(10 * 2 / E)
+    for e in range(E):
+        ranked = sorted(range(10), key=lambda t: -float(scores[t, e]))[:capacity]
+        assert sorted(torch.nonzero(routing.kept[:, e]).flatten().tolist()) == sorted(ranked)
+    assert torch.allclose(routing.gates, scores) and routing.load.tolist() == [capacity] * E
+
+
+def test_aux_loss_free_bias_steers_choice_not_gates_and_balances():
+    r = _router(TopKRouter, router="topk", top_k=1, dropless=True, capacity_factor=None,
+                bias_update_rate=0.05, aux_loss_coeff=0.0)
+    x = _x(T=64)
+    before = r(x)
+    probs = torch.softmax(x @ r.weight.t(), dim=-1)
+    r.step_load.zero_()
+    r.expert_bias[int(before.expert_index[0, 0])] = -10.0  # forbid the first token's expert
+    steered = r(x)
+    assert int(steered.expert_index[0, 0]) != int(before.expert_index[0, 0])
+    assert torch.allclose(steered.gates[:, 0], probs.gather(1, steered.expert_index)[:, 0])  # gates unbiased
+    # The update rule: b_i += rate * sign(mean load - load_i).
+    r.expert_bias.zero_()
+    r.step_load.copy_(torch.tensor([10.0, 2.0, 2.0, 2.0], dtype=torch.float64))
+    r.update_bias()
+    assert r.expert_bias.tolist() == pytest.approx([-0.05, 0.05, 0.05, 0.05])
+    # Repeated steps on a skewed router flatten the load.
+    r.expert_bias.zero_()
+    with torch.no_grad():
+        r.weight[0] += 2.0 * x.mean(0)  # expert 0 wins most tokens
+    first = r(x).load.double()
+    for _ in range(200):
+        r.step_load.zero_()
+        r(x)
+        r.update_bias()
+    last = r(x).load.double()
+    assert last.std() < 0.5 * first.std(), (first.tolist(), last.tolist())
+
+
 def test_capacity_keeps_first_choices_first_then_token_order():
     expert_index = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0]])
     kept = apply_capacity(expert_index, 3, capacity=2)
@@ -119,6 +160,7 @@ def _config(num_layers=2, gated=False):
     dict(router="topk", top_k=2, capacity_factor=0.75),                  # drops some assignments
     dict(router="switch", top_k=1, capacity_factor=1.0, num_shared_experts=1),
     dict(router="topk", top_k=2, dropless=True, capacity_factor=None),
+    dict(router="expert_choice", top_k=2, capacity_factor=1.0),
 ])
 @pytest.mark.parametrize("gated", [False, True])
 def test_moe_layer_equals_a_loop_over_tokens_and_experts(options, gated):

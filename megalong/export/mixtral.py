@@ -25,6 +25,7 @@ def mixtral_refusal(cfg: Config) -> Optional[str]:
         (o.router == "topk", f"model.moe.router is '{o.router}' (Mixtral routes top-k, renormalised)"),
         (o.dropless, "model.moe.dropless is false (Mixtral never drops tokens)"),
         (o.num_shared_experts == 0, "model.moe.num_shared_experts: Mixtral has no shared experts"),
+        (not o.bias_update_rate, "model.moe.bias_update_rate: Mixtral's router has no selection bias"),
     ]
     reasons = [reason for ok, reason in checks if not ok]
     return "; ".join(reasons) if reasons else None

@@ -101,5 +101,17 @@ def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return torch.stack([l.float() for l in losses]).sum() if losses else None
 
 
+def update_router_biases(model: nn.Module) -> None:
+    """Aux-loss-free balancing: move every router's expert bias after an optimizer step."""
+    from megatron.core import parallel_state
+
+    group = None
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        group = parallel_state.get_data_parallel_group()
+    for m in model.modules():
+        if isinstance(m, MoELayer) and m.options.bias_update_rate and hasattr(m.router, "update_bias"):
+            m.router.update_bias(group)
+
+
 def moe_stats(model: nn.Module) -> list[tuple[int, RoutingStats]]:
     return [(m.layer_number, m.stats) for m in model.modules() if isinstance(m, MoELayer) and m.stats]

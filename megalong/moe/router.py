@@ -52,12 +52,22 @@ class TopKRouter(nn.Module):
         self.dtype = torch.float64 if options.router_dtype == "fp64" else torch.float32
         self.weight = nn.Parameter(torch.empty(options.num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
+        # Aux-loss-free balancing: the bias steers which experts are chosen, never the gates.
+        self.register_buffer("expert_bias", torch.zeros(options.num_experts, dtype=torch.float64))
+        self.register_buffer("step_load", torch.zeros(options.num_experts, dtype=torch.float64),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> Routing:
         o = self.options
         logits = F.linear(x.to(self.dtype), self.weight.to(self.dtype))
         probs = torch.softmax(logits, dim=-1)
-        top_probs, expert_index = probs.topk(self.top_k, dim=-1)
+        if o.bias_update_rate:
+            expert_index = (probs + self.expert_bias.to(probs.dtype)).topk(self.top_k, dim=-1).indices
+            top_probs = probs.gather(1, expert_index)
+            if self.training:
+                self.step_load += torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
+        else:
+            top_probs, expert_index = probs.topk(self.top_k, dim=-1)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
         capacity = None if o.dropless else expert_capacity(x.shape[0], self.top_k, o.num_experts, o.capacity_factor)
         aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts)
@@ -66,6 +76,19 @@ class TopKRouter(nn.Module):
         load = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
         return Routing(expert_index, gates.to(x.dtype), apply_capacity(expert_index, o.num_experts, capacity),
                        aux, load)
+
+
+    @torch.no_grad()
+    def update_bias(self, data_parallel_group=None) -> None:
+        """After an optimizer step: b_i += rate * sign(mean load - load_i), with the loads of the
+        step summed over the data-parallel group so that every replica moves the same way."""
+        load = self.step_load
+        if data_parallel_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(load, group=data_parallel_group)
+        self.expert_bias += self.options.bias_update_rate * torch.sign(load.mean() - load)
+        self.step_load.zero_()
 
 
 class NoisyTopKRouter(nn.Module):
@@ -116,5 +139,34 @@ class NoisyTopKRouter(nn.Module):
         return Routing(expert_index, gates, apply_capacity(expert_index, o.num_experts, capacity), aux, load)
 
 
+class ExpertChoiceRouter(nn.Module):
+    """Zhou et al. 2022: scores S = softmax(x W) per token; expert e takes the c tokens with the
+    highest S[:, e], c = ceil(tokens * top_k / experts * capacity_factor); a token's output is the
+    S-weighted sum over the experts that took it (possibly none). Balanced by construction."""
+
+    def __init__(self, hidden_size: int, options: MoEOptions):
+        super().__init__()
+        self.options = options
+        self.dtype = torch.float64 if options.router_dtype == "fp64" else torch.float32
+        self.weight = nn.Parameter(torch.empty(options.num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        o = self.options
+        T, E = x.shape[0], o.num_experts
+        scores = torch.softmax(F.linear(x.to(self.dtype), self.weight.to(self.dtype)), dim=-1)
+        capacity = min(T, expert_capacity(T, o.top_k, E, o.capacity_factor or 1.0))
+        chosen = scores.topk(capacity, dim=0).indices  # [c, E]: the tokens each expert takes
+        kept = torch.zeros(T, E, dtype=torch.bool, device=x.device)
+        kept[chosen, torch.arange(E, device=x.device).expand_as(chosen)] = True
+        expert_index = torch.arange(E, device=x.device).expand(T, E)
+        load = kept.sum(0)
+        return Routing(expert_index, scores.to(x.dtype), kept, scores.new_zeros(()), load)
+
+
 def build_router(hidden_size: int, options: MoEOptions) -> nn.Module:
-    return NoisyTopKRouter(hidden_size, options) if options.router == "noisy_topk" else TopKRouter(hidden_size, options)
+    if options.router == "noisy_topk":
+        return NoisyTopKRouter(hidden_size, options)
+    if options.router == "expert_choice":
+        return ExpertChoiceRouter(hidden_size, options)
+    return TopKRouter(hidden_size, options)

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from megalong.config import Config, ConfigError, validate
 from megalong.model.gpt import build_model, model_flops_per_token, position_ids_for
-from megalong.moe.layer import moe_aux_loss, moe_stats
+from megalong.moe.layer import moe_aux_loss, moe_stats, update_router_biases
 from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train import checkpoint as ckpt
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
@@ -84,6 +84,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     reduce_expert_gradients(params)
     norm = clip_gradients(params, cfg.train.grad_clip)
     optimizer.step()
+    update_router_biases(model)
     return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm
 
 
