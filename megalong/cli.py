@@ -21,6 +21,9 @@ def setup_logging(log_file: Optional[Path] = None) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers,
                         force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builder logs every index
+    # megatron warns about every MLP class it does not know, megalong's MoELayer included.
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda record: "Unknown MLP type" not in record.getMessage())
 
 
 def cmd_train(args: argparse.Namespace) -> int:

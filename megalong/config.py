@@ -411,9 +411,6 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
         if cfg.moe_options().num_experts % p.expert:
             raise ConfigError(f"parallel.expert: {p.expert} does not divide model.moe.num_experts "
                               f"{cfg.moe_options().num_experts}")
-        if p.tensor > 1:
-            raise ConfigError("parallel.expert: expert parallelism together with parallel.tensor > 1 "
-                              "is not supported yet; use one of them")
         if world_size % p.expert:
             raise ConfigError(f"parallel.expert: {p.expert} does not divide the {world_size} processes")
     if world_size % p.tensor:

@@ -44,12 +44,31 @@ def sample_from_export(hf_dir: Path, prompt: str, max_new_tokens: int = 40) -> s
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] = None,
-             overrides: list[str] = ()) -> dict:
-    from megalong.config import load_config
+def demo_data_paths(workdir: Path) -> tuple[Path, Path, Path]:
+    """(corpus .jsonl.zst, tokenizer prefix, .bin/.idx prefix) of the embedded default."""
+    return (workdir / "corpus" / "stdlib_docs.jsonl.zst", workdir / "tokenizer" / "spm",
+            workdir / "data" / "stdlib_docs")
+
+
+def prepare_demo_data(workdir: Path) -> tuple[str, str]:
+    """Steps 1-3 of the demo: (tokenizer model, .bin/.idx prefix) under workdir."""
     from megalong.data.preprocess import preprocess
     from megalong.data.stdlib_corpus import build_stdlib_corpus
     from megalong.data.tokenizer import train_sentencepiece
+
+    corpus, tokenizer_prefix, data_prefix = demo_data_paths(workdir)
+    log.info("1/6 corpus: Python standard library documentation -> %s", corpus)
+    log.info("    %s", build_stdlib_corpus(corpus))
+    log.info("2/6 tokenizer: SentencePiece BPE, %d pieces -> %s.model", DEMO_VOCAB, tokenizer_prefix)
+    train_sentencepiece([str(corpus)], str(tokenizer_prefix), vocab_size=DEMO_VOCAB, model_type="bpe")
+    log.info("3/6 preprocess -> %s.bin/.idx", data_prefix)
+    preprocess([str(corpus)], str(data_prefix), f"{tokenizer_prefix}.model", workers=2)
+    return f"{tokenizer_prefix}.model", str(data_prefix)
+
+
+def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] = None,
+             overrides: list[str] = ()) -> dict:
+    from megalong.config import load_config
     from megalong.export.hf import export_checkpoint
     from megalong.parallel.distributed import shutdown
     from megalong.train.loop import train
@@ -57,9 +76,7 @@ def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] =
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = Path(config) if config else DEFAULT_CONFIG
-    corpus = workdir / "corpus" / "stdlib_docs.jsonl.zst"
-    tokenizer_prefix = workdir / "tokenizer" / "spm"
-    data_prefix = workdir / "data" / "stdlib_docs"
+    _, tokenizer_prefix, data_prefix = demo_data_paths(workdir)
     save_dir = workdir / "checkpoints"
     hf_dir = workdir / "hf"
 
@@ -70,13 +87,7 @@ def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] =
         data_overrides.append(f"train.train_steps={steps}")
     load_config([config_path], data_overrides, check_paths=False)
 
-    log.info("1/6 corpus: Python standard library documentation -> %s", corpus)
-    stats = build_stdlib_corpus(corpus)
-    log.info("    %s", stats)
-    log.info("2/6 tokenizer: SentencePiece BPE, %d pieces -> %s.model", DEMO_VOCAB, tokenizer_prefix)
-    train_sentencepiece([str(corpus)], str(tokenizer_prefix), vocab_size=DEMO_VOCAB, model_type="bpe")
-    log.info("3/6 preprocess -> %s.bin/.idx", data_prefix)
-    preprocess([str(corpus)], str(data_prefix), f"{tokenizer_prefix}.model", workers=2)
+    prepare_demo_data(workdir)
     entropy = unigram_entropy(str(data_prefix))
     log.info("    unigram entropy of the corpus: %.3f nats/token (a model must beat this)", entropy)
 

@@ -217,10 +217,11 @@ def test_bad_moe_config_names_the_key(moe, message):
 
 @pytest.mark.parametrize("parallel,world,message", [
     ({"expert": 3}, 3, "parallel.expert: 3 does not divide model.moe.num_experts 4"),
-    ({"expert": 2, "tensor": 2}, 4, "expert parallelism together with parallel.tensor > 1 is not supported yet"),
+    ({"expert": 2}, 2, "parallel.expert: 2 needs MoE layers"),
 ])
 def test_bad_expert_parallel_layout_names_the_key(parallel, world, message):
-    cfg = config_from_dict({"model": {"mlp_layers": [[["dense", "moe"], 1]], "moe": {"num_experts": 4}},
+    mlp = [[["dense", "moe"], 1]] if "needs MoE" not in message else None
+    cfg = config_from_dict({"model": {"mlp_layers": mlp, "moe": {"num_experts": 4}},
                             "parallel": parallel, "train": {"global_batch_size": 12, "micro_batch_size": 1}})
     with pytest.raises(ConfigError, match=message):
         validate(cfg, check_paths=False, world_size=world)

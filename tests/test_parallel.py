@@ -66,25 +66,28 @@ MOE_ONLY = {
 
 
 def test_expert_parallel_matches_one_process(tiny_data, tmp_path):
-    """EP=2 (2 processes) and EP=2 x DP=2 (4 processes: two expert-parallel groups) against one
-    process: same losses, and the gathered experts equal the one-process experts."""
-    def run(name, nproc, expert):
+    """EP=2 (2 processes), EP=2 x DP=2 and EP=2 x TP=2 (4 processes) against one process: same
+    losses, and the gathered experts equal the one-process experts."""
+    def run(name, nproc, expert, tensor=1):
         run_cli(["train", *tiny_overrides(tiny_data, tmp_path / name, STEPS, **MOE_ONLY,
-                                          **{"parallel.expert": expert})], nproc=nproc)
+                                          **{"parallel.expert": expert, "parallel.tensor": tensor})], nproc=nproc)
         return read_metrics(tmp_path / name)
 
-    single, ep2, ep2dp2 = run("single", 1, 1), run("ep2", 2, 2), run("ep2dp2", 4, 2)
-    assert sorted(single) == sorted(ep2) == sorted(ep2dp2) == list(range(1, STEPS + 1))
-    for step in single:
-        assert abs(ep2[step] - single[step]) < LOSS_TOL, (step, ep2[step], single[step])
-        assert abs(ep2dp2[step] - single[step]) < LOSS_TOL, (step, ep2dp2[step], single[step])
+    runs = {"single": run("single", 1, 1), "ep2": run("ep2", 2, 2), "ep2dp2": run("ep2dp2", 4, 2),
+            "ep2tp2": run("ep2tp2", 4, 2, tensor=2)}
+    single = runs["single"]
+    for name, losses in runs.items():
+        assert sorted(losses) == list(range(1, STEPS + 1))
+        for step in single:
+            assert abs(losses[step] - single[step]) < LOSS_TOL, (name, step, losses[step], single[step])
 
     _, reference = load_merged_state(tmp_path / "single")
-    for other in ("ep2", "ep2dp2"):
+    for other in ("ep2", "ep2dp2", "ep2tp2"):
         info, merged = load_merged_state(tmp_path / other)
         assert info.meta["expert_parallel"] == 2
-        files = sorted(p.name for p in info.path.glob("*_ep*.pt"))
-        assert files == ["experts_tp00_ep01.pt", "optim_tp00_ep01.pt"]  # each expert saved once
+        assert sorted(p.name for p in info.path.glob("experts_*.pt")) == ["experts_ep00.pt", "experts_ep01.pt"]
+        model_files = [torch.load(f, weights_only=False) for f in info.path.glob("model_tp*.pt")]
+        assert not any(".experts." in k for f in model_files for k in f)  # each expert saved once
         assert merged["decoder.layers.0.mlp.experts.w1"].shape[0] == 4
         for name, tensor in reference.items():
             if isinstance(tensor, torch.Tensor):

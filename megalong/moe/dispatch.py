@@ -11,6 +11,7 @@ class Dispatch:
     order: torch.Tensor  # [N] kept assignments sorted by expert (stable: token order inside an expert)
     token: torch.Tensor  # [N] source token of each sorted assignment
     gate: torch.Tensor  # [N] its combine weight
+    expert: torch.Tensor  # [N] its expert (ascending)
     tokens_per_expert: torch.Tensor  # [E]
 
 
@@ -19,7 +20,7 @@ def plan(expert_index: torch.Tensor, gates: torch.Tensor, kept: torch.Tensor, nu
     token = torch.arange(T, device=expert_index.device).unsqueeze(1).expand(T, k)[kept]
     expert = expert_index[kept]
     order = torch.argsort(expert, stable=True)
-    return Dispatch(order, token[order], gates[kept][order],
+    return Dispatch(order, token[order], gates[kept][order], expert[order],
                     torch.bincount(expert, minlength=num_experts))
 
 

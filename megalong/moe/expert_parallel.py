@@ -52,3 +52,55 @@ def plan_exchange(tokens_per_expert: torch.Tensor, ep_size: int, group) -> Excha
     expert_of_row = torch.repeat_interleave(torch.arange(local_experts).repeat(ep_size), counts.reshape(-1).cpu())
     order = torch.argsort(expert_of_row, stable=True).to(tokens_per_expert.device)
     return Exchange(send, recv, order, counts.sum(0))
+
+
+def _assemble(mine: torch.Tensor, owner: torch.Tensor, size: int, group) -> torch.Tensor:
+    """All rows on every rank, from the rows each rank r holds for the positions where owner == r."""
+    counts = [int((owner == r).sum()) for r in range(size)]
+    padded = mine.new_zeros(max(counts), *mine.shape[1:])
+    padded[: mine.shape[0]] = mine
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded.contiguous(), group=group)
+    out = mine.new_empty(owner.shape[0], *mine.shape[1:])
+    for r in range(size):
+        out[owner == r] = gathered[r][: counts[r]]
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows computed on each tensor-parallel rank -> all rows on every rank. Their consumers are
+    replicated across TP ranks, so each rank's gradient of the whole is complete; keep our part."""
+
+    @staticmethod
+    def forward(ctx, mine: torch.Tensor, owner: torch.Tensor, rank: int, size: int, group) -> torch.Tensor:
+        ctx.mask = owner == rank
+        return _assemble(mine, owner, size, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.mask], None, None, None, None
+
+
+class _SliceRows(torch.autograd.Function):
+    """This TP rank's rows of a tensor replicated on the TP ranks. The gradient of the whole must be
+    complete on every rank (as megatron keeps replicated activations), so the backward gathers the
+    parts' gradients from every rank."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, owner: torch.Tensor, rank: int, size: int, group) -> torch.Tensor:
+        ctx.owner, ctx.size, ctx.group = owner, size, group
+        return rows[owner == rank]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _assemble(grad, ctx.owner, ctx.size, ctx.group), None, None, None, None
+
+
+def gather_rows(mine: torch.Tensor, owner: torch.Tensor, rank: int, size: int, group) -> torch.Tensor:
+    """Assemble rows that rank owner[i] computed (owner is the same on every rank)."""
+    return _GatherRows.apply(mine, owner, rank, size, group)
+
+
+def slice_rows(rows: torch.Tensor, owner: torch.Tensor, rank: int, size: int, group) -> torch.Tensor:
+    """The rows this rank owns, with a backward that makes the full gradient whole on every rank."""
+    return _SliceRows.apply(rows, owner, rank, size, group)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megalong.moe.dispatch import permute, plan, unpermute
-from megalong.moe.expert_parallel import all_to_all, plan_exchange
+from megalong.moe.expert_parallel import all_to_all, gather_rows, plan_exchange, slice_rows
 from megalong.moe.experts import Experts
 from megalong.moe.options import MoEOptions
 from megalong.moe.router import build_router
@@ -38,6 +38,13 @@ class MoELayer(nn.Module):
         gated = bool(config.gated_linear_unit)
         output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
         self.ep_size, ep_rank, self.ep_group = expert_parallel_layout()
+        self.tp_size, self.tp_rank, self.tp_group = 1, 0, None
+        if self.ep_size > 1:
+            from megatron.core import parallel_state
+
+            self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+            self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
         if o.num_experts % self.ep_size:
             raise ValueError(f"model.moe.num_experts: {o.num_experts} experts do not divide over "
                              f"parallel.expert={self.ep_size} ranks")
@@ -64,8 +71,17 @@ class MoELayer(nn.Module):
         rows = permute(x, dispatch)
         if self.ep_size == 1:
             y = self.experts(rows, dispatch.tokens_per_expert)
-        else:
+        elif self.tp_size == 1:
             y = self._experts_across_ranks(rows, dispatch.tokens_per_expert)
+        else:
+            # Routing (and the combine below) is replicated on the TP ranks; the expert work is not:
+            # each TP rank sends the assignments of its slice of the tokens.
+            owner = dispatch.token * self.tp_size // x.shape[0]
+            mine = owner == self.tp_rank
+            counts = torch.bincount(dispatch.expert[mine], minlength=self.options.num_experts)
+            mine_rows = slice_rows(rows, owner, self.tp_rank, self.tp_size, self.tp_group)
+            y = gather_rows(self._experts_across_ranks(mine_rows, counts), owner, self.tp_rank,
+                            self.tp_size, self.tp_group)
         out = unpermute(y, dispatch, x.shape[0])
         if self.shared is not None:
             out = out + self.shared.expert(0, x)

@@ -43,8 +43,11 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 expert_model_parallel_size=expert_parallel)
+        # With expert parallelism, experts are whole (not sliced by TP): expert-tensor size 1, so the
+        # expert-data-parallel group is every rank holding the same experts, TP peers included.
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel, expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=1 if expert_parallel > 1 else None)
     return ParallelLayout(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),

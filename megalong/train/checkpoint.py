@@ -4,10 +4,11 @@
     <save_dir>/step_00000100/
         config.yaml                   the resolved config of the run
         meta.json                     step, parallel layout, vocab sizes, TP partition dims
-        model_tp00.pt ...             model state of each tensor-parallel rank (experts of EP rank 0)
-        experts_tp00_ep01.pt ...      with expert parallelism: the experts of EP rank 1, 2, ...
+        model_tp00.pt ...             model state of each tensor-parallel rank (without the experts
+                                      when they are split over expert-parallel ranks)
+        experts_ep00.pt ...           with expert parallelism: each expert-parallel rank's experts
         optim_tp00.pt ...             optimizer state of each tensor-parallel rank
-        optim_tp00_ep01.pt ...        ... and of each further expert-parallel rank
+                                      (optim_tp00_ep00.pt ... with expert parallelism)
         rng_rank000.pt ...            RNG states of every process
         tokenizer.model               the SentencePiece model the run trained with
 
@@ -85,14 +86,16 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
         tmp.mkdir()
     _barrier()
 
-    tp, ep = layout.tensor_rank, layout.expert_rank
-    if layout.data_rank == 0:
-        torch.save(model.state_dict(), tmp / f"model_tp{tp:02d}.pt")
-    if layout.expert_data_rank == 0:  # one copy of every expert, and of every optimizer state
-        if ep > 0:
-            experts = {k: v for k, v in model.state_dict().items() if is_expert_key(k)}
-            torch.save(experts, tmp / f"experts_tp{tp:02d}_ep{ep:02d}.pt")
-        torch.save(optimizer.state_dict(), tmp / _optim_name(tp, ep))
+    tp, ep, split_experts = layout.tensor_rank, layout.expert_rank, layout.expert_parallel > 1
+    state = model.state_dict()
+    # Every part is written once, by the first process that holds it.
+    if _first_holder(("model", tp)):
+        torch.save({k: v for k, v in state.items() if not (split_experts and is_expert_key(k))},
+                   tmp / f"model_tp{tp:02d}.pt")
+    if split_experts and _first_holder(("experts", ep)):
+        torch.save({k: v for k, v in state.items() if is_expert_key(k)}, tmp / f"experts_ep{ep:02d}.pt")
+    if _first_holder(("optim", tp, ep)):
+        torch.save(optimizer.state_dict(), tmp / _optim_name(tp, ep, split_experts))
     torch.save(_rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
     _barrier()
 
@@ -123,15 +126,27 @@ def is_expert_key(name: str) -> bool:
     return ".mlp.experts.w" in name
 
 
-def _optim_name(tp: int, ep: int) -> str:
-    return f"optim_tp{tp:02d}.pt" if ep == 0 else f"optim_tp{tp:02d}_ep{ep:02d}.pt"
+def _first_holder(key: tuple) -> bool:
+    """Whether this process is the lowest rank holding `key` (all ranks call this together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    return keys.index(key) == dist.get_rank()
 
 
-def _model_state(path: Path, tp: int, ep: int, device) -> dict[str, torch.Tensor]:
-    state = torch.load(path / f"model_tp{tp:02d}.pt", map_location=device, weights_only=False)
-    if ep > 0:
-        state.update(torch.load(path / f"experts_tp{tp:02d}_ep{ep:02d}.pt", map_location=device,
-                                weights_only=False))
+def _optim_name(tp: int, ep: int, split_experts: bool) -> str:
+    return f"optim_tp{tp:02d}_ep{ep:02d}.pt" if split_experts else f"optim_tp{tp:02d}.pt"
+
+
+def _load(path: Path, device) -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def _model_state(path: Path, tp: int, ep: int, expert_parallel: int, device) -> dict[str, torch.Tensor]:
+    state = _load(path / f"model_tp{tp:02d}.pt", device)
+    if expert_parallel > 1:
+        state.update(_load(path / f"experts_ep{ep:02d}.pt", device))
     return state
 
 
@@ -191,11 +206,10 @@ def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
     """Restore model, optimizer and RNG state in place; returns the step to continue from."""
     info = read_checkpoint_info(path)
     check_compatible(info.config, cfg, info.path)
-    tp, ep = layout.tensor_rank, layout.expert_rank
-    model.load_state_dict(_model_state(info.path, tp, ep, layout.device))
+    tp, ep, ep_size = layout.tensor_rank, layout.expert_rank, layout.expert_parallel
+    model.load_state_dict(_model_state(info.path, tp, ep, ep_size, layout.device))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(info.path / _optim_name(tp, ep),
-                                             map_location=layout.device, weights_only=False))
+        optimizer.load_state_dict(_load(info.path / _optim_name(tp, ep, ep_size > 1), layout.device))
     rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
     if rng_file.is_file() and info.meta["world_size"] == layout.world_size:
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -206,14 +220,12 @@ def load_merged_state(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch
     """The model's state dict as a single TP=1 model would hold it (TP shards merged)."""
     info = read_checkpoint_info(path)
     tp, ep = info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1)
-    shards = []
-    for r in range(tp):
-        per_expert_rank = [_model_state(info.path, r, e, "cpu") for e in range(ep)]
-        shard = per_expert_rank[0]
-        for key in shard:
-            if is_expert_key(key) and ep > 1:
-                shard[key] = torch.cat([s[key] for s in per_expert_rank], dim=0)
-        shards.append(shard)
+    shards = [_load(info.path / f"model_tp{r:02d}.pt", "cpu") for r in range(tp)]
+    if ep > 1:  # experts are whole on every TP rank and split over EP ranks along dim 0
+        per_rank = [_load(info.path / f"experts_ep{e:02d}.pt", "cpu") for e in range(ep)]
+        experts = {k: torch.cat([part[k] for part in per_rank], dim=0) for k in per_rank[0]}
+        for shard in shards:
+            shard.update(experts)
     state = merge_tensor_parallel(shards, info.meta["partition_dims"], info.meta["gated_mlp"])
     return info, state
 
