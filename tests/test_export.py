@@ -38,21 +38,25 @@ def test_export_is_plain_gpt_neo_with_equal_logits_and_greedy_tokens(trained, la
     out = export_checkpoint(trained[layout], trained["root"] / f"hf_{layout}")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(hf, GPTNeoForCausalLM)
-    try:
-        model, cfg, tokenizer = load_for_inference(trained[layout])
-        vocab = hf.config.vocab_size
-        tokens = torch.randint(0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ours = model(tokens, torch.arange(40).expand(2, 40), None)
-            theirs = hf(tokens).logits
-        assert ours.shape == theirs.shape == (2, 40, vocab)
-        assert (ours - theirs).abs().max().item() < 1e-4
+    assert_same_logits_and_greedy_tokens(hf, trained[layout], length=40, prompt="Return the number of")
 
-        prompt = tokenizer.encode("Return the number of")
-        mine = generate(model, prompt, 12, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
+
+def assert_same_logits_and_greedy_tokens(hf, checkpoint, length: int, prompt: str, new_tokens: int = 12):
+    """megalong's model from `checkpoint` and the exported HF model: fp32 logits within 1e-4 on
+    random tokens, and the same greedy continuation of `prompt`."""
+    try:
+        model, cfg, tokenizer = load_for_inference(checkpoint)
+        tokens = torch.randint(0, tokenizer.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            generated = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
-        assert generated[0, len(prompt):].tolist() == mine
+            ours = model(tokens, torch.arange(length).expand(2, length), None)
+            theirs = hf(tokens).logits
+        assert ours.shape == theirs.shape == (2, length, hf.config.vocab_size)
+        assert (ours - theirs).abs().max().item() < 1e-4
+        prompt_ids = tokenizer.encode(prompt)
+        mine = generate(model, prompt_ids, new_tokens, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
+        with torch.no_grad():
+            generated = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False)
+        assert generated[0, len(prompt_ids):].tolist() == mine
     finally:
         shutdown()
 
@@ -132,17 +136,4 @@ def test_moe_exports_as_mixtral_with_every_expert(tiny_data, tmp_path, expert_pa
                 assert not torch.equal(experts[a], experts[b])  # no expert silently lost or duplicated
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(hf, MixtralForCausalLM)
-    try:
-        model, cfg, tokenizer = load_for_inference(save)
-        tokens = torch.randint(0, tokenizer.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ours = model(tokens, torch.arange(30).expand(2, 30), None)
-            theirs = hf(tokens).logits
-        assert (ours - theirs).abs().max().item() < 1e-4
-        prompt = tokenizer.encode("Return the")
-        mine = generate(model, prompt, 8, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
-        with torch.no_grad():
-            generated = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-        assert generated[0, len(prompt):].tolist() == mine
-    finally:
-        shutdown()
+    assert_same_logits_and_greedy_tokens(hf, save, length=30, prompt="Return the", new_tokens=8)

@@ -116,14 +116,14 @@ def test_aux_loss_free_bias_steers_choice_not_gates_and_balances():
     x = _x(T=64)
     before = r(x)
     probs = torch.softmax(x @ r.weight.t(), dim=-1)
-    r.step_load.zero_()
+    r.step_load = None
     r.expert_bias[int(before.expert_index[0, 0])] = -10.0  # forbid the first token's expert
     steered = r(x)
     assert int(steered.expert_index[0, 0]) != int(before.expert_index[0, 0])
     assert torch.allclose(steered.gates[:, 0], probs.gather(1, steered.expert_index)[:, 0])  # gates unbiased
     # The update rule: b_i += rate * sign(mean load - load_i).
     r.expert_bias.zero_()
-    r.step_load.copy_(torch.tensor([10.0, 2.0, 2.0, 2.0], dtype=torch.float64))
+    r.step_load = torch.tensor([10.0, 2.0, 2.0, 2.0], dtype=torch.float64)
     r.update_bias()
     assert r.expert_bias.tolist() == pytest.approx([-0.05, 0.05, 0.05, 0.05])
     # Repeated steps on a skewed router flatten the load.
@@ -132,7 +132,7 @@ def test_aux_loss_free_bias_steers_choice_not_gates_and_balances():
         r.weight[0] += 2.0 * x.mean(0)  # expert 0 wins most tokens
     first = r(x).load.double()
     for _ in range(200):
-        r.step_load.zero_()
+        r.step_load = None
         r(x)
         r.update_bias()
     last = r(x).load.double()

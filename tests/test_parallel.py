@@ -8,10 +8,11 @@ from megalong.train.checkpoint import load_merged_state
 
 # 12 heads (not a power of two) with ALiBi in global and local layers: TP=2 holds 6 heads per
 # rank, so per-head slopes must be taken by global head index for the runs to agree. The second
-# layer's MLP is a top-2 MoE with capacity (experts replicated across TP ranks, EP=1).
+# layer's MLP is a top-2 MoE with capacity and aux-loss-free bias balancing (loads summed over
+# the data-parallel ranks must move the bias as one process's accumulated micro-batches do).
 ALIBI_12_HEADS = {
     "model.mlp_layers": '[[["dense", "moe"], 1]]',
-    "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5}",
+    "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5, bias_update_rate: 0.01}",
     "model.hidden_size": 96,
     "model.num_attention_heads": 12,
     "model.alibi": "true",

@@ -54,8 +54,9 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         # Aux-loss-free balancing: the bias steers which experts are chosen, never the gates.
         self.register_buffer("expert_bias", torch.zeros(options.num_experts, dtype=torch.float64))
-        self.register_buffer("step_load", torch.zeros(options.num_experts, dtype=torch.float64),
-                             persistent=False)
+        # Loads of this rank's tokens since the last update: a plain attribute, not a buffer, as
+        # DDP overwrites every buffer with rank 0's at each forward.
+        self.step_load: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> Routing:
         o = self.options
@@ -65,7 +66,8 @@ class TopKRouter(nn.Module):
             expert_index = (probs + self.expert_bias.to(probs.dtype)).topk(self.top_k, dim=-1).indices
             top_probs = probs.gather(1, expert_index)
             if self.training:
-                self.step_load += torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
+                counts = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts).double()
+                self.step_load = counts if self.step_load is None else self.step_load + counts
         else:
             top_probs, expert_index = probs.topk(self.top_k, dim=-1)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
@@ -82,13 +84,13 @@ class TopKRouter(nn.Module):
     def update_bias(self, data_parallel_group=None) -> None:
         """After an optimizer step: b_i += rate * sign(mean load - load_i), with the loads of the
         step summed over the data-parallel group so that every replica moves the same way."""
-        load = self.step_load
+        load = self.step_load if self.step_load is not None else torch.zeros_like(self.expert_bias)
         if data_parallel_group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(load, group=data_parallel_group)
         self.expert_bias += self.options.bias_update_rate * torch.sign(load.mean() - load)
-        self.step_load.zero_()
+        self.step_load = None
 
 
 class NoisyTopKRouter(nn.Module):

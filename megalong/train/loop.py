@@ -103,7 +103,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, layout: ParallelLayou
     return float(_mean_over_data_parallel(torch.stack(losses).mean()))
 
 
-def _build_datasets(cfg: Config, tokenizer, layout: ParallelLayout):
+def _build_datasets(cfg: Config, tokenizer):
     from megalong.data.datasets import build_gpt_datasets
 
     t = cfg.train
@@ -179,7 +179,7 @@ def train(cfg: Config) -> TrainResult:
     else:
         torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
 
-    train_set, valid_set, _ = _build_datasets(cfg, tokenizer, layout)
+    train_set, valid_set, _ = _build_datasets(cfg, tokenizer)
     if layout.data_parallel > 1:
         # Expert weights differ across expert-parallel ranks: DDP must not average them over DP.
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
