@@ -86,18 +86,43 @@ def test_auto_tokenizer_matches_sentencepiece(trained, tiny_data):
     assert hf.eos_token_id == sp.eod
 
 
-def test_models_that_are_not_gpt_neo_are_refused_with_the_reason(tiny_data, tmp_path):
-    extra = {"model.alibi": "true", "model.position_embedding": "none", "model.normalization": "RMSNorm"}
+def test_models_no_format_can_hold_are_refused_with_the_reasons(tiny_data, tmp_path):
+    extra = {"model.mlp_layers": '[[["dense", "moe"], 1]]', "model.moe": "{router: expert_choice, num_experts: 4}"}
     args = tiny_overrides(tiny_data, tmp_path / "ckpt", 1, **extra)
     try:
         train(load_config([], [a for a in args if a != "--set"]))
     finally:
         shutdown()
-    with pytest.raises(ExportError, match=r"model.position_embedding is 'none'.*model.alibi is true.*"
-                                          r"model.normalization is 'RMSNorm'"):
+    with pytest.raises(ExportError, match=r"not as GPTNeoForCausalLM \(.*model.mlp_layers has MoE layers.*\), nor "
+                                          r"MixtralForCausalLM \(.*model.activation.*\), nor MegalongForCausalLM "
+                                          r"\(model.moe.router is 'expert_choice'"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert not list(tmp_path.glob(".hf*"))
+
+
+# Neither GPT-Neo nor Mixtral: ALiBi, RMSNorm, global/local, an MoE layer with capacity and a shared
+# expert; and RoPE with GELU, untied embeddings, trained with TP=2.
+MEGALONG_SHAPES = {
+    "alibi_moe": {"model.alibi": "true", "model.position_embedding": "none", "model.normalization": "RMSNorm",
+                  "model.mlp_layers": '[[["dense", "moe"], 1]]',
+                  "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.0, num_shared_experts: 1}"},
+    "rope_tp2": {"model.position_embedding": "rope", "model.activation": "gelu", "model.tie_embeddings": "false",
+                 "model.scale_attention": "true", "parallel.tensor": 2},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MEGALONG_SHAPES))
+def test_other_models_export_as_megalong_class_with_equal_logits(tiny_data, tmp_path, shape):
+    from transformers import AutoModelForCausalLM
+
+    extra = {**MEGALONG_SHAPES[shape], "train.lr": 3e-3}
+    nproc = int(extra.get("parallel.tensor", 1))
+    run_cli(["train", *tiny_overrides(tiny_data, tmp_path / "ckpt", 4, **extra)], nproc=nproc)
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(hf).__name__ == "MegalongForCausalLM"
+    assert_same_logits_and_greedy_tokens(hf, tmp_path / "ckpt", length=30, prompt="Return the", new_tokens=8)
 
 
 MIXTRAL_SHAPE = {

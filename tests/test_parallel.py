@@ -21,9 +21,11 @@ ALIBI_12_HEADS = {
 }
 STEPS = 5
 # Reductions run in a different order across processes (TP splits matmuls, DP averages two
-# halves of the batch), so the losses agree to float32 rounding, not bit for bit.
+# halves of the batch), so the losses agree to float32 rounding, not bit for bit. Weights get a
+# wider bound: Adam divides each update by sqrt(v), which magnifies rounding differences in tiny
+# gradients (seen: 3.3e-5 on one shared-expert weight after 5 steps at lr 1e-3, losses within 2e-5).
 LOSS_TOL = 2e-5
-WEIGHT_TOL = 2e-5
+WEIGHT_TOL = 1e-4
 
 
 def _run(tiny_data, save_dir, nproc=1, launcher="python", **extra):

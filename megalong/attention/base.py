@@ -42,12 +42,8 @@ class CoreAttention(nn.Module):
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        if alibi:
-            slopes = alibi_slopes(config.num_attention_heads)
-            slopes = slopes[self.first_head: self.first_head + self.heads_per_rank]
-            self.register_buffer("alibi_slopes", slopes.float(), persistent=False)
-        else:
-            self.alibi_slopes = None
+        self.alibi = alibi
+        self.total_heads = config.num_attention_heads
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, attn_mask_type: Any = None,
@@ -75,5 +71,8 @@ class CoreAttention(nn.Module):
     def active_dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
 
-    def slopes_for(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.alibi_slopes.to(dtype)
+    def alibi_slopes(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's heads' ALiBi slopes. Computed when needed rather than kept in a buffer:
+        nothing to save, and nothing for a meta-device model construction to leave unset."""
+        slopes = alibi_slopes(self.total_heads)[self.first_head: self.first_head + self.heads_per_rank]
+        return slopes.to(device=device, dtype=dtype)

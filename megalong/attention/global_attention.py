@@ -10,13 +10,13 @@ from megalong.attention.base import CoreAttention
 
 class GlobalAttention(CoreAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.alibi_slopes is None:
+        if not self.alibi:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout,
                                                   is_causal=True, scale=self.scale)
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
         distance = pos[:, None] - pos[None, :]
-        bias = alibi_bias(self.slopes_for(q.dtype), distance)
+        bias = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)
         bias = bias.masked_fill(distance < 0, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                               dropout_p=self.active_dropout, scale=self.scale)

@@ -38,10 +38,10 @@ class LocalAttention(CoreAttention):
         distance = q_pos - k_pos  # [n, block, 2 * block]
         visible = (distance >= 0) & (distance < self.window) & (k_pos >= 0)
 
-        if self.alibi_slopes is None:
+        if not self.alibi:
             mask = visible
         else:
-            mask = alibi_bias(self.slopes_for(q.dtype), distance).unsqueeze(0)
+            mask = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance).unsqueeze(0)
             mask = mask.masked_fill(~visible, float("-inf"))  # [1, h, n, block, 2 * block]
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
                                              dropout_p=self.active_dropout, scale=self.scale)

@@ -20,6 +20,7 @@ def gpt_neo_refusal(cfg: Config) -> Optional[str]:
         (not m.qkv_bias, "model.qkv_bias is true (GPT-Neo's q/k/v projections have no bias)"),
         (m.linear_bias, "model.linear_bias is false (GPT-Neo's output and MLP projections have biases)"),
         (m.tie_embeddings, "model.tie_embeddings is false (GPT-Neo ties input and output embeddings)"),
+        (set(cfg.mlp_kinds()) == {"dense"}, "model.mlp_layers has MoE layers (GPT-Neo's MLPs are dense)"),
         (set(cfg.layer_kinds()) <= {"global", "local"},
          f"model.attention_layers uses {sorted(set(cfg.layer_kinds()) - {'global', 'local'})} (GPT-Neo has global and local only)"),
     ]

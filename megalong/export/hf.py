@@ -1,5 +1,6 @@
 """`megalong export CHECKPOINT OUT_DIR`: a Hugging Face folder that transformers loads as is,
-as GPTNeoForCausalLM or MixtralForCausalLM; other models are refused with the reasons."""
+as GPTNeoForCausalLM or MixtralForCausalLM when the model is one, else as megalong's own
+MegalongForCausalLM (transformers' Auto classes with trust_remote_code=True, megalong installed)."""
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tokenizer_model = info.path / "tokenizer.model"
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     not_neo, not_mixtral = gpt_neo_refusal(info.config), mixtral_refusal(info.config)
-    if not_neo and not_mixtral:
-        raise ExportError(f"{info.path} cannot be exported as GPTNeoForCausalLM: {not_neo}; "
-                          f"nor as MixtralForCausalLM: {not_mixtral}")
+    not_megalong = megalong_refusal(info.config)
+    if not_neo and not_mixtral and not_megalong:
+        raise ExportError(f"{info.path} cannot be exported: not as GPTNeoForCausalLM ({not_neo}), "
+                          f"nor MixtralForCausalLM ({not_mixtral}), nor MegalongForCausalLM ({not_megalong})")
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +46,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tmp.mkdir()
     if not_neo is None:
         kind, vocab = "GPTNeoForCausalLM", _write_gpt_neo(info.config, state, tokenizer, tmp)
-    else:
+    elif not_mixtral is None:
         kind, vocab = "MixtralForCausalLM", _write_mixtral(info.config, state, tokenizer, tmp)
+    else:
+        kind, vocab = "MegalongForCausalLM", _write_megalong(info.config, state, tokenizer, tmp)
     _generation_config(tokenizer, vocab).save_pretrained(tmp)
     export_tokenizer(tokenizer_model, tmp)
     if out.exists():
@@ -80,6 +84,44 @@ def _write_gpt_neo(cfg, state, tokenizer, folder: Path) -> int:
     model.tie_weights()
     model.save_pretrained(folder, safe_serialization=True)
     return hf_config.vocab_size
+
+
+def megalong_refusal(cfg) -> Optional[str]:
+    """Why even megalong's own Hugging Face class cannot hold this model (None when it can)."""
+    if "moe" in cfg.mlp_kinds() and cfg.moe_options().router == "expert_choice":
+        return ("model.moe.router is 'expert_choice': experts choose among all tokens of the batch, "
+                "so a token's output depends on later tokens and generation cannot reproduce training")
+    return None
+
+
+# Files written beside an export of MegalongForCausalLM, so that `trust_remote_code=True` finds the
+# classes; they come from the installed megalong package.
+_REMOTE_CODE = {
+    "configuration_megalong.py": "from megalong.export.modeling import MegalongConfig  # noqa: F401\n",
+    "modeling_megalong.py": "from megalong.export.modeling import MegalongConfig, MegalongForCausalLM  # noqa: F401\n",
+}
+
+
+def _write_megalong(cfg, state, tokenizer, folder: Path) -> int:
+    from megalong.export.modeling import MegalongConfig, MegalongForCausalLM
+
+    vocab = state["embedding.word_embeddings.weight"].shape[0]
+    hf_config = MegalongConfig(megalong_model=cfg.to_dict()["model"], vocab_size=vocab,
+                               bos_token_id=tokenizer.bos if tokenizer.bos >= 0 else tokenizer.eod,
+                               eos_token_id=tokenizer.eod)
+    hf_config.architectures = ["MegalongForCausalLM"]
+    hf_config.auto_map = {"AutoConfig": "configuration_megalong.MegalongConfig",
+                          "AutoModelForCausalLM": "modeling_megalong.MegalongForCausalLM"}
+    model = MegalongForCausalLM(hf_config)
+    result = model.load_state_dict({k: v for k, v in state.items() if not k.endswith("_extra_state")},
+                                   strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(f"weight mapping incomplete: missing {result.missing_keys}, "
+                          f"unexpected {result.unexpected_keys}")
+    model.save_pretrained(folder, safe_serialization=True)
+    for name, text in _REMOTE_CODE.items():
+        (folder / name).write_text(text)
+    return vocab
 
 
 def _write_mixtral(cfg, state, tokenizer, folder: Path) -> int:
