@@ -21,7 +21,9 @@ STEPS = 6
 def trained(tiny_data, tmp_path_factory):
     """Checkpoints of the same GPT-Neo-shaped model trained a few steps with TP=1 and TP=2."""
     root = tmp_path_factory.mktemp("export")
-    extra = {"train.lr": 3e-3, "model.num_layers": 4, "model.attention_layers": '[[["global", "local"], 2]]'}
+    # 512 tokenizer pieces padded to 576: the padded ids exist and must never be generated.
+    extra = {"train.lr": 3e-3, "model.num_layers": 4, "model.attention_layers": '[[["global", "local"], 2]]',
+             "model.make_vocab_size_divisible_by": 96}
     args = tiny_overrides(tiny_data, root / "tp1", STEPS, **extra)
     try:
         train(load_config([], [a for a in args if a != "--set"]))
@@ -38,6 +40,8 @@ def test_export_is_plain_gpt_neo_with_equal_logits_and_greedy_tokens(trained, la
     out = export_checkpoint(trained[layout], trained["root"] / f"hf_{layout}")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(hf, GPTNeoForCausalLM)
+    assert hf.config.vocab_size == 576 and hf.config.attention_types == [[["global", "local"], 2]]
+    assert hf.generation_config.suppress_tokens == list(range(512, 576))  # padded ids never generated
     assert_same_logits_and_greedy_tokens(hf, trained[layout], length=40, prompt="Return the number of")
 
 
@@ -55,7 +59,8 @@ def assert_same_logits_and_greedy_tokens(hf, checkpoint, length: int, prompt: st
         prompt_ids = tokenizer.encode(prompt)
         mine = generate(model, prompt_ids, new_tokens, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
         with torch.no_grad():
-            generated = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False)
+            generated = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
+                                    use_cache=True)
         assert generated[0, len(prompt_ids):].tolist() == mine
     finally:
         shutdown()
@@ -78,12 +83,116 @@ def test_auto_tokenizer_matches_sentencepiece(trained, tiny_data):
     hf = AutoTokenizer.from_pretrained(out)
     sp = SentencePieceTokenizer(tiny_data.tokenizer)
     texts = list(iter_documents([tiny_data.prefix.replace("docs", "docs.jsonl.zst")]))[:20]
-    texts += ["  leading spaces\n\nand newlines 12345 ünïcödé 🎉", "\nfirst", " ", "trailing   "]
+    texts += ["  leading spaces\n\nand newlines 12345 ünïcödé 🎉", "\nfirst", " ", "trailing   ",
+              "a literal </s> and <s> or <unk> are text, as in SentencePiece"]
     for text in texts:
         ids = hf(text).input_ids
         assert ids == sp.encode(text)
         assert hf.decode(ids) == text
     assert hf.eos_token_id == sp.eod
+
+
+GPT_NEO_MISFITS = {
+    "model.position_embedding": {"position_embedding": "rope"},
+    "model.alibi": {"alibi": True, "position_embedding": "none"},
+    "model.normalization": {"normalization": "RMSNorm"},
+    "model.activation": {"activation": "gelu"},
+    "model.scale_attention": {"scale_attention": True},
+    "model.qkv_bias": {"qkv_bias": True},
+    "model.linear_bias": {"linear_bias": False},
+    "model.tie_embeddings": {"tie_embeddings": False},
+    "model.mlp_layers": {"mlp_layers": [[["dense", "moe"], 1]]},
+}
+
+
+@pytest.mark.parametrize("key", sorted(GPT_NEO_MISFITS))
+def test_gpt_neo_refusal_names_the_config_key(key):
+    from megalong.config import config_from_dict, validate
+    from megalong.export.gpt_neo import gpt_neo_refusal
+
+    neo = {"attention_layers": [[["global", "local"], 1]], "scale_attention": False}
+    assert gpt_neo_refusal(config_from_dict({"model": neo})) is None
+    cfg = config_from_dict({"model": {**neo, **GPT_NEO_MISFITS[key]}})
+    validate(cfg, check_paths=False)
+    reason = gpt_neo_refusal(cfg)
+    assert reason is not None and key in reason
+
+
+def test_failed_export_leaves_nothing_and_never_replaces_other_folders(trained, monkeypatch):
+    import megalong.export.tokenizer
+
+    root = trained["root"]
+    out = export_checkpoint(trained["tp1"], root / "again")
+    first = (out / "model.safetensors").read_bytes()
+    assert export_checkpoint(trained["tp1"], root / "again") == out  # a previous export is replaced
+    assert (out / "model.safetensors").read_bytes() == first
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(megalong.export.tokenizer, "export_tokenizer", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(trained["tp1"], root / "broken")
+    assert not (root / "broken").exists()
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(trained["tp1"], out)
+    assert (out / "model.safetensors").read_bytes() == first  # the previous export is kept
+    monkeypatch.undo()
+
+    precious = root / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not a Hugging Face export"):
+        export_checkpoint(trained["tp1"], precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_sampler_never_picks_padding_and_is_reproducible(trained, capsys):
+    from megalong.cli import main
+
+    try:
+        model, cfg, tokenizer = load_for_inference(trained["tp1"])
+        padded = model.embedding.word_embeddings.weight.shape[0]
+        assert model.tokenizer_vocab_size == tokenizer.vocab_size < padded
+        prompt = tokenizer.encode("Return the")
+        greedy = generate(model, prompt, 8)
+        assert generate(model, prompt, 8, temperature=1.0, top_k=1, seed=3) == greedy
+        sampled = generate(model, prompt, 20, temperature=1.5, seed=7)
+        assert generate(model, prompt, 20, temperature=1.5, seed=7) == sampled
+        long_prompt = (prompt * 40)[:cfg.model.max_position_embeddings + 5]  # cropped to the window
+        assert len(generate(model, long_prompt, 3)) == 3
+
+        class PaddingLover(torch.nn.Module):  # the padded ids get the highest logits
+            max_sequence_length = model.max_sequence_length
+            tokenizer_vocab_size = model.tokenizer_vocab_size
+
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, *args):
+                logits = self.inner(*args).clone()
+                logits[..., tokenizer.vocab_size:] = 1e4
+                return logits
+
+        lover = PaddingLover()
+        assert max(generate(lover, prompt, 5)) < tokenizer.vocab_size
+        assert max(generate(lover, prompt, 5, temperature=2.0, seed=0)) < tokenizer.vocab_size
+        with pytest.raises(ValueError, match="top_k"):
+            generate(model, prompt, 1, temperature=1.0, top_k=0)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            generate(model, [padded - 1], 1)
+    finally:
+        shutdown()
+    try:
+        assert main(["generate", str(trained["tp1"]), "--prompt", "Return the", "--max-new-tokens", "5",
+                     "--temperature", "0"]) == 0
+    finally:
+        shutdown()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == tokenizer.decode(prompt + greedy[:5])
+    assert printed.startswith("Return the")
 
 
 def test_models_no_format_can_hold_are_refused_with_the_reasons(tiny_data, tmp_path):

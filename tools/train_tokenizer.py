@@ -8,8 +8,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megalong.cli import setup_logging  # noqa: E402
 from megalong.data.tokenizer import add_tokenizer_args, run_tokenizer_train  # noqa: E402
 
-if __name__ == "__main__":
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_tokenizer_args(parser)
+    args = parser.parse_args()
     setup_logging()
-    sys.exit(run_tokenizer_train(parser.parse_args()))
+    try:
+        return run_tokenizer_train(args)
+    except (ValueError, FileNotFoundError) as e:  # CorpusError is a ValueError
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

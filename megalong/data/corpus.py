@@ -1,14 +1,16 @@
 """Pile-format corpora: `.jsonl` and `.jsonl.zst` files and globs, read as streams.
 
-A line that is not valid UTF-8, not JSON, or lacks the text key is a `CorpusError` naming the file
-and the line, unless the caller asked to skip bad lines (then it is counted).
+Each non-blank line is one JSON record whose `json_key` (default "text") holds a document. A line
+that is not valid UTF-8, not JSON, or lacks the key is a `CorpusError` naming the file and the
+1-based line number, unless the caller asked to skip bad lines (then it is counted). Blank lines
+are ignored. Files are never read whole: `.zst` is decompressed chunk by chunk.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -19,6 +21,21 @@ class CorpusError(ValueError):
     """A corpus file that is missing or a line that cannot be read; names the file and line."""
 
 
+class Document(str):
+    """A document's text (a `str`) that also knows where it came from."""
+
+    path: str
+    line_number: int  # 1-based
+
+    def __new__(cls, text: str, path: str, line_number: int) -> "Document":
+        doc = super().__new__(cls, text)
+        doc.path, doc.line_number = path, line_number
+        return doc
+
+    def __getnewargs__(self) -> tuple[str, str, int]:  # for pickle and copy
+        return str(self), self.path, self.line_number
+
+
 @dataclass
 class RawLine:
     path: str
@@ -26,10 +43,24 @@ class RawLine:
     data: bytes
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Paths and globs -> sorted, de-duplicated files; a name that matches nothing is an error."""
+@dataclass
+class ReadStats:
+    documents: int = 0
+    bad_lines: int = 0
+    examples: list[str] = field(default_factory=list)  # the first few bad-line messages
+
+    def count_bad(self, message: str, keep: int = 5) -> None:
+        self.bad_lines += 1
+        if len(self.examples) < keep:
+            self.examples.append(message)
+
+
+def expand_inputs(inputs: Iterable[str] | str) -> list[str]:
+    """Paths and globs -> de-duplicated files (globs sorted); a name that matches nothing is an error."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
     files: list[str] = []
-    for pattern in inputs:
+    for pattern in map(str, inputs):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise CorpusError(f"{pattern}: no file matches this pattern")
@@ -38,12 +69,14 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
                 raise CorpusError(f"{path}: file not found")
             if path not in files:
                 files.append(path)
+    if not files:
+        raise CorpusError("no input files given")
     return files
 
 
 def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-frame) .zst file; a truncated frame is an error
-    (zstandard's stream reader would end silently)."""
+    """Decompressed bytes of a (possibly multi-frame) .zst file. A truncated last frame is an
+    error: zstandard's stream reader would end silently and lose the tail of the corpus."""
     with open(path, "rb") as raw:
         dobj = zstandard.ZstdDecompressor().decompressobj()
         pending = b""
@@ -66,14 +99,20 @@ def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             raise zstandard.ZstdError("the file ends inside a frame")
 
 
-def _lines_of_chunks(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    tail = b""
+def _lines_of_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    # Pieces of an unfinished line are joined once, so a very long line costs linear time.
+    pending: list[bytes] = []
     for chunk in chunks:
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        yield from lines
-    if tail:
-        yield tail
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            pending.append(chunk[start:end])
+            yield b"".join(pending)
+            pending.clear()
+            start = end + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield b"".join(pending)
 
 
 def iter_file_lines(path: str) -> Iterator[bytes]:
@@ -104,6 +143,8 @@ def parse_line(line: RawLine, json_key: str) -> str:
         text = line.data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if line.line_number == 1:
+        text = text.lstrip("\ufeff")  # a byte-order mark some editors write
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -112,42 +153,41 @@ def parse_line(line: RawLine, json_key: str) -> str:
         raise CorpusError(f"{where}: no '{json_key}' key in this record")
     value = record[json_key]
     if not isinstance(value, str):
-        raise CorpusError(f"{where}: '{json_key}' is not a string")
+        raise CorpusError(f"{where}: '{json_key}' is not a string but {type(value).__name__}")
     return value
 
 
-@dataclass
-class ReadStats:
-    documents: int = 0
-    bad_lines: int = 0
-
-
-def iter_documents(inputs: Iterable[str], json_key: str = "text", skip_bad_lines: bool = False,
-                   stats: Optional[ReadStats] = None) -> Iterator[str]:
-    """Documents of the corpus in file order, one at a time."""
+def iter_documents(inputs: Iterable[str] | str, json_key: str = "text", skip_bad_lines: bool = False,
+                   stats: Optional[ReadStats] = None) -> Iterator[Document]:
+    """Documents of the corpus in file order, one at a time, each with `.path` and `.line_number`."""
     stats = stats if stats is not None else ReadStats()
     for line in iter_raw_lines(expand_inputs(inputs)):
         try:
             text = parse_line(line, json_key)
-        except CorpusError:
+        except CorpusError as e:
             if not skip_bad_lines:
                 raise
-            stats.bad_lines += 1
+            stats.count_bad(str(e))
             continue
         stats.documents += 1
-        yield text
+        yield Document(text, line.path, line.line_number)
 
 
-def write_jsonl_zst(path: str | Path, documents: Iterable[str], pile_set_name: str) -> int:
-    """Write documents as Pile-format `.jsonl.zst` (streamed); returns the number written."""
+def write_jsonl_zst(path: str | Path, documents: Iterable[str], pile_set_name: str, level: int = 3) -> int:
+    """Write documents as Pile-format `.jsonl.zst` lines `{"text", "meta": {"pile_set_name"}}`,
+    streamed through a temporary name; returns the number written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
-        for text in documents:
-            record = {"text": text, "meta": {"pile_set_name": pile_set_name}}
-            out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-            count += 1
+    try:
+        with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=level).stream_writer(raw) as out:
+            for text in documents:
+                record = {"text": str(text), "meta": {"pile_set_name": pile_set_name}}
+                out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+                count += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return count

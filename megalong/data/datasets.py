@@ -1,64 +1,146 @@
 """Training data through megatron-core: GPTDataset samples, blended by weight, split by documents.
 
-Each sample is a dict of torch tensors of length seq_length:
-    tokens      input ids
-    labels      tokens shifted by one (the next token at every position)
-    loss_mask   1.0 where the loss counts
-    position_ids
-No attention mask is built (megatron would make a dense L x L one per sample): megalong's attention
-builds its own masks from positions.
+A sample (`dataset[i]`) is a dict; with L = seq_length:
+    tokens        int64 [L]   input ids
+    labels        int64 [L]   the next token at every position (tokens shifted left by one)
+    loss_mask     float32 [L] 1.0 where the loss counts (everywhere: eod is not masked)
+    position_ids  int64 [L]   0 .. L-1 (not reset at document boundaries)
+    dataset_id    int         which prefix of the blend it came from (blends of 2+ prefixes only)
+No attention mask is built (megatron would make a dense 1 x L x L one per sample): megalong's
+attention builds its own masks from positions. `collate` stacks samples into a batch.
+
+megatron-core loops forever when a split that is asked for samples receives no document (or no
+token), so `build_gpt_datasets` checks every prefix's split first and names the problem.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix, parse_and_normalize_split)
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+import numpy as np
+import torch
 
 from megalong.config import ConfigError
 
 SPLIT_NAMES = ("train", "valid", "test")
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def documents_per_split(prefix: str, split: str) -> list[int]:
-    """How many documents of `prefix` each split receives, computed as megatron-core does."""
-    n = GPTDataset.numel_low_level_dataset(IndexedDataset(prefix))
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    return [0 if part is None else int(round(part[1] * n)) - int(round(part[0] * n)) for part in matrix]
+def parse_split(split: str) -> list[float]:
+    """'98,2,0' -> [0.98, 0.02, 0.0]; up to three non-negative shares (missing ones are 0)."""
+    parts = [part.strip() for part in str(split).split(",")]
+    # Plain decimals only: megatron re-reads the string with the pattern [.0-9]+.
+    if not all(re.fullmatch(r"[0-9]*\.?[0-9]+|[0-9]+\.", part) for part in parts):
+        raise ConfigError(f"data.split: expected comma-separated numbers like '98,2,0', got '{split}'")
+    shares = [float(part) for part in parts]
+    if not 1 <= len(shares) <= 3 or sum(shares) <= 0:
+        raise ConfigError(f"data.split: expected up to three non-negative shares with a positive sum "
+                          f"like '98,2,0', got '{split}'")
+    shares += [0.0] * (3 - len(shares))
+    return [s / sum(shares) for s in shares]
 
 
-def check_splits(data_prefixes: list[tuple[float, str]], split: str,
-                 num_samples: tuple[int, int, int]) -> None:
-    """A split asked for samples but given no document makes megatron loop forever; refuse it."""
+def _check_prefix_files(data_prefixes: Sequence[tuple[float, str]]) -> None:
+    if not data_prefixes:
+        raise ConfigError("data.train: no datasets given (list of .bin/.idx prefixes)")
+    for i, (weight, prefix) in enumerate(data_prefixes):
+        if not weight > 0:
+            raise ConfigError(f"data.train[{i}].weight: expected a positive weight, got {weight} "
+                              f"for {prefix}")
+        for suffix in (".bin", ".idx"):
+            if not Path(f"{prefix}{suffix}").is_file():
+                raise ConfigError(f"data.train[{i}].path: {prefix}{suffix} not found "
+                                  f"(prefix {prefix}; run `megalong preprocess` to make it)")
+
+
+def split_sizes(prefix: str, split: str) -> list[tuple[int, int]]:
+    """(documents, tokens) that each split of `prefix` receives, computed as megatron-core does."""
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    lengths = np.array(dataset.sequence_lengths, dtype=np.int64)  # a copy: the index is an mmap
+    del dataset
+    n = len(lengths)
+    out = []
+    for part in convert_split_vector_to_split_matrix(parse_split(split)):
+        if part is None:
+            out.append((0, 0))
+            continue
+        begin, end = int(round(part[0] * n)), int(round(part[1] * n))
+        out.append((end - begin, int(lengths[begin:end].sum())))
+    return out
+
+
+def check_splits(data_prefixes: Sequence[tuple[float, str]], split: str,
+                 num_samples: Sequence[int]) -> None:
+    """Refuse, before megatron-core loops forever, a split asked for samples that gets no token."""
+    _check_prefix_files(data_prefixes)
+    parse_split(split)
     for weight, prefix in data_prefixes:
-        for prefix_file in (f"{prefix}.bin", f"{prefix}.idx"):
-            if not Path(prefix_file).is_file():
-                raise ConfigError(f"data.train: {prefix_file} not found")
-        counts = documents_per_split(prefix, split)
-        for name, wanted, docs in zip(SPLIT_NAMES, num_samples, counts):
-            if wanted > 0 and docs == 0:
+        sizes = split_sizes(prefix, split)
+        total = sum(docs for docs, _ in sizes)
+        for name, wanted, (docs, tokens) in zip(SPLIT_NAMES, num_samples, sizes):
+            if wanted > 0 and tokens == 0:
+                what = (f"{docs} of the {total} documents" if docs == 0
+                        else f"{docs} empty documents (0 tokens)")
                 raise ConfigError(
-                    f"data.split: '{split}' gives the {name} split 0 of the "
-                    f"{sum(counts)} documents of {prefix}, but {wanted} {name} samples are needed; "
-                    f"use more documents or a larger {name} share")
+                    f"data.split: '{split}' gives the {name} split {what} of {prefix}, but {wanted} "
+                    f"{name} samples are needed; give the {name} split a larger share or use more documents")
 
 
-def build_gpt_datasets(data_prefixes: list[tuple[float, str]], split: str, seq_length: int, seed: int,
-                       tokenizer, num_samples: tuple[int, int, int], cache_dir: Optional[str]):
-    """(train, valid, test) megatron GPTDatasets (None where no samples are asked for)."""
+def _idx_digest(prefixes: Sequence[str]) -> str:
+    """A digest of the .idx files: megatron's cache names ignore the data's content, so a prefix
+    preprocessed again would otherwise reuse a stale sample index."""
+    h = hashlib.sha1()
+    for prefix in prefixes:
+        with open(f"{prefix}.idx", "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _process_group_for_megatron() -> Iterator[None]:
+    """megatron's BlendedDataset asks torch.distributed for the rank even in one plain process:
+    give it a one-process gloo group (in-memory store, no network) for the build only."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_gpt_datasets(data_prefixes: Sequence[tuple[float, str]], split: str, seq_length: int, seed: int,
+                       tokenizer, num_samples: Sequence[int], cache_dir: Optional[str | Path]):
+    """(train, valid, test) megatron-core GPTDatasets (BlendedDataset for 2+ prefixes); None for
+    a split asked for 0 samples. `data_prefixes` are (weight, .bin/.idx prefix) pairs; the sample
+    index cache goes under `cache_dir` (None: built in memory, not cached)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
+        raise ValueError(f"num_samples: expected (train, valid, test) counts >= 0, got {num_samples}")
+    if seq_length < 1:
+        raise ConfigError(f"data.seq_length: expected a positive length, got {seq_length}")
+    num_samples = [int(n) for n in num_samples]
     check_splits(data_prefixes, split, num_samples)
-    weights = [w for w, _ in data_prefixes]
-    prefixes = [p for _, p in data_prefixes]
+    prefixes = [str(p) for _, p in data_prefixes]
+    weights = [float(w) for w, _ in data_prefixes]
+    cache = None if cache_dir is None else str(Path(cache_dir) / _idx_digest(prefixes))
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights if len(prefixes) > 1 else None),
         split=split,
-        path_to_cache=cache_dir,
+        path_to_cache=cache,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -66,6 +148,21 @@ def build_gpt_datasets(data_prefixes: list[tuple[float, str]], split: str, seq_l
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    # megatron wants every split sized when blend weights are given; None skips a split otherwise.
-    sizes = list(num_samples) if len(prefixes) > 1 else [n if n > 0 else None for n in num_samples]
-    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    # Splits asked for no samples are not built at all; the others keep megatron's document
+    # ranges (those come from the split string, not from this matrix).
+    config.split_matrix = [part if n > 0 else None for part, n in zip(config.split_matrix, num_samples)]
+    with _process_group_for_megatron():
+        datasets = BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+    return tuple(ds if n > 0 else None for ds, n in zip(datasets, num_samples))
+
+
+def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch: int64 tensors [B, L] (float32 for loss_mask), dataset_id [B]."""
+    if not samples:
+        raise ValueError("collate: no samples")
+    batch = {}
+    for key in samples[0]:
+        values = [torch.as_tensor(np.asarray(s[key])) for s in samples]
+        dtype = torch.float32 if key == "loss_mask" else torch.long
+        batch[key] = torch.stack(values).to(dtype)
+    return batch

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Merge TP shards and gather EP experts, map to GPTNeoForCausalLM or MixtralForCausalLM
     (whichever the model is), write config, safetensors, generation config and tokenizer.
 
-    Written into a temporary folder beside OUT_DIR and renamed when complete."""
+    Written into a temporary folder beside OUT_DIR and renamed when complete: a refused or failed
+    export leaves nothing behind. An existing OUT_DIR is replaced only if it is a previous export."""
     from megalong.data.tokenizer import SentencePieceTokenizer
     from megalong.export.gpt_neo import gpt_neo_refusal
     from megalong.export.mixtral import mixtral_refusal
@@ -38,26 +40,53 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"{info.path} cannot be exported: not as GPTNeoForCausalLM ({not_neo}), "
                           f"nor MixtralForCausalLM ({not_mixtral}), nor MegalongForCausalLM ({not_megalong})")
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    if not_neo is None:
-        kind, vocab = "GPTNeoForCausalLM", _write_gpt_neo(info.config, state, tokenizer, tmp)
-    elif not_mixtral is None:
-        kind, vocab = "MixtralForCausalLM", _write_mixtral(info.config, state, tokenizer, tmp)
-    else:
-        kind, vocab = "MegalongForCausalLM", _write_megalong(info.config, state, tokenizer, tmp)
-    _generation_config(tokenizer, vocab).save_pretrained(tmp)
-    export_tokenizer(tokenizer_model, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if not_neo is None:
+            kind, vocab = "GPTNeoForCausalLM", _write_gpt_neo(info.config, state, tokenizer, tmp)
+        elif not_mixtral is None:
+            kind, vocab = "MixtralForCausalLM", _write_mixtral(info.config, state, tokenizer, tmp)
+        else:
+            kind, vocab = "MegalongForCausalLM", _write_megalong(info.config, state, tokenizer, tmp)
+        _generation_config(tokenizer, vocab).save_pretrained(tmp)
+        export_tokenizer(tokenizer_model, tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("exported %s (step %d, TP=%d, EP=%d gathered) -> %s as %s", info.path, info.meta["step"],
              info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1), out, kind)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """An existing OUT_DIR is replaced only when it is a previous export (it has a config.json),
+    so that a mistyped path never deletes unrelated files."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ExportError(f"{out} exists, is not empty and is not a Hugging Face export (no config.json); "
+                          "choose a new or empty directory")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; a previous export there is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:  # put the previous export back
+            os.rename(old / out.name, out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _generation_config(tokenizer, vocab_size: int):

@@ -4,6 +4,10 @@
 BPE pieces and their merge order, or unigram pieces and their scores, are read from the
 SentencePiece model itself; the pre-tokenizer and decoder reproduce SentencePiece's whitespace
 handling (spaces become "▁", one "▁" is prepended to the text, byte-fallback pieces decode to bytes).
+
+SentencePiece never reads its control pieces ("<s>", "</s>", "<unk>") from text: a literal "</s>"
+in a document is ordinary characters. tokenizer_config.json sets `split_special_tokens` so that
+transformers does the same (the flag lives in the config: tokenizer.json cannot store it).
 """
 from __future__ import annotations
 
@@ -128,6 +132,7 @@ def export_tokenizer(model_path: str | Path, out_dir: str | Path) -> None:
         specials["bos_token"] = sp.id_to_piece(sp.bos_id())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "split_special_tokens": True,
               **specials, "pad_token": eos}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (out_dir / "special_tokens_map.json").write_text(json.dumps({**specials, "pad_token": eos}, indent=1))
