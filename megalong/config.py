@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from megalong.attention.options import ATTENTION_OPTIONS
+from megalong.attention.options import ATTENTION_OPTIONS, ModelShape, OptionError
 from megalong.moe.options import MoEOptions
 
 MLP_KINDS = ("dense", "moe")
@@ -361,10 +361,15 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
         if kind not in ATTENTION_OPTIONS:
             raise ConfigError(f"{key}: unknown attention kind{_suggest(kind, list(ATTENTION_OPTIONS))}")
         _build(ATTENTION_OPTIONS[kind], options, key)
-    if "local" in kinds:
-        window = cfg.attention_options("local").window
-        if window < 1:
-            raise ConfigError(f"model.attention.local.window: must be >= 1, got {window}")
+    shape = ModelShape(seq_length=cfg.seq_length, num_heads=m.num_attention_heads,
+                       head_dim=m.hidden_size // m.num_attention_heads, tensor_parallel=cfg.parallel.tensor)
+    for kind in dict.fromkeys(kinds):
+        check = getattr(cfg.attention_options(kind), "check", None)
+        if check is not None:
+            try:
+                check(shape)
+            except OptionError as e:
+                raise ConfigError(f"model.attention.{kind}.{e.key}: {e.message}") from None
     _validate_moe(cfg)
     if m.alibi and m.position_embedding != "none":
         raise ConfigError("model.alibi: ALiBi replaces position embeddings; set "

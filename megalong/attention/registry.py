@@ -1,24 +1,43 @@
-"""Attention kinds by name: the only place that maps a config's kind to a module."""
+"""Attention kinds by name: the only place that maps a config's kind to modules.
+
+A kind is mostly a core-attention class (the `core_attention` slot of megatron's SelfAttention).
+Kinds that need more than that replace a whole slot in their own entry, never by branching in
+generic code: shared-QK or extra projections replace the `SelfAttention` class, extra tokens that
+also pass the layer's MLP (FAM) replace the `TransformerLayer` class.
+"""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention.base import CoreAttention
 from megalong.attention.global_attention import GlobalAttention
 from megalong.attention.local import LocalAttention
 from megalong.attention.options import ATTENTION_OPTIONS
 
-CORE_ATTENTION: dict[str, type[CoreAttention]] = {
-    "global": GlobalAttention,
-    "local": LocalAttention,
+
+@dataclass(frozen=True)
+class AttentionKind:
+    core: type[CoreAttention]
+    self_attention: type = SelfAttention
+    layer: type = TransformerLayer
+
+
+ATTENTION_KINDS: dict[str, AttentionKind] = {
+    "global": AttentionKind(GlobalAttention),
+    "local": AttentionKind(LocalAttention),
 }
-assert CORE_ATTENTION.keys() == ATTENTION_OPTIONS.keys(), "options and modules must list the same kinds"
+CORE_ATTENTION: dict[str, type[CoreAttention]] = {k: v.core for k, v in ATTENTION_KINDS.items()}
+if ATTENTION_KINDS.keys() != ATTENTION_OPTIONS.keys():
+    raise ImportError("megalong.attention: options.py and registry.py must list the same kinds")
 
 
 def core_attention_spec(kind: str, options: Any, alibi: bool) -> ModuleSpec:
-    """The ModuleSpec for the `core_attention` slot of megatron's SelfAttention."""
+    """The ModuleSpec for the `core_attention` slot of the kind's self-attention."""
     return ModuleSpec(module=CORE_ATTENTION[kind],
                       params={"alibi": alibi, **dataclasses.asdict(options)})

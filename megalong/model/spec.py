@@ -6,17 +6,17 @@ MoELayer as `model.mlp_layers` says.
 """
 from __future__ import annotations
 
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megalong.attention.registry import core_attention_spec
+from megalong.attention.registry import ATTENTION_KINDS, core_attention_spec
 from megalong.config import Config
 from megalong.model.linear import BiasFreeColumnParallelLinear
 
@@ -52,8 +52,9 @@ def layer_spec(cfg: Config, kind: str, mlp_kind: str = "dense") -> ModuleSpec:
     norm = norm_class()
     m = cfg.model
     qkv_linear = BiasFreeColumnParallelLinear if (m.linear_bias and not m.qkv_bias) else ColumnParallelLinear
+    entry = ATTENTION_KINDS[kind]
     attention = ModuleSpec(
-        module=SelfAttention,
+        module=entry.self_attention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=qkv_linear,
@@ -64,7 +65,7 @@ def layer_spec(cfg: Config, kind: str, mlp_kind: str = "dense") -> ModuleSpec:
         ),
     )
     return ModuleSpec(
-        module=TransformerLayer,
+        module=entry.layer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=attention,
