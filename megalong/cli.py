@@ -1,4 +1,4 @@
-"""`megalong` command line: train | demo | preprocess | tokenizer train | export | generate."""
+"""`megalong` command line: train | demo | preprocess | tokenizer train | export | generate | eval."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_args(tp)
     tp.set_defaults(func=lambda a: run_tokenizer_train(a) or 0, logging=True)
 
+    from megalong.data.inspect import add_data_args
+
+    p = sub.add_parser("data", help="inspect or merge .bin/.idx datasets")
+    add_data_args(p.add_subparsers(dest="data_command", required=True))
+
     from megalong.export.hf import add_export_args, run_export
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face folder")
@@ -92,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     add_generate_args(p)
     p.set_defaults(func=lambda a: run_generate(a) or 0, logging=True)
+
+    from megalong.evaluate import add_eval_args, run_eval
+
+    p = sub.add_parser("eval", help="held-out perplexity of a checkpoint at any sequence length")
+    add_eval_args(p)
+    p.set_defaults(func=lambda a: run_eval(a) or 0, logging=True)
     return parser
 
 

@@ -35,6 +35,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class AxialPositionConfig:
+    """Axial position embeddings (model.position_embedding: axial): position p is (p // cols,
+    p % cols) of `shape` [rows, cols]; a row and a column embedding, summed (`sum`, each of the
+    hidden size) or concatenated (`concat`, hidden_size // 2 and the rest)."""
+
+    shape: Optional[list] = None
+    mode: Literal["sum", "concat"] = "sum"
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
@@ -50,7 +60,8 @@ class ModelConfig:
     mlp_layers: Optional[list] = None
     moe: dict = field(default_factory=dict)  # MoEOptions keys (megalong/moe/options.py)
     alibi: bool = False  # ALiBi biases in every layer; needs position_embedding: none
-    position_embedding: Literal["learned", "rope", "none"] = "learned"
+    position_embedding: Literal["learned", "rope", "none", "axial"] = "learned"
+    axial_position: AxialPositionConfig = field(default_factory=AxialPositionConfig)
     rotary_base: int = 10000
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
@@ -64,6 +75,20 @@ class ModelConfig:
     init_std: float = 0.02
     vocab_size: Optional[int] = None  # default: the tokenizer's
     make_vocab_size_divisible_by: int = 128
+    # Triton kernels (megalong/kernels): auto runs them on CUDA where they apply; reference forces
+    # the torch path everywhere. On the CPU the torch path always runs.
+    kernels: Literal["auto", "reference"] = "auto"
+    # Memory (megalong/model/reversible.py, chunked_ffn.py): reversible residual pairs, whose two
+    # streams start as the embedding and are merged before the final norm by `reversible_merge`
+    # (mean: (y1 + y2) / 2; second: y2); the dense MLP run over `ffn_chunks` slices of the sequence;
+    # megatron-core's activation recompute (granularity full|selective; method uniform|block and
+    # num_layers for full) as the comparison point.
+    reversible: bool = False
+    reversible_merge: Literal["mean", "second"] = "mean"
+    ffn_chunks: int = 1
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
 
 
 @dataclass
@@ -106,6 +131,9 @@ class TrainConfig:
     save_interval: Optional[int] = None  # default: only at the end
     load: Optional[str] = None  # checkpoint directory to resume from ("auto": save_dir)
     tensorboard_dir: Optional[str] = None
+    # megatron: megalong's own step (torch or megatron-core DDP); deepspeed: DeepSpeed's engine
+    # with ZeRO (the `deepspeed:` section, megalong/train/deepspeed_engine.py)
+    engine: Literal["megatron", "deepspeed"] = "megatron"
     peak_tflops: float = 989.0  # per device, for MFU (H100 SXM bf16 dense)
     progress_bar: bool = True
 
@@ -114,7 +142,29 @@ class TrainConfig:
 class ParallelConfig:
     tensor: int = 1
     expert: int = 1  # expert-parallel ranks: each holds model.moe.num_experts / expert experts
+    pipeline: int = 1  # pipeline stages (megatron-core's 1F1B schedule)
+    virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
+    # Optional uneven split: [layers on the first stage, layers on the last stage]; the others are
+    # shared evenly by the middle stages (megatron's num_layers_in_first/last_pipeline_stage).
+    pipeline_layers: Optional[list[int]] = None
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used with train.engine: deepspeed. Batch sizes, clipping, precision and the optimizer come
+    from the train section; `config` adds other DeepSpeed JSON keys (e.g. zero_optimization.
+    reduce_bucket_size) to the DeepSpeed config megalong derives."""
+    zero_stage: int = 1  # 1: optimizer state, 2: + gradients, 3: + weights sharded over data-parallel ranks
+    offload_optimizer: bool = False  # optimizer state and step in CPU memory (ZeRO-Offload)
+    config: dict = field(default_factory=dict)
+
+
+# DeepSpeed keys megalong derives from its own config; deepspeed.config may not set them.
+DEEPSPEED_DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                          "gradient_accumulation_steps", "gradient_clipping", "optimizer",
+                          "scheduler", "bf16", "fp16", "zero_optimization.stage",
+                          "zero_optimization.offload_optimizer")
 
 
 @dataclass
@@ -123,6 +173,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     # ---- derived values, computed from the fields above ----
     @property
@@ -335,6 +386,60 @@ def _positive(value: Any, key: str) -> None:
         raise ConfigError(f"{key}: must be > 0, got {value}")
 
 
+def pipeline_split(cfg: Config) -> list[int]:
+    """Number of layers of every pipeline stage (all virtual chunks of a rank together)."""
+    p, n = cfg.parallel, cfg.model.num_layers
+    if p.pipeline == 1:
+        return [n]
+    first, last = p.pipeline_layers if p.pipeline_layers is not None else (None, None)
+    if first is None:
+        return [n // p.pipeline] * p.pipeline
+    middle = (n - first - last) // (p.pipeline - 2) if p.pipeline > 2 else 0
+    return [first] + [middle] * (p.pipeline - 2) + [last]
+
+
+def _validate_pipeline(cfg: Config, world_size: int) -> None:
+    p, n = cfg.parallel, cfg.model.num_layers
+    _positive(p.pipeline, "parallel.pipeline")
+    _positive(p.virtual_stages, "parallel.virtual_stages")
+    if world_size % (p.tensor * p.pipeline):
+        raise ConfigError(f"parallel.pipeline: parallel.tensor x parallel.pipeline = {p.tensor} x "
+                          f"{p.pipeline} does not divide the {world_size} processes")
+    if p.pipeline == 1:
+        if p.virtual_stages > 1:
+            raise ConfigError(f"parallel.virtual_stages: {p.virtual_stages} needs parallel.pipeline > 1")
+        if p.pipeline_layers is not None:
+            raise ConfigError("parallel.pipeline_layers: needs parallel.pipeline > 1")
+        return
+    if p.pipeline_layers is not None:
+        if p.virtual_stages > 1:
+            raise ConfigError("parallel.pipeline_layers: an uneven split is not supported with "
+                              "parallel.virtual_stages > 1")
+        if (len(p.pipeline_layers) != 2 or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
+                                               for k in p.pipeline_layers)):
+            raise ConfigError(f"parallel.pipeline_layers: expected [layers on the first stage, layers "
+                              f"on the last stage], two positive integers, got {p.pipeline_layers}")
+        rest = n - sum(p.pipeline_layers)
+        if p.pipeline == 2 and rest != 0:
+            raise ConfigError(f"parallel.pipeline_layers: {p.pipeline_layers} must add up to "
+                              f"model.num_layers {n} with 2 stages")
+        if p.pipeline > 2 and (rest < p.pipeline - 2 or rest % (p.pipeline - 2)):
+            raise ConfigError(f"parallel.pipeline_layers: the {rest} layers left after {p.pipeline_layers} "
+                              f"do not split evenly over the {p.pipeline - 2} middle stages "
+                              f"(model.num_layers {n})")
+    elif n % (p.pipeline * p.virtual_stages):
+        raise ConfigError(f"parallel.pipeline: model.num_layers {n} is not a multiple of "
+                          f"parallel.pipeline x parallel.virtual_stages = {p.pipeline} x {p.virtual_stages} "
+                          f"(or give an uneven split in parallel.pipeline_layers)")
+    dp = world_size // (p.tensor * p.pipeline)
+    micro = cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size * dp)
+    if p.virtual_stages > 1 and micro % p.pipeline:
+        raise ConfigError(f"parallel.virtual_stages: the interleaved schedule needs the number of "
+                          f"micro-batches per step ({micro} = train.global_batch_size / "
+                          f"(train.micro_batch_size x data-parallel size)) to be a multiple of "
+                          f"parallel.pipeline {p.pipeline}")
+
+
 def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None:
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -371,11 +476,23 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
             except OptionError as e:
                 raise ConfigError(f"model.attention.{kind}.{e.key}: {e.message}") from None
     _validate_moe(cfg)
+    for kind in dict.fromkeys(kinds):
+        if m.alibi and getattr(ATTENTION_OPTIONS[kind], "alibi", True) is False:
+            raise ConfigError(f"model.alibi: '{kind}' attention has no attention scores to bias; "
+                              "use ALiBi without it")
+    _validate_axial_position(cfg)
+    _validate_memory(cfg)
     if m.alibi and m.position_embedding != "none":
         raise ConfigError("model.alibi: ALiBi replaces position embeddings; set "
                           f"model.position_embedding: none (it is '{m.position_embedding}')")
     if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.position_embedding: rope needs an even head dimension")
+    if "fam" in kinds:  # FAM tokens have no position, and pass the MLP once per block
+        if m.position_embedding == "rope":
+            raise ConfigError("model.position_embedding: fam layers do not support rope; use learned, "
+                              "none or ALiBi")
+        if any(k == "fam" and mlp == "moe" for k, mlp in zip(kinds, cfg.mlp_kinds())):
+            raise ConfigError("model.mlp_layers: fam layers need a dense MLP, not moe")
 
     _positive(d.seq_length, "data.seq_length")
     if m.position_embedding == "learned" and cfg.seq_length > m.max_position_embeddings:
@@ -420,11 +537,14 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
             raise ConfigError(f"parallel.expert: {p.expert} does not divide the {world_size} processes")
     if world_size % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the {world_size} processes")
-    dp = world_size // p.tensor
+    _validate_pipeline(cfg, world_size)
+    dp = world_size // (p.tensor * p.pipeline)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+
+    _validate_deepspeed(cfg)
 
     if check_paths:
         if not d.tokenizer:
@@ -437,6 +557,86 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
             for suffix in (".bin", ".idx"):
                 if not Path(entry.path + suffix).is_file():
                     raise ConfigError(f"data.train[{i}].path: {entry.path}{suffix} not found")
+
+
+def _validate_axial_position(cfg: Config) -> None:
+    m = cfg.model
+    shape = m.axial_position.shape
+    if m.position_embedding != "axial":
+        if shape is not None:
+            raise ConfigError("model.axial_position: set, but model.position_embedding is "
+                              f"'{m.position_embedding}', not axial")
+        return
+    if (not isinstance(shape, list) or len(shape) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in shape)):
+        raise ConfigError(f"model.axial_position.shape: expected [rows, cols], two positive integers, "
+                          f"got {shape!r}")
+    if shape[0] * shape[1] < cfg.seq_length:
+        raise ConfigError(f"model.axial_position.shape: {shape[0]} x {shape[1]} positions are fewer "
+                          f"than the sequence length {cfg.seq_length}")
+    if m.axial_position.mode == "concat" and m.hidden_size < 2:
+        raise ConfigError("model.axial_position.mode: concat needs model.hidden_size >= 2")
+
+
+def _validate_deepspeed(cfg: Config) -> None:
+    """Which layouts the DeepSpeed engine supports; refused combinations name their key."""
+    ds, p = cfg.deepspeed, cfg.parallel
+    if ds.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: must be 1, 2 or 3, got {ds.zero_stage}")
+    for dotted in DEEPSPEED_DERIVED_KEYS:
+        node: Any = ds.config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"deepspeed.config.{dotted}: set by megalong (from the train section, "
+                              f"deepspeed.zero_stage or deepspeed.offload_optimizer); remove it here")
+    if cfg.train.engine != "deepspeed":
+        if ds != DeepSpeedConfig():
+            raise ConfigError("deepspeed: this section is used only with train.engine: deepspeed")
+        return
+    if p.pipeline > 1:
+        raise ConfigError(f"parallel.pipeline: {p.pipeline} pipeline stages are not supported with "
+                          f"train.engine: deepspeed (DeepSpeed's pipeline engine allows only ZeRO-1, and "
+                          f"megalong does not run megatron-core's schedules under DeepSpeed); use "
+                          f"train.engine: megatron")
+    if p.expert > 1:
+        raise ConfigError(f"parallel.expert: expert parallelism ({p.expert}) is not supported with "
+                          f"train.engine: deepspeed (ZeRO would shard and average expert weights that "
+                          f"differ across ranks); MoE layers with parallel.expert: 1 are")
+    if ds.zero_stage == 3 and "moe" in cfg.mlp_kinds():
+        raise ConfigError("deepspeed.zero_stage: ZeRO-3 is not supported with MoE layers (megalong's "
+                          "experts use weights that ZeRO-3 has not gathered in the backward pass); "
+                          "use zero_stage 1 or 2")
+
+
+def _validate_memory(cfg: Config) -> None:
+    m = cfg.model
+    if m.ffn_chunks < 1:
+        raise ConfigError(f"model.ffn_chunks: must be >= 1, got {m.ffn_chunks}")
+    if cfg.seq_length % m.ffn_chunks:
+        raise ConfigError(f"model.ffn_chunks: {m.ffn_chunks} does not divide the sequence length "
+                          f"{cfg.seq_length}")
+    if m.reversible:
+        for i, kind in enumerate(cfg.layer_kinds()):
+            if kind == "fam":
+                raise ConfigError(f"model.reversible: layer {i} is fam, whose feedback memory passes the "
+                                  "MLP inside attention; it cannot be split into reversible halves")
+        if cfg.parallel.pipeline > 1:
+            raise ConfigError("model.reversible: not yet with parallel.pipeline > 1 (the stages' two "
+                              "streams cross as [2 * seq, batch, hidden]; the pipeline schedule must be "
+                              "given seq_length 2 * seq for that)")
+        if m.recompute_granularity is not None:
+            raise ConfigError("model.recompute_granularity: reversible layers already recompute their "
+                              "inputs; use one or the other")
+    if m.recompute_granularity == "full":
+        if m.recompute_method is None or m.recompute_num_layers is None:
+            raise ConfigError("model.recompute_granularity: full recompute needs model.recompute_method "
+                              "(uniform or block) and model.recompute_num_layers")
+        if not 1 <= m.recompute_num_layers <= m.num_layers:
+            raise ConfigError(f"model.recompute_num_layers: must be between 1 and model.num_layers "
+                              f"{m.num_layers}, got {m.recompute_num_layers}")
+    elif m.recompute_method is not None or m.recompute_num_layers is not None:
+        raise ConfigError("model.recompute_method: only used with model.recompute_granularity: full")
 
 
 def _validate_moe(cfg: Config) -> None:

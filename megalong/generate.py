@@ -1,8 +1,8 @@
 """megalong's own sampler: greedy, temperature and top-k sampling from a checkpoint.
 
-It recomputes the whole context at every step (no KV cache yet) and crops the context to the
-model's max_position_embeddings. Ids of the padded vocabulary (>= the tokenizer's vocabulary size)
-are never produced.
+It recomputes the whole context at every step (the exported `MegalongForCausalLM` keeps a cache
+and gives the same greedy tokens) and crops the context to the model's max_position_embeddings.
+Ids of the padded vocabulary (>= the tokenizer's vocabulary size) are never produced.
 """
 from __future__ import annotations
 

@@ -12,6 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Without CUDA, Triton kernels can only run interpreted (tests/test_kernels.py). Triton reads this
+# when it is imported (megatron-core imports it), so it is set here, before any test module loads.
+# On a CPU-only machine it changes nothing else: a compiled Triton kernel cannot run there at all.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @dataclass(frozen=True)
 class TinyData:

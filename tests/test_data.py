@@ -159,7 +159,8 @@ def test_malformed_line_fails_with_file_and_line_and_writes_nothing(corpus, tmp_
     with pytest.raises(CorpusError, match=r"line 3"):
         preprocess([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=1, progress=False)
     assert (tmp_path / "out.bin").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.zst", "out.bin", "out.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.zst", "out.bin", "out.done.json",
+                                                          "out.idx"]
 
 
 def test_preprocess_argument_errors(corpus, tmp_path):

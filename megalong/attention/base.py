@@ -11,9 +11,10 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from megalong.attention.alibi import alibi_slopes
+from megalong.attention.alibi import alibi_bias, alibi_slopes
 
 
 def tensor_parallel_rank_and_size(pg_collection: Any = None) -> tuple[int, int]:
@@ -62,7 +63,7 @@ class CoreAttention(nn.Module):
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
         out = self.attend(q, k, v)
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)  # heads_on_this_rank * head_dim
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -70,6 +71,74 @@ class CoreAttention(nn.Module):
     @property
     def active_dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
+
+    # ---- incremental decoding (generation with a cache) -------------------------------------
+    # `decode` attends the n newest tokens given `state`, what the kind kept of the tokens before
+    # them (None before the prompt). Three ways, chosen by what the kind defines:
+    # - a key/value cache: `kv_cache` is True and `cache_visible` / `cache_keep` say which keys a
+    #   query sees and which keys a later query may still see (global: all; local: its window);
+    # - a recurrent state: the kind defines `init_state(batch, heads, head_dim, device, dtype)`
+    #   and `step(q, k, v, state) -> (out, state)` for one token (linear);
+    # - otherwise the default: keep q, k, v of the whole context and run `attend` on it again,
+    #   which is exact for any causal kind (it costs the kind's own cost on the context).
+    kv_cache: bool = False
+    # False when a position's output depends on more than the tokens up to it (e.g. on the
+    # sequence length): nothing can be kept, generation reruns such a layer and every later one.
+    prefix_stable: bool = True
+
+    def cache_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean [n, m] or [heads, n, m]: which keys (positions k_pos) the queries at q_pos see."""
+        raise NotImplementedError
+
+    def cache_keep(self, k_pos: torch.Tensor, next_pos: int) -> torch.Tensor:
+        """Boolean [m]: keys some query at a position >= next_pos may still see."""
+        raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        """q, k, v [batch, heads, n, head_dim] of the n tokens following those in `state` ->
+        (output [batch, heads, n, head_dim], the state to pass with the next tokens)."""
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        if callable(getattr(self, "step", None)) and callable(getattr(self, "init_state", None)):
+            return self._decode_recurrent(q, k, v, state)
+        if self.kv_cache:
+            return self._decode_kv(q, k, v, state)
+        if state is not None:
+            q, k, v = (torch.cat([state[name], x], dim=2) for name, x in zip("qkv", (q, k, v)))
+        n = q.shape[2] - (0 if state is None else state["q"].shape[2])
+        return self.attend(q, k, v)[:, :, -n:], {"q": q, "k": k, "v": v}
+
+    def _decode_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        start = 0 if state is None else state["next"]
+        n = q.shape[2]
+        q_pos = torch.arange(start, start + n, device=q.device)
+        if state is not None:
+            k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
+            k_pos = torch.cat([state["pos"], q_pos])
+        else:
+            k_pos = q_pos
+        visible = self.cache_visible(q_pos, k_pos)
+        if self.alibi:  # by true distance, whatever the cache dropped
+            mask = alibi_bias(self.alibi_slopes(q.device, q.dtype), q_pos[:, None] - k_pos[None, :])
+            mask = mask.masked_fill(~visible, float("-inf"))
+        else:
+            mask = visible
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        keep = self.cache_keep(k_pos, start + n)
+        return out, {"k": k[:, :, keep], "v": v[:, :, keep], "pos": k_pos[keep], "next": start + n}
+
+    def _decode_recurrent(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          state: Optional[dict]) -> tuple[torch.Tensor, dict]:
+        b, h, n, d = q.shape
+        inner = self.init_state(b, h, d, q.device, q.dtype) if state is None else state["inner"]
+        outs = []
+        for i in range(n):
+            out, inner = self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], inner)
+            outs.append(out)
+        return torch.cat(outs, dim=2), {"inner": inner}
 
     def alibi_slopes(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """This rank's heads' ALiBi slopes. Computed when needed rather than kept in a buffer:

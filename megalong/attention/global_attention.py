@@ -6,13 +6,24 @@ import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
+from megalong.kernels import select as kernels
 
 
 class GlobalAttention(CoreAttention):
+    kv_cache = True  # generation keeps every key and value
+
+    def cache_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return k_pos[None, :] <= q_pos[:, None]
+
+    def cache_keep(self, k_pos: torch.Tensor, next_pos: int) -> torch.Tensor:
+        return torch.ones_like(k_pos, dtype=torch.bool)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.alibi:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout,
                                                   is_causal=True, scale=self.scale)
+        if kernels.use_kernels(q, dropout=self.active_dropout):  # ALiBi without an L x L bias
+            return kernels.global_alibi_attend(self, q, k, v)
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
         distance = pos[:, None] - pos[None, :]

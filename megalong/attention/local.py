@@ -1,48 +1,190 @@
-"""`local`: causal sliding-window attention, in O(L * window) time and memory.
+"""`local` (GPT-Neo, Longformer): causal sliding-window attention in O(L * window) time and memory.
 
-Query position i sees key positions j with i - window < j <= i (itself and the `window - 1`
-tokens before it, as GPT-Neo's local layers). The sequence is cut into blocks of `window`
-queries; each block attends to its own keys and the previous block's, so no L x L tensor exists.
+A head with dilation d lets query position i see the keys i, i-d, ..., i-(window-1)d (d = 1 is
+GPT-Neo's window: itself and the `window - 1` tokens before it). The heads sharing a dilation d
+are computed together: the sequence is folded into d interleaved sub-sequences (positions r,
+r+d, r+2d, ...), on which the window is an ordinary sliding window of `window` keys; each
+sub-sequence is cut into blocks of `window` queries that attend to their own block's keys and the
+previous block's. No L x L tensor exists.
+
+Global tokens (Longformer): at the configured positions G, a token attends to every token before
+it and itself, and every later token attends to it. As in Longformer, global rows use their own
+projections Q_g, K_g, V_g (`LocalSelfAttention.linear_qkv_global`, initialised as a copy of the
+local projection): row g is softmax(Q_g(x_g) . K_g(x_j), j <= g) V_g(x_j). The other rows attend
+to the union of their window and the global tokens before them, with the ordinary keys and values
+of the global tokens. With global tokens the core attention receives 2H heads from
+`LocalSelfAttention`: the H local heads, then the H global-projection heads. Cost: O(L * (window +
+|G|)).
+
+ALiBi biases every score by -slope * (true distance i - j).
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
+from megalong.attention.options import LocalOptions
+from megalong.kernels import select as kernels
 
 
 class LocalAttention(CoreAttention):
-    def __init__(self, *args, window: int = 256, **kwargs):
+    def __init__(self, *args: Any, window: int = 256, dilation: Any = 1, global_tokens: Any = 0,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.window = window
+        options = LocalOptions(window=window, dilation=dilation, global_tokens=global_tokens)
+        dilations = dilation if isinstance(dilation, list) else [dilation] * self.total_heads
+        if len(dilations) != self.total_heads:
+            raise ValueError(f"local attention: {len(dilations)} dilations for {self.total_heads} heads")
+        # This rank's heads, by global head index.
+        self.dilations = dilations[self.first_head:self.first_head + self.heads_per_rank]
+        self.global_positions = options.global_positions()
+
+    @property
+    def kv_cache(self) -> bool:
+        """Generation keeps the keys of the widest window (global tokens: recomputed instead)."""
+        return not self.global_positions
+
+    def cache_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        distance = q_pos[:, None] - k_pos[None, :]  # [n, m]
+        d = torch.tensor(self.dilations, device=q_pos.device).view(-1, 1, 1)
+        return (distance >= 0) & (distance % d == 0) & (distance < self.window * d)
+
+    def cache_keep(self, k_pos: torch.Tensor, next_pos: int) -> torch.Tensor:
+        return k_pos > next_pos - self.window * max(self.dilations)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, h, L, d = q.shape
-        block = min(self.window, L)
-        n = -(-L // block)
-        pad = n * block - L
+        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
+            return kernels.local_attend(self, q, k, v)
+        h = self.heads_per_rank
+        if self.global_positions:
+            if q.shape[1] != 2 * h:
+                raise ValueError("local attention with global_tokens expects the local and the global "
+                                 f"heads ({2 * h}), got {q.shape[1]}: use LocalSelfAttention")
+            (q, qg), (k, kg), (v, vg) = q.split(h, 1), k.split(h, 1), v.split(h, 1)
+        L = q.shape[2]
+        g = torch.tensor([p for p in self.global_positions if p < L], dtype=torch.long, device=q.device)
+        slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
 
-        def blocks(x: torch.Tensor) -> torch.Tensor:
-            return F.pad(x, (0, 0, 0, pad)).view(b, h, n, block, d)
+        groups: dict[int, list[int]] = {}
+        for i, d in enumerate(self.dilations):
+            groups.setdefault(d, []).append(i)
+        if len(groups) == 1:
+            out = self._window(q, k, v, self.dilations[0], slopes, g)
+        else:
+            out = torch.empty_like(q)
+            for d, heads in groups.items():
+                idx = torch.tensor(heads, device=q.device)
+                part = self._window(q[:, idx], k[:, idx], v[:, idx], d,
+                                    None if slopes is None else slopes[idx], g)
+                out = out.index_copy(1, idx, part)
+        if len(g):
+            out = out.index_copy(2, g, self._global_rows(qg, kg, vg, g, slopes))
+        return out
 
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)
-        # Keys of block t are those of block t-1 followed by its own; block -1 is all padding.
-        kb = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :n], kb], dim=3)
-        vb = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :n], vb], dim=3)
+    def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
+                slopes: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+        """Dilated sliding window (plus the global tokens' keys) for heads of one dilation d."""
+        b, h, L, e = q.shape
+        device = q.device
+        sub = -(-L // d)  # length of each of the d interleaved sub-sequences
+        block = min(self.window, sub)
+        n = -(-sub // block)
 
-        q_pos = torch.arange(n * block, device=q.device).view(n, block, 1)
-        k_pos = (torch.arange(n, device=q.device).view(n, 1, 1) - 1) * block + \
-            torch.arange(2 * block, device=q.device).view(1, 1, 2 * block)
-        distance = q_pos - k_pos  # [n, block, 2 * block]
-        visible = (distance >= 0) & (distance < self.window) & (k_pos >= 0)
+        def fold(x: torch.Tensor) -> torch.Tensor:  # [b, h, L, e] -> [b, h, d, n, block, e]
+            x = F.pad(x, (0, 0, 0, sub * d - L)).view(b, h, sub, d, e).transpose(2, 3)
+            return F.pad(x, (0, 0, 0, n * block - sub)).reshape(b, h, d, n, block, e)
 
-        if not self.alibi:
+        def with_previous(x: torch.Tensor) -> torch.Tensor:  # keys of the block before, then its own
+            return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :, :n], x], dim=4)
+
+        qb = fold(q)
+        kb, vb = with_previous(fold(k)), with_previous(fold(v))
+        t_q = torch.arange(n * block, device=device).view(n, block, 1)  # index in the sub-sequence
+        t_k = ((torch.arange(n, device=device) - 1) * block).view(n, 1, 1) + torch.arange(2 * block, device=device)
+        steps = t_q - t_k
+        visible = ((steps >= 0) & (steps < self.window) & (t_k >= 0)).expand(d, n, block, 2 * block)
+        distance = (steps * d).expand(d, n, block, 2 * block)
+        if len(g):
+            # Global tokens' ordinary keys and values, seen by every later query outside its window.
+            pos = torch.arange(d, device=device).view(d, 1, 1, 1) + d * t_q  # true query position
+            gap = pos - g  # [d, n, block, |G|]
+            in_window = (gap % d == 0) & (gap < self.window * d)
+            visible = torch.cat([(gap >= 0) & ~in_window, visible], dim=-1)
+            distance = torch.cat([gap, distance], dim=-1)
+            kg = k[:, :, g].view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
+            vg = v[:, :, g].view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
+            kb, vb = torch.cat([kg, kb], dim=4), torch.cat([vg, vb], dim=4)
+        if slopes is None:
             mask = visible
         else:
-            mask = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance).unsqueeze(0)
-            mask = mask.masked_fill(~visible, float("-inf"))  # [1, h, n, block, 2 * block]
+            mask = alibi_bias(slopes, distance).masked_fill(~visible, float("-inf")).unsqueeze(0)
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
                                              dropout_p=self.active_dropout, scale=self.scale)
-        return out.reshape(b, h, n * block, d)[:, :, :L]
+        out = out.reshape(b, h, d, n * block, e)[:, :, :, :sub].transpose(2, 3)
+        return out.reshape(b, h, sub * d, e)[:, :, :L]
+
+    def _global_rows(self, qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, g: torch.Tensor,
+                     slopes: Optional[torch.Tensor]) -> torch.Tensor:
+        """Rows of the global tokens: causal attention over the whole sequence, global projections."""
+        L = kg.shape[2]
+        distance = g.view(-1, 1) - torch.arange(L, device=g.device)  # [|G|, L]
+        visible = distance >= 0
+        mask = visible if slopes is None else \
+            alibi_bias(slopes, distance).masked_fill(~visible, float("-inf")).unsqueeze(0)
+        return F.scaled_dot_product_attention(qg[:, :, g], kg, vg, attn_mask=mask,
+                                              dropout_p=self.active_dropout, scale=self.scale)
+
+
+class LocalSelfAttention(SelfAttention):
+    """megatron's SelfAttention plus, when the layer has global tokens, Longformer's second set of
+    projections `linear_qkv_global` (same shape and tensor-parallel split as `linear_qkv`, and
+    initialised as a copy of it). Its heads are handed to the core attention after the local heads,
+    so that RoPE (applied per head by position) rotates both. Without global tokens it is exactly
+    megatron's SelfAttention."""
+
+    def __init__(self, config: Any, submodules: Any, layer_number: int, attn_mask_type: Any = None,
+                 cp_comm_type: Optional[str] = None, pg_collection: Any = None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
+                         pg_collection=pg_collection)
+        params = getattr(submodules.core_attention, "params", None) or {}
+        self.has_global_tokens = bool(params.get("global_tokens"))
+        if not self.has_global_tokens:
+            return
+        if self.config.num_query_groups < self.world_size or config.attention_output_gate:
+            raise ValueError("local attention global_tokens: fewer query groups than tensor-parallel "
+                             "ranks and output gates are not supported")
+        self.linear_qkv_global = submodules.linear_qkv(
+            self.config.hidden_size, self.linear_qkv_out_dim, config=self.config,
+            init_method=self.config.init_method, gather_output=False,
+            bias=self.config.add_bias_linear or self.config.add_qkv_bias, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="qkv_global", tp_group=self.pg_collection.tp)
+        with torch.no_grad():
+            for name, param in self.linear_qkv.named_parameters():
+                dict(self.linear_qkv_global.named_parameters())[name].copy_(param)
+
+    def get_query_key_value_tensors(self, hidden_states: torch.Tensor, key_value_states: Any = None,
+                                    output_gate: bool = False, split_qkv: bool = True):
+        local = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
+        if not self.has_global_tokens:
+            return local
+        if output_gate or not split_qkv:
+            raise ValueError("local attention global_tokens: fused qkv rope is not supported")
+        mixed, _ = self.linear_qkv_global(hidden_states)
+        groups = self.num_query_groups_per_partition
+        per_group = self.num_attention_heads_per_partition // groups
+        d = self.hidden_size_per_attention_head
+        mixed = mixed.view(*mixed.shape[:2], groups, (per_group + 2) * d)
+        query, key, value = torch.split(mixed, [per_group * d, d, d], dim=3)
+        query = query.reshape(*query.shape[:2], -1, d)
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return tuple(torch.cat([a, b], dim=2) for a, b in zip(local, (query, key, value)))

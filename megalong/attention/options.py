@@ -5,6 +5,7 @@ Kept free of torch so that the config can be validated before anything heavy is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 
 class OptionError(ValueError):
@@ -32,13 +33,149 @@ class GlobalOptions:
 
 @dataclass
 class LocalOptions:
-    """Causal sliding window: a token sees itself and the previous `window - 1` tokens (GPT-Neo)."""
+    """Causal sliding window: a token sees itself and the previous `window - 1` tokens (GPT-Neo).
+
+    `dilation`: one integer for every head or a list with one per head (global head index): a head
+    with dilation d sees keys i, i-d, ..., i-(window-1)d. `global_tokens`: k (the first k positions)
+    or a list of positions; these attend to everything before them and every later token attends to
+    them, through their own q/k/v projections (Longformer, local.py).
+    """
 
     window: int = 256
+    dilation: Any = 1  # int or list of ints, one per head
+    global_tokens: Any = 0  # int k (positions 0..k-1) or a list of positions
 
     def check(self, shape: ModelShape) -> None:
         if self.window < 1:
             raise OptionError("window", f"must be >= 1, got {self.window}")
+        dilations = self.dilation if isinstance(self.dilation, list) else [self.dilation]
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
+            raise OptionError("dilation", f"expected an integer >= 1 or a list of them, got {self.dilation!r}")
+        if isinstance(self.dilation, list) and len(self.dilation) != shape.num_heads:
+            raise OptionError("dilation", f"a list needs one entry per attention head: got {len(self.dilation)} "
+                                          f"for {shape.num_heads} heads (model.num_attention_heads)")
+        g = self.global_tokens
+        if isinstance(g, bool) or not isinstance(g, (int, list)):
+            raise OptionError("global_tokens", f"expected a count k (the first k positions) or a list of "
+                                               f"positions, got {g!r}")
+        if isinstance(g, int) and not 0 <= g <= shape.seq_length:
+            raise OptionError("global_tokens", f"{g} must be between 0 and the sequence length {shape.seq_length}")
+        if isinstance(g, list):
+            if any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < shape.seq_length for p in g):
+                raise OptionError("global_tokens", f"positions must be integers in [0, {shape.seq_length}) "
+                                                   f"(the sequence length), got {g!r}")
+            if len(set(g)) != len(g):
+                raise OptionError("global_tokens", f"positions repeat: {g!r}")
+
+    def attended_keys(self, shape: ModelShape) -> float:
+        """Keys per query, for FLOP counts: the window and the global tokens."""
+        return min(self.window, shape.seq_length) + len(self.global_positions())
+
+    def global_positions(self) -> list[int]:
+        """The global token positions, sorted."""
+        g = self.global_tokens
+        return list(range(g)) if isinstance(g, int) else sorted(g)
+
+
+@dataclass
+class LinearOptions:
+    """Causal linear attention (linear.py): `normalization: elu` is Katharopoulos et al.'s
+    phi(x) = elu(x) + 1 with `eps` in the denominator; `efficient` is Shen et al.'s softmax over
+    features for queries and over the positions seen so far for keys. Computed in chunks of
+    `chunk_size` positions (the result does not depend on it)."""
+
+    normalization: Literal["elu", "efficient"] = "elu"
+    eps: float = 1e-6
+    chunk_size: int = 64
+    alibi = False  # no attention scores to bias (config validation refuses model.alibi)
+
+    def attended_keys(self, shape: ModelShape) -> float:
+        """Per token: a state update and a read of head_dim x head_dim, about head_dim keys' work."""
+        return shape.head_dim
+
+    def check(self, shape: ModelShape) -> None:
+        if self.chunk_size < 1:
+            raise OptionError("chunk_size", f"must be >= 1, got {self.chunk_size}")
+        if self.eps < 0:
+            raise OptionError("eps", f"must be >= 0, got {self.eps}")
+
+
+@dataclass
+class AxialOptions:
+    """Axial attention (axial.py): the sequence folded row by row into `axial_shape: [rows, cols]`
+    (rows x cols = the sequence length), attention along its row and its column, causal."""
+
+    axial_shape: list = None
+
+    def check(self, shape: ModelShape) -> None:
+        a = self.axial_shape
+        if (not isinstance(a, list) or len(a) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in a)):
+            raise OptionError("axial_shape", f"expected [rows, cols], two positive integers, got {a!r}")
+        if a[0] * a[1] != shape.seq_length:
+            raise OptionError("axial_shape", f"{a[0]} x {a[1]} = {a[0] * a[1]} is not the sequence "
+                                             f"length {shape.seq_length}")
+
+    def attended_keys(self, shape: ModelShape) -> float:
+        """The whole row (row summaries), then on average half the row and half the column."""
+        rows, cols = self.axial_shape
+        return cols + (rows + cols) / 2
+
+
+@dataclass
+class LshOptions:
+    """Reformer LSH attention: `n_hashes` rounds of buckets, chunks of `bucket_size` (lsh.py)."""
+
+    n_hashes: int = 2
+    bucket_size: int = 64
+    seed: int = 0  # with the layer and the global head index, fixes the random rotations
+
+    def attended_keys(self, shape: ModelShape) -> float:
+        """Scores computed per query: its chunk and the one before, in every round."""
+        return self.n_hashes * 2 * min(self.bucket_size, shape.seq_length)
+
+    def check(self, shape: ModelShape) -> None:
+        if self.n_hashes < 1:
+            raise OptionError("n_hashes", f"must be >= 1, got {self.n_hashes}")
+        if self.bucket_size < 1:
+            raise OptionError("bucket_size", f"must be >= 1, got {self.bucket_size}")
+        if self.bucket_size > shape.seq_length or shape.seq_length % self.bucket_size:
+            raise OptionError("bucket_size", f"{self.bucket_size} does not divide the sequence length "
+                                             f"{shape.seq_length}")
+        chunks = shape.seq_length // self.bucket_size
+        if chunks > 1 and chunks % 2:
+            raise OptionError("bucket_size", f"the sequence length {shape.seq_length} makes {chunks} "
+                                             "buckets; LSH needs one or an even number")
+
+
+@dataclass
+class FamOptions:
+    """TransformerFAM: blocks of `block_size`, `memory_segments` previous blocks, `fam_length`
+    feedback-memory tokens per layer (0: block sliding-window attention without FAM) (fam.py)."""
+
+    block_size: int = 256
+    memory_segments: int = 1
+    fam_length: int = 64
+
+    def attended_keys(self, shape: ModelShape) -> float:
+        """Per block token: memory blocks, FAM and own block; plus the FAM queries' share."""
+        B, F = self.block_size, self.fam_length
+        return (self.memory_segments + 1) * B + F + F * (F + B) / B
+
+    def check(self, shape: ModelShape) -> None:
+        if self.block_size < 1:
+            raise OptionError("block_size", f"must be >= 1, got {self.block_size}")
+        if self.block_size > shape.seq_length or shape.seq_length % self.block_size:
+            raise OptionError("block_size", f"{self.block_size} does not divide the sequence length "
+                                            f"{shape.seq_length}")
+        if self.memory_segments < 0:
+            raise OptionError("memory_segments", f"must be >= 0, got {self.memory_segments}")
+        if self.memory_segments >= max(1, shape.seq_length // self.block_size):
+            raise OptionError("memory_segments", f"{self.memory_segments} previous blocks do not fit in "
+                                                 f"{shape.seq_length // self.block_size} blocks of the "
+                                                 "sequence")
+        if self.fam_length < 0:
+            raise OptionError("fam_length", f"must be >= 0, got {self.fam_length}")
 
 
 # Every options class may define `check(self, shape: ModelShape) -> None`, raising OptionError for
@@ -46,4 +183,8 @@ class LocalOptions:
 ATTENTION_OPTIONS: dict[str, type] = {
     "global": GlobalOptions,
     "local": LocalOptions,
+    "lsh": LshOptions,
+    "fam": FamOptions,
+    "linear": LinearOptions,
+    "axial": AxialOptions,
 }

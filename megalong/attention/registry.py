@@ -17,7 +17,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention.base import CoreAttention
 from megalong.attention.global_attention import GlobalAttention
-from megalong.attention.local import LocalAttention
+from megalong.attention.local import LocalAttention, LocalSelfAttention
+from megalong.attention.linear import LinearAttention
+from megalong.attention.axial import AxialAttention
+from megalong.attention.lsh import LshAttention, LshSelfAttention
+from megalong.attention.fam import FamAttention, FamTransformerLayer
 from megalong.attention.options import ATTENTION_OPTIONS
 
 
@@ -30,7 +34,11 @@ class AttentionKind:
 
 ATTENTION_KINDS: dict[str, AttentionKind] = {
     "global": AttentionKind(GlobalAttention),
-    "local": AttentionKind(LocalAttention),
+    "local": AttentionKind(LocalAttention, self_attention=LocalSelfAttention),  # global tokens
+    "lsh": AttentionKind(LshAttention, self_attention=LshSelfAttention),
+    "fam": AttentionKind(FamAttention, layer=FamTransformerLayer),
+    "linear": AttentionKind(LinearAttention),
+    "axial": AttentionKind(AxialAttention),
 }
 CORE_ATTENTION: dict[str, type[CoreAttention]] = {k: v.core for k, v in ATTENTION_KINDS.items()}
 if ATTENTION_KINDS.keys() != ATTENTION_OPTIONS.keys():

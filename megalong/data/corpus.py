@@ -55,28 +55,34 @@ class ReadStats:
             self.examples.append(message)
 
 
-def expand_inputs(inputs: Iterable[str] | str) -> list[str]:
-    """Paths and globs -> de-duplicated files (globs sorted); a name that matches nothing is an error."""
+def expand_inputs(inputs: Iterable[str] | str, missing: Optional[list[str]] = None) -> list[str]:
+    """Paths and globs -> de-duplicated files (globs sorted); a name that matches nothing is an
+    error, or, when a `missing` list is given, appended to it."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     files: list[str] = []
     for pattern in map(str, inputs):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise CorpusError(f"{pattern}: no file matches this pattern")
+            if missing is None:
+                raise CorpusError(f"{pattern}: no file matches this pattern")
+            missing.append(pattern)
         for path in matches:
             if not os.path.isfile(path):
-                raise CorpusError(f"{path}: file not found")
-            if path not in files:
+                if missing is None:
+                    raise CorpusError(f"{path}: file not found")
+                missing.append(path)
+            elif path not in files:
                 files.append(path)
-    if not files:
+    if not files and missing is None:
         raise CorpusError("no input files given")
     return files
 
 
-def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-frame) .zst file. A truncated last frame is an
-    error: zstandard's stream reader would end silently and lose the tail of the corpus."""
+def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int]]:
+    """(decompressed bytes, compressed bytes read so far) of a (possibly multi-frame) .zst file.
+    A truncated last frame is an error: zstandard's stream reader would end silently and lose the
+    tail of the corpus."""
     with open(path, "rb") as raw:
         dobj = zstandard.ZstdDecompressor().decompressobj()
         pending = b""
@@ -87,7 +93,7 @@ def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
                 break
             out = dobj.decompress(data)
             if out:
-                yield out
+                yield out, raw.tell()
             if dobj.eof:  # one frame done; whatever follows starts the next frame
                 pending = dobj.unused_data
                 dobj = zstandard.ZstdDecompressor().decompressobj()
@@ -97,6 +103,59 @@ def _zstd_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
                         return
         if not dobj.eof:
             raise zstandard.ZstdError("the file ends inside a frame")
+
+
+def _plain_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int]]:
+    with open(path, "rb") as raw:
+        while data := raw.read(chunk_size):
+            yield data, raw.tell()
+
+
+def file_chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int]]:
+    """(bytes, position in the file on disk) pieces of a file, `.zst` decompressed on the fly."""
+    return _zstd_chunks(path, chunk_size) if path.endswith(".zst") else _plain_chunks(path, chunk_size)
+
+
+def iter_blocks(path: str, block_bytes: int = 1 << 20) -> Iterator[tuple[bytes, int, int]]:
+    """(block, number of its first line (1-based), position on disk) where each block holds whole
+    lines, about `block_bytes` of them; a line longer than that is a block of its own. A zstd
+    error (truncated file) propagates as zstandard.ZstdError after the last complete block."""
+    pending: list[bytes] = []
+    size = 0
+    line = 1
+    pos = 0
+    chunks = file_chunks(path, block_bytes)
+    while True:
+        try:
+            data, pos = next(chunks)
+        except StopIteration:
+            break
+        except zstandard.ZstdError:
+            # Keep the whole lines read before the damage; the broken last line is lost.
+            block = b"".join(pending)
+            block = block[: block.rfind(b"\n") + 1]
+            if block:
+                yield block, line, pos
+            raise
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            pending.append(data)
+            size += len(data)
+            continue
+        pending.append(data[:cut + 1])
+        size += cut + 1
+        if size >= block_bytes or cut + 1 == len(data):
+            block = b"".join(pending)
+            yield block, line, pos
+            line += block.count(b"\n")
+            pending, size = [], 0
+        if cut + 1 < len(data):
+            pending.append(data[cut + 1:])
+            size += len(data) - cut - 1
+    if pending:
+        block = b"".join(pending)
+        if block:
+            yield block, line, pos
 
 
 def _lines_of_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -118,7 +177,7 @@ def _lines_of_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def iter_file_lines(path: str) -> Iterator[bytes]:
     """The lines of a file as bytes, decompressing `.zst` on the fly, never the whole file at once."""
     if path.endswith(".zst"):
-        yield from _lines_of_chunks(_zstd_chunks(path))
+        yield from _lines_of_chunks(data for data, _ in _zstd_chunks(path))
     else:
         with open(path, "rb") as f:
             yield from f

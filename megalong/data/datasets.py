@@ -156,6 +156,27 @@ def build_gpt_datasets(data_prefixes: Sequence[tuple[float, str]], split: str, s
     return tuple(ds if n > 0 else None for ds, n in zip(datasets, num_samples))
 
 
+def blend_counts(dataset) -> list[tuple[str, float, int]]:
+    """(prefix, normalised weight, samples it contributes) for every dataset of a split, counted
+    from the BlendedDataset's own index (the exact numbers training will see)."""
+    if dataset is None:
+        return []
+    if not hasattr(dataset, "dataset_index"):  # one prefix: a plain GPTDataset
+        return [(str(dataset.dataset_path), 1.0, len(dataset))]
+    index = np.asarray(dataset.dataset_index)[: len(dataset)]
+    counts = np.bincount(index, minlength=len(dataset.datasets))
+    total = sum(dataset.weights)
+    return [(str(ds.dataset_path), w / total, int(n))
+            for ds, w, n in zip(dataset.datasets, dataset.weights, counts)]
+
+
+def describe_blend(name: str, dataset) -> str:
+    """One line: how many samples of the split come from each dataset, and at what weight."""
+    parts = [f"{Path(p).name} {100 * w:.1f}% -> {n} samples" for p, w, n in blend_counts(dataset)]
+    total = sum(n for _, _, n in blend_counts(dataset))
+    return f"data: {name} {total} samples: " + ", ".join(parts)
+
+
 def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Stack samples into a batch: int64 tensors [B, L] (float32 for loss_mask), dataset_id [B]."""
     if not samples:

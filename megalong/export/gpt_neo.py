@@ -21,8 +21,12 @@ def gpt_neo_refusal(cfg: Config) -> Optional[str]:
         (m.linear_bias, "model.linear_bias is false (GPT-Neo's output and MLP projections have biases)"),
         (m.tie_embeddings, "model.tie_embeddings is false (GPT-Neo ties input and output embeddings)"),
         (set(cfg.mlp_kinds()) == {"dense"}, "model.mlp_layers has MoE layers (GPT-Neo's MLPs are dense)"),
+        (not m.reversible, "model.reversible is true (GPT-Neo's layers are not reversible pairs)"),
         (set(cfg.layer_kinds()) <= {"global", "local"},
          f"model.attention_layers uses {sorted(set(cfg.layer_kinds()) - {'global', 'local'})} (GPT-Neo has global and local only)"),
+        ("local" not in cfg.layer_kinds() or (cfg.attention_options("local").dilation == 1
+                                               and not cfg.attention_options("local").global_tokens),
+         "model.attention.local has dilation or global_tokens (GPT-Neo's local attention has neither)"),
     ]
     reasons = [reason for ok, reason in checks if not ok]
     return "; ".join(reasons) if reasons else None

@@ -117,6 +117,10 @@ def _write_gpt_neo(cfg, state, tokenizer, folder: Path) -> int:
 
 def megalong_refusal(cfg) -> Optional[str]:
     """Why even megalong's own Hugging Face class cannot hold this model (None when it can)."""
+    from megalong.export.modeling import export_refusal
+
+    if (reason := export_refusal(cfg)) is not None:
+        return reason
     if "moe" in cfg.mlp_kinds() and cfg.moe_options().router == "expert_choice":
         return ("model.moe.router is 'expert_choice': experts choose among all tokens of the batch, "
                 "so a token's output depends on later tokens and generation cannot reproduce training")

@@ -77,7 +77,15 @@ def layer_spec(cfg: Config, kind: str, mlp_kind: str = "dense") -> ModuleSpec:
     )
 
 
-def decoder_spec(cfg: Config) -> TransformerBlockSubmodules:
-    """Per-layer specs of the whole decoder (one pipeline stage holds them all for now)."""
+def decoder_spec(cfg: Config, config=None, vp_stage=None) -> TransformerBlockSubmodules:
+    """Per-layer specs of the decoder: all layers, or with pipeline stages (megatron-core
+    `TransformerConfig` `config` with pipeline_model_parallel_size > 1) the layers of this rank's
+    stage (chunk `vp_stage` with virtual stages), which megatron takes as given."""
     layers = [layer_spec(cfg, kind, mlp) for kind, mlp in zip(cfg.layer_kinds(), cfg.mlp_kinds())]
+    if config is not None and config.pipeline_model_parallel_size > 1:
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        offset = get_transformer_layer_offset(config, vp_stage)
+        layers = layers[offset:offset + get_num_layers_to_build(config, vp_stage)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm_class())

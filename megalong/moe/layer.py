@@ -13,11 +13,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from megalong.kernels import select as kernels
 from megalong.moe.dispatch import permute, plan, unpermute
 from megalong.moe.expert_parallel import all_to_all, gather_rows, plan_exchange, slice_rows
 from megalong.moe.experts import Experts
 from megalong.moe.options import MoEOptions
-from megalong.moe.router import build_router
+from megalong.moe.router import TopKRouter, build_router
 
 
 @dataclass
@@ -66,8 +67,21 @@ class MoELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, padding_mask: Any = None, **unused: Any):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routing = self.router(x)
+        fused = kernels.use_kernels(x)  # Triton gating, permutation and grouped GEMM on CUDA
+        routing = kernels.topk_route(self.router, x) if fused and type(self.router) is TopKRouter else None
+        routing = routing if routing is not None else self.router(x)
         dispatch = plan(routing.expert_index, routing.gates, routing.kept, self.options.num_experts)
+        if fused and self.ep_size == 1:
+            out = kernels.moe_experts(self.experts, x, dispatch, routing.expert_index.shape[1])
+        else:
+            out = self._experts_torch(x, dispatch)
+        if self.shared is not None:
+            out = out + self.shared.expert(0, x)
+        self.aux_loss = routing.aux_loss
+        self.stats = RoutingStats(routing.load.detach(), (~routing.kept).sum().detach(), routing.kept.numel())
+        return out.view(shape), None
+
+    def _experts_torch(self, x: torch.Tensor, dispatch: Any) -> torch.Tensor:
         rows = permute(x, dispatch)
         if self.ep_size == 1:
             y = self.experts(rows, dispatch.tokens_per_expert)
@@ -82,12 +96,7 @@ class MoELayer(nn.Module):
             mine_rows = slice_rows(rows, owner, self.tp_rank, self.tp_size, self.tp_group)
             y = gather_rows(self._experts_across_ranks(mine_rows, counts), owner, self.tp_rank,
                             self.tp_size, self.tp_group)
-        out = unpermute(y, dispatch, x.shape[0])
-        if self.shared is not None:
-            out = out + self.shared.expert(0, x)
-        self.aux_loss = routing.aux_loss
-        self.stats = RoutingStats(routing.load.detach(), (~routing.kept).sum().detach(), routing.kept.numel())
-        return out.view(shape), None
+        return unpermute(y, dispatch, x.shape[0])
 
 
     def _experts_across_ranks(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,33 @@
 """The places where megatron-core 0.16.1 assumes CUDA, made to run on a machine without it.
 
-Each function here is applied only when CUDA is absent and only to the object it names, so GPU
-runs use megatron-core unchanged.
+Everything here is applied only when CUDA is absent, so GPU runs use megatron-core unchanged.
+
+Two kinds of help:
+
+* `keep_rotary_embedding_on_cpu(rotary)`: megatron's RoPE moves its inverse frequencies to
+  `torch.cuda.current_device()` on its first forward; without CUDA, compute them where they are.
+  Applied to that one object only.
+
+* `enable()`: process-wide, for megatron's pipeline schedules and point-to-point communication,
+  which allocate their receive buffers with `device="cuda"` / `torch.cuda.current_device()`, call
+  `Tensor.cuda()` (tied embeddings across stages), and use CUDA streams, events and
+  `torch.cuda.synchronize()`. It pushes a `TorchFunctionMode` that rewrites CUDA device arguments
+  (a "cuda" string, a CUDA `torch.device` or a bare device index) to the CPU and turns
+  `Tensor.cuda()` into a no-op, and installs no-op stand-ins for `torch.cuda.Stream`, `Event`,
+  `stream`, `current_stream`, `synchronize` and `current_device` (which returns index 0, mapped to
+  the CPU by the mode). `torch.cuda.is_available()` stays False, so megatron's own CPU branches
+  are still taken. `training.train` calls it when the layout needs pipeline stages.
 """
 from __future__ import annotations
 
+import contextlib
 import types
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED: "_CudaArgsToCpu | None" = None
 
 
 def _rotary_emb_in_place(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
@@ -25,3 +45,119 @@ def keep_rotary_embedding_on_cpu(rotary: torch.nn.Module) -> None:
     forward, which raises without CUDA. Without CUDA, compute them where they are."""
     if not torch.cuda.is_available():
         rotary.get_emb = types.MethodType(_rotary_emb_in_place, rotary)
+
+
+def _is_cuda_device(value: Any) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value.split(":")[0] == "cuda"
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _CudaArgsToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Event:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _Event:
+        return event or _Event()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = _Stream()
+
+
+def _stand_ins() -> dict[str, Any]:
+    return {
+        "Stream": _Stream,
+        "Event": _Event,
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "current_stream": lambda device=None: _DEFAULT_STREAM,
+        "default_stream": lambda device=None: _DEFAULT_STREAM,
+        "synchronize": lambda device=None: None,
+        "current_device": lambda: 0,
+    }
+
+
+def enable() -> bool:
+    """Let megatron-core's CUDA-only pipeline and communication code run on the CPU (idempotent).
+
+    Returns whether the compatibility layer is active (False where CUDA is available)."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED is None:
+        for name, stand_in in _stand_ins().items():
+            setattr(torch.cuda, name, stand_in)
+        _ENABLED = _CudaArgsToCpu()
+        _ENABLED.__enter__()
+    return True
+
+
+def is_enabled() -> bool:
+    return _ENABLED is not None
+
+
+def enable_cpu_recompute() -> bool:
+    """megatron-core's activation recompute (`tensor_parallel.checkpoint`) saves and restores the
+    CUDA RNG state beside the CPU's, which raises without CUDA. Without CUDA, keep the CPU state
+    and megatron's (CUDA-less, empty) RNG tracker only. Returns whether the patch is active."""
+    if torch.cuda.is_available():
+        return False
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def get_states():
+        return torch.get_rng_state(), None, tp_random.get_cuda_rng_tracker().get_states()
+
+    def set_states(cpu_state, cuda_state, tracker_states):
+        torch.set_rng_state(cpu_state)
+        tp_random.get_cuda_rng_tracker().set_states(tracker_states)
+
+    tp_random._get_all_rng_states = get_states
+    tp_random._set_all_rng_states = set_states
+    return True

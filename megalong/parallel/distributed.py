@@ -21,15 +21,20 @@ class ParallelLayout:
     expert_parallel: int = 1
     expert_rank: int = 0
     expert_data_rank: int = 0
+    pipeline_parallel: int = 1
+    pipeline_rank: int = 0
+    virtual_stages: int = 1
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int = 1) -> ParallelLayout:
+def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int = 1,
+               pipeline_parallel: int = 1, virtual_stages: int = 1) -> ParallelLayout:
     """Start torch.distributed (from torchrun's environment, or a one-process group) and
-    megatron-core's model-parallel groups. NCCL on GPUs, gloo on the CPU."""
+    megatron-core's model-parallel groups. NCCL on GPUs, gloo on the CPU (where pipeline stages
+    need megalong.parallel.cpu_compat, enabled here)."""
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
@@ -47,7 +52,13 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
         # expert-data-parallel group is every rank holding the same experts, TP peers included.
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel, expert_model_parallel_size=expert_parallel,
-            expert_tensor_parallel_size=1 if expert_parallel > 1 else None)
+            expert_tensor_parallel_size=1 if expert_parallel > 1 else None,
+            pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        from megalong.parallel import cpu_compat
+
+        cpu_compat.enable()
     return ParallelLayout(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
@@ -59,6 +70,9 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
         expert_parallel=parallel_state.get_expert_model_parallel_world_size(),
         expert_rank=parallel_state.get_expert_model_parallel_rank(),
         expert_data_rank=parallel_state.get_expert_data_parallel_rank(),
+        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        virtual_stages=parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
     )
 
 

@@ -4,13 +4,20 @@
     <save_dir>/step_00000100/
         config.yaml                   the resolved config of the run
         meta.json                     step, parallel layout, vocab sizes, TP partition dims
-        model_tp00.pt ...             model state of each tensor-parallel rank (without the experts
-                                      when they are split over expert-parallel ranks)
+        model_tp00.pt ...             weights of each tensor-parallel rank (model_tp00_pp01.pt ...
+                                      with pipeline stages), under the whole model's names (global
+                                      layer numbers), without the experts when they are split over
+                                      expert-parallel ranks
         experts_ep00.pt ...           with expert parallelism: each expert-parallel rank's experts
-        optim_tp00.pt ...             optimizer state of each tensor-parallel rank
-                                      (optim_tp00_ep00.pt ... with expert parallelism)
+        optim_tp00.pt ...             Adam state, split and named like the weights
+        optim_experts_ep00.pt ...     (and like the experts)
         rng_rank000.pt ...            RNG states of every process
         tokenizer.model               the SentencePiece model the run trained with
+
+Loading merges the parts into the one-process state and takes the loading rank's slice, so a
+checkpoint saved at one layout (tensor x pipeline x expert x data) loads at any other, with its
+optimizer state. (This costs one whole copy of the model and its Adam state per process while
+loading: megatron-core's dist_checkpointing, which reads only each rank's slice, is not used.)
 
 A process killed while saving leaves only `.step_XXXX.tmp`, never a half-written `step_XXXX`,
 and `latest` keeps naming the previous complete checkpoint.
@@ -31,7 +38,7 @@ import torch.distributed as dist
 import yaml
 
 from megalong.config import Config, ConfigError, config_from_dict
-from megalong.model.tp_shard import merge_tensor_parallel, partition_dims
+from megalong.model.tp_shard import merge_tensor_parallel, partition_dims, split_tensor_parallel
 from megalong.parallel.distributed import ParallelLayout
 
 LATEST = "latest"
@@ -72,10 +79,74 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.nn.Module,
+def _chunks(model) -> list[torch.nn.Module]:
+    """A rank's model chunks: one module, or the list of its virtual pipeline stages."""
+    if isinstance(model, (list, tuple, torch.nn.ModuleList)):
+        return list(model)
+    return [model]
+
+
+def _global_state(model, tied: bool) -> dict[str, torch.Tensor]:
+    """This rank's weights under the whole model's names (global layer numbers). The last
+    stage's copy of tied embeddings is left out: the one-process model has no such entry."""
+    from megalong.model.gpt import layer_offset, to_global_names
+
+    state: dict[str, torch.Tensor] = {}
+    for chunk in _chunks(model):
+        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
+        state.update(to_global_names(chunk.state_dict(), offset))
+    if tied and "embedding.word_embeddings.weight" not in state:
+        state.pop("output_layer.weight", None)
+    return state
+
+
+def _param_names(model) -> dict[torch.nn.Parameter, str]:
+    from megalong.model.gpt import layer_offset, _shift_layer
+
+    names = {}
+    for chunk in _chunks(model):
+        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
+        for name, param in chunk.named_parameters():
+            names.setdefault(param, _shift_layer(name, offset))
+    return names
+
+
+OPTIM_SEP = "/"  # optimizer entries are named "<parameter name>/<state key>"
+
+
+def _optimizer_state(model, optimizer: torch.optim.Optimizer, tied: bool) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state under the parameters' global names, so that it can be merged
+    and re-split for another layout like the weights."""
+    state = {}
+    for param, name in _param_names(model).items():
+        if tied and name == "output_layer.weight":
+            continue  # the same state as the first stage's embedding
+        for key, value in optimizer.state.get(param, {}).items():
+            state[f"{name}{OPTIM_SEP}{key}"] = value
+    return state
+
+
+def _set_optimizer_state(model, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, entry = key.rsplit(OPTIM_SEP, 1)
+        by_param.setdefault(name, {})[entry] = value
+    for param, name in _param_names(model).items():
+        if name == "output_layer.weight" and name not in by_param:
+            name = "embedding.word_embeddings.weight"  # tied: the last stage's copy
+        if name in by_param:
+            optimizer.state[param] = {k: v.clone() for k, v in by_param[name].items()}
+
+
+def _part_suffix(tp: int, pp: int, pipeline: int) -> str:
+    return f"tp{tp:02d}" + (f"_pp{pp:02d}" if pipeline > 1 else "")
+
+
+def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
                     optimizer: torch.optim.Optimizer, layout: ParallelLayout,
                     tokenizer_path: str, tokenizer_vocab_size: int) -> Path:
-    """Save on every rank (collective); returns the final directory."""
+    """Save on every rank (collective); returns the final directory. `model` is a module or a
+    pipeline rank's list of model chunks."""
     save_dir = Path(save_dir)
     final = save_dir / step_dir_name(step)
     tmp = save_dir / f".{final.name}.tmp"
@@ -86,17 +157,29 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
         tmp.mkdir()
     _barrier()
 
-    tp, ep, split_experts = layout.tensor_rank, layout.expert_rank, layout.expert_parallel > 1
-    state = model.state_dict()
+    tp, pp, ep = layout.tensor_rank, layout.pipeline_rank, layout.expert_rank
+    split_experts = layout.expert_parallel > 1
+    tied = cfg.model.tie_embeddings
+    part = _part_suffix(tp, pp, layout.pipeline_parallel)
+    expert_part = f"ep{ep:02d}" + (f"_pp{pp:02d}" if layout.pipeline_parallel > 1 else "")
+    state = _global_state(model, tied)
+    optim = _optimizer_state(model, optimizer, tied)
+
+    def dense(entries):
+        return {k: v for k, v in entries.items() if not (split_experts and is_expert_key(k))}
+
+    def experts(entries):
+        return {k: v for k, v in entries.items() if is_expert_key(k)}
+
     # Every part is written once, by the first process that holds it.
-    if _first_holder(("model", tp)):
-        torch.save({k: v for k, v in state.items() if not (split_experts and is_expert_key(k))},
-                   tmp / f"model_tp{tp:02d}.pt")
-    if split_experts and _first_holder(("experts", ep)):
-        torch.save({k: v for k, v in state.items() if is_expert_key(k)}, tmp / f"experts_ep{ep:02d}.pt")
-    if _first_holder(("optim", tp, ep)):
-        torch.save(optimizer.state_dict(), tmp / _optim_name(tp, ep, split_experts))
+    if _first_holder(("model", tp, pp)):
+        torch.save(dense(state), tmp / f"model_{part}.pt")
+        torch.save({"state": dense(optim), "groups": _groups(optimizer)}, tmp / f"optim_{part}.pt")
+    if split_experts and _first_holder(("experts", ep, pp)):
+        torch.save(experts(state), tmp / f"experts_{expert_part}.pt")
+        torch.save({"state": experts(optim)}, tmp / f"optim_experts_{expert_part}.pt")
     torch.save(_rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
+    dims = _gathered(partition_dims_global(model))
     _barrier()
 
     if layout.rank == 0:
@@ -105,12 +188,13 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
         meta = {
             "step": step,
             "tensor_parallel": layout.tensor_parallel,
+            "pipeline_parallel": layout.pipeline_parallel,
             "data_parallel": layout.data_parallel,
             "expert_parallel": layout.expert_parallel,
             "world_size": layout.world_size,
             "tokenizer_vocab_size": tokenizer_vocab_size,
             "gated_mlp": cfg.model.activation == "swiglu",
-            "partition_dims": partition_dims(model),
+            "partition_dims": dims,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
         if final.exists():
@@ -119,6 +203,33 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model: torch.n
         _write_text_atomically(save_dir / LATEST, final.name + "\n")
     _barrier()
     return final
+
+
+def partition_dims_global(model) -> dict[str, int | None]:
+    """partition_dims of every chunk, under global layer names."""
+    from megalong.model.gpt import layer_offset, to_global_names
+
+    dims = {}
+    for chunk in _chunks(model):
+        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
+        dims.update(to_global_names(partition_dims(chunk), offset))
+    return dims
+
+
+def _gathered(dims: dict) -> dict:
+    """The union of every rank's dict (each pipeline stage knows only its own layers)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dims
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dims)
+    out = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def is_expert_key(name: str) -> bool:
@@ -135,19 +246,8 @@ def _first_holder(key: tuple) -> bool:
     return keys.index(key) == dist.get_rank()
 
 
-def _optim_name(tp: int, ep: int, split_experts: bool) -> str:
-    return f"optim_tp{tp:02d}_ep{ep:02d}.pt" if split_experts else f"optim_tp{tp:02d}.pt"
-
-
 def _load(path: Path, device) -> dict:
     return torch.load(path, map_location=device, weights_only=False)
-
-
-def _model_state(path: Path, tp: int, ep: int, expert_parallel: int, device) -> dict[str, torch.Tensor]:
-    state = _load(path / f"model_tp{tp:02d}.pt", device)
-    if expert_parallel > 1:
-        state.update(_load(path / f"experts_ep{ep:02d}.pt", device))
-    return state
 
 
 def find_latest(save_dir: str | Path) -> Optional[Path]:
@@ -187,29 +287,90 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 
 def check_compatible(saved: Config, current: Config, path: Path) -> None:
-    """Refuse a checkpoint whose model (or TP layout) differs from the current config."""
+    """Refuse a checkpoint whose model differs from the current config (any parallel layout loads)."""
     saved_model, current_model = saved.to_dict()["model"], current.to_dict()["model"]
     differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
     if differing:
         details = "; ".join(f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model[k]!r}"
                             for k in differing)
         raise CheckpointError(f"checkpoint {path} was trained with another model config: {details}")
-    for key in ("tensor", "expert"):
-        if getattr(saved.parallel, key) != getattr(current.parallel, key):
-            raise CheckpointError(
-                f"checkpoint {path} has parallel.{key}={getattr(saved.parallel, key)} but the config "
-                f"asks for {getattr(current.parallel, key)}; keep the same layout to resume")
 
 
-def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer], layout: ParallelLayout) -> int:
-    """Restore model, optimizer and RNG state in place; returns the step to continue from."""
+def _merged(info: CheckpointInfo, prefix: str, device="cpu") -> dict[str, torch.Tensor]:
+    """Entries of the `model` (weights) or `optim` (Adam state) files merged into what one process
+    holds: TP shards concatenated along their split dimension, experts over EP ranks along dim 0,
+    and the pipeline stages' (globally named) entries united."""
+    meta = info.meta
+    tp, pp, ep = meta["tensor_parallel"], meta.get("pipeline_parallel", 1), meta.get("expert_parallel", 1)
+    dims = dict(meta["partition_dims"])
+    if prefix == "optim":
+        dims = {f"{n}{OPTIM_SEP}{k}": d for n, d in dims.items() for k in ("exp_avg", "exp_avg_sq")}
+
+    def read(name: str) -> dict:
+        data = _load(info.path / name, device)
+        return data["state"] if prefix == "optim" else data
+
+    merged: dict[str, torch.Tensor] = {}
+    for stage in range(pp):
+        shards = [read(f"{prefix}_{_part_suffix(t, stage, pp)}.pt") for t in range(tp)]
+        if ep > 1:  # experts are whole on every TP rank and split over EP ranks along dim 0
+            stage_tag = f"_pp{stage:02d}" if pp > 1 else ""
+            name = "experts" if prefix == "model" else "optim_experts"
+            per_rank = [read(f"{name}_ep{e:02d}{stage_tag}.pt") for e in range(ep)]
+            experts = {k: (torch.cat([part[k] for part in per_rank], dim=0) if per_rank[0][k].ndim
+                           else per_rank[0][k]) for k in per_rank[0]}
+            for shard in shards:
+                shard.update(experts)
+        merged.update(merge_tensor_parallel(shards, dims, meta["gated_mlp"]))
+    return merged
+
+
+def _this_rank(full: dict[str, torch.Tensor], dims: dict, cfg: Config, layout: ParallelLayout,
+               wanted: set[str]) -> dict[str, torch.Tensor]:
+    """This rank's slice of a merged state: its TP slice, its experts."""
+    out = split_tensor_parallel({k: v for k, v in full.items() if k in wanted}, dims,
+                                layout.tensor_parallel, layout.tensor_rank, cfg.model.activation == "swiglu")
+    if layout.expert_parallel > 1:
+        for k, v in out.items():
+            if is_expert_key(k) and v.ndim:
+                out[k] = v.chunk(layout.expert_parallel, dim=0)[layout.expert_rank].clone()
+    return out
+
+
+def load_checkpoint(path: str | Path, cfg: Config, model, optimizer: Optional[torch.optim.Optimizer],
+                    layout: ParallelLayout) -> int:
+    """Restore model, optimizer and RNG state in place; returns the step to continue from.
+
+    The checkpoint may come from any tensor/pipeline/expert/data-parallel layout: it is merged to
+    the one-process state and this rank's part is taken (weights and Adam state alike)."""
+    from megalong.model.gpt import layer_offset, to_global_names
+
     info = read_checkpoint_info(path)
     check_compatible(info.config, cfg, info.path)
-    tp, ep, ep_size = layout.tensor_rank, layout.expert_rank, layout.expert_parallel
-    model.load_state_dict(_model_state(info.path, tp, ep, ep_size, layout.device))
+    dims = partition_dims_global(model)
+    tied = cfg.model.tie_embeddings
+    if tied and "output_layer.weight" in dims:  # the last stage's copy is split like the original
+        dims.setdefault("embedding.word_embeddings.weight", dims["output_layer.weight"])
+    full = _merged(info, "model", layout.device)
+    for chunk in _chunks(model):
+        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
+        local_to_global = {k: g for k, g in zip(chunk.state_dict(),
+                                                to_global_names(dict.fromkeys(chunk.state_dict()), offset))}
+        sources = {g if not (tied and g == "output_layer.weight" and g not in full)
+                   else "embedding.word_embeddings.weight" for g in local_to_global.values()}
+        mine = _this_rank(full, dims, cfg, layout, sources)
+        state = {}
+        for local, g in local_to_global.items():
+            if tied and g == "output_layer.weight" and g not in full:
+                g = "embedding.word_embeddings.weight"
+            state[local] = mine[g]
+        chunk.load_state_dict(state, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(_load(info.path / _optim_name(tp, ep, ep_size > 1), layout.device))
+        full_optim = _merged(info, "optim", layout.device)
+        optim_dims = {f"{n}{OPTIM_SEP}{k}": d for n, d in dims.items() for k in ("exp_avg", "exp_avg_sq")}
+        names = set(_param_names(model).values()) | {"embedding.word_embeddings.weight"}
+        wanted = {k for k in full_optim if k.rsplit(OPTIM_SEP, 1)[0] in names}
+        _set_optimizer_state(model, optimizer, _this_rank(full_optim, optim_dims, cfg, layout, wanted))
     rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
     if rng_file.is_file() and info.meta["world_size"] == layout.world_size:
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -217,24 +378,16 @@ def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
 
 
 def load_merged_state(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
-    """The model's state dict as a single TP=1 model would hold it (TP shards merged)."""
+    """The model's state dict as a single one-process model would hold it, from any layout."""
     info = read_checkpoint_info(path)
-    tp, ep = info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1)
-    shards = [_load(info.path / f"model_tp{r:02d}.pt", "cpu") for r in range(tp)]
-    if ep > 1:  # experts are whole on every TP rank and split over EP ranks along dim 0
-        per_rank = [_load(info.path / f"experts_ep{e:02d}.pt", "cpu") for e in range(ep)]
-        experts = {k: torch.cat([part[k] for part in per_rank], dim=0) for k in per_rank[0]}
-        for shard in shards:
-            shard.update(experts)
-    state = merge_tensor_parallel(shards, info.meta["partition_dims"], info.meta["gated_mlp"])
-    return info, state
+    return info, _merged(info, "model")
 
 
 def single_process_config(cfg: Config) -> Config:
-    """The same config for a TP=1 process (used to rebuild a merged model for export/sampling)."""
+    """The same config for a single process (used to rebuild a merged model for export/sampling)."""
     raw = cfg.to_dict()
-    raw["parallel"]["tensor"] = 1
-    raw["parallel"]["expert"] = 1
+    raw["parallel"].update({"tensor": 1, "expert": 1, "pipeline": 1, "virtual_stages": 1,
+                            "pipeline_layers": None})
     try:
         return config_from_dict(raw)
     except ConfigError as e:  # pragma: no cover - a saved config was validated when it was saved

@@ -14,13 +14,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong.config import Config, ConfigError, validate
-from megalong.model.gpt import build_model, model_flops_per_token, position_ids_for
+from megalong.model.gpt import build_model_chunks, model_flops_per_token, position_ids_for
 from megalong.moe.layer import moe_aux_loss, moe_stats, update_router_biases
 from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train import checkpoint as ckpt
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
 from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
-from megalong.train.optim import build_optimizer, clip_gradients, reduce_expert_gradients
+from megalong.train.optim import (average_data_parallel_gradients, build_optimizer, clip_gradients,
+                                  reduce_expert_gradients, reduce_tied_embedding_gradients)
+from megalong.train.pipeline import pipeline_forward_backward
 from megalong.train.schedule import learning_rate
 
 log = logging.getLogger("megalong")
@@ -88,6 +90,26 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm
 
 
+def pipeline_train_step(chunks: torch.nn.ModuleList, optimizer: torch.optim.Optimizer,
+                        micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int, lr: float,
+                        cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """train_step with pipeline stages: megatron's schedule runs forward and backward, then the
+    gradients are synchronised (data-parallel average, tied embeddings, experts) and stepped."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    lm, aux = pipeline_forward_backward(list(chunks), micro_batches, n_micro,
+                                        lambda: _autocast(cfg, device))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    average_data_parallel_gradients(params)
+    reduce_tied_embedding_gradients(list(chunks))
+    reduce_expert_gradients(params)
+    norm = clip_gradients(params, cfg.train.grad_clip)
+    optimizer.step()
+    update_router_biases(chunks)
+    return _mean_over_data_parallel(lm), _mean_over_data_parallel(aux), norm
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, cfg: Config, layout: ParallelLayout) -> float:
     """Mean loss over the first `eval_iters` global batches of the held-out split."""
@@ -95,10 +117,17 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, layout: ParallelLayou
     model.eval()
     t = cfg.train
     losses = []
-    for indices in eval_batches(dataset, t.eval_iters, t.global_batch_size, t.micro_batch_size,
-                                layout.data_parallel, layout.data_rank):
+    batches = (fetch(dataset, indices, layout.device) for indices in eval_batches(
+        dataset, t.eval_iters, t.global_batch_size, t.micro_batch_size, layout.data_parallel,
+        layout.data_rank))
+    if layout.pipeline_parallel > 1:
+        n_micro = t.eval_iters * t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
+        lm, _ = pipeline_forward_backward(list(model), batches, n_micro,
+                                          lambda: _autocast(cfg, layout.device), forward_only=True)
+        losses.append(lm)
+    for batch in batches:  # without pipeline stages (empty after the pipeline consumed it)
         with _autocast(cfg, layout.device):
-            losses.append(lm_loss(model, fetch(dataset, indices, layout.device)))
+            losses.append(lm_loss(model, batch))
     model.train(was_training)
     return float(_mean_over_data_parallel(torch.stack(losses).mean()))
 
@@ -131,8 +160,8 @@ def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> st
     summary = ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
     return (f"model: {cfg.model.num_layers} layers ({summary}), hidden {cfg.model.hidden_size}, "
             f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
-            f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x data "
-            f"{layout.data_parallel}) on {layout.device.type}")
+            f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x pipeline "
+            f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}")
 
 
 def _report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
@@ -155,8 +184,14 @@ def train(cfg: Config) -> TrainResult:
     """Train as configured; every process of a torchrun job calls this."""
     from megalong.data.tokenizer import SentencePieceTokenizer
 
+    if cfg.train.engine == "deepspeed":  # DeepSpeed ZeRO runs its own step (deepspeed_engine.py)
+        from megalong.train.deepspeed_engine import train as train_with_deepspeed
+
+        return train_with_deepspeed(cfg)
     t = cfg.train
-    layout = initialize(cfg.parallel.tensor, cfg.parallel.backend, cfg.parallel.expert)
+    p = cfg.parallel
+    layout = initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,
+                        virtual_stages=p.virtual_stages)
     validate(cfg, world_size=layout.world_size)
     if t.tensorboard_dir:
         try:
@@ -170,7 +205,9 @@ def train(cfg: Config) -> TrainResult:
                           f"{tokenizer.vocab_size} pieces of data.tokenizer {cfg.data.tokenizer}")
 
     torch.manual_seed(t.seed)  # identical on every rank: any TP size starts from the same weights
-    model = build_model(cfg, tokenizer.vocab_size).to(layout.device)
+    chunks = [chunk.to(layout.device) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
+    # With pipeline stages the model is this rank's list of chunks (one per virtual stage).
+    model = chunks[0] if layout.pipeline_parallel == 1 else torch.nn.ModuleList(chunks)
     optimizer = build_optimizer(model, t)
     start_step = 0
     resume = _resume_path(cfg)
@@ -180,7 +217,7 @@ def train(cfg: Config) -> TrainResult:
         torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
 
     train_set, valid_set, _ = _build_datasets(cfg, tokenizer)
-    if layout.data_parallel > 1:
+    if layout.data_parallel > 1 and layout.pipeline_parallel == 1:
         # Expert weights differ across expert-parallel ranks: DDP must not average them over DP.
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)])
@@ -192,7 +229,7 @@ def train(cfg: Config) -> TrainResult:
     n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
     tokens_per_step = t.global_batch_size * cfg.seq_length
-    throughput = Throughput(tokens_per_step, model_flops_per_token(cfg, core.vocab_size),
+    throughput = Throughput(tokens_per_step, model_flops_per_token(cfg, chunks[0].vocab_size),
                             t.peak_tflops * 1e12 * layout.world_size)
     metrics_file = None
     if t.save_dir and layout.rank == 0:
@@ -204,6 +241,10 @@ def train(cfg: Config) -> TrainResult:
     reporter.line(f"data: {len(train_set)} training and {len(valid_set) if valid_set else 0} held-out "
                   f"samples of {cfg.seq_length} tokens; {tokens_per_step} tokens per step "
                   f"({n_micro} micro-batches of {t.micro_batch_size} per process)")
+    if len(cfg.data.train) > 1:
+        from megalong.data.datasets import describe_blend
+
+        reporter.line(describe_blend("train", train_set))
     if resume is not None:
         reporter.line(f"resumed from {resume} at step {start_step}")
 
@@ -216,7 +257,8 @@ def train(cfg: Config) -> TrainResult:
         indices = micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
                                       layout.data_parallel, layout.data_rank)
         batches = (fetch(train_set, idx, layout.device) for idx in indices)
-        loss, aux, norm = train_step(model, optimizer, batches, n_micro, lr, cfg, layout.device)
+        step_fn = pipeline_train_step if layout.pipeline_parallel > 1 else train_step
+        loss, aux, norm = step_fn(model, optimizer, batches, n_micro, lr, cfg, layout.device)
         throughput.step_done()
         done = step + 1
         pending.append((done, loss, aux, norm))
@@ -234,7 +276,7 @@ def train(cfg: Config) -> TrainResult:
             tokens_per_s, mfu = throughput.window()
             result.tokens_per_second = tokens_per_s
             reporter.line(f"step {done}/{end_step} | loss {window_loss:.4f} | lr {lr:.3e} | "
-                          f"grad norm {values[-1][1]:.3f} | {tokens_per_s:,.0f} tokens/s | "
+                          f"grad norm {values[-1][2]:.3f} | {tokens_per_s:,.0f} tokens/s | "
                           f"MFU {100 * mfu:.2f}% | mem {memory_gib(layout.device):.2f} GiB | "
                           f"ETA {format_duration(throughput.eta(end_step - done))}")
             reporter.scalars(done, {"perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu,

@@ -33,12 +33,14 @@ def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """Global L2 norm of the gradients of the whole (tensor- and expert-parallel) model.
 
     Parameters replicated on every TP rank (norms, row-parallel biases) are counted once; the
-    squared norms of the sliced ones are summed over the model-parallel group, and those of the
-    experts over the expert-parallel group (each rank holds different experts).
+    squared norms of the sliced ones are summed over the tensor-parallel group, those of the
+    experts over the expert-parallel group (each rank holds different experts), and both over the
+    pipeline stages. The last stage's copy of tied embeddings (`shared`) is not counted twice.
     """
     device = params[0].device
-    expert = [p.grad for p in params if p.grad is not None and getattr(p, "expert_parallel", False)]
-    dense = [p.grad for p in params if p.grad is not None and not getattr(p, "expert_parallel", False)
+    params = [p for p in params if p.grad is not None and not getattr(p, "shared", False)]
+    expert = [p.grad for p in params if getattr(p, "expert_parallel", False)]
+    dense = [p.grad for p in params if not getattr(p, "expert_parallel", False)
              and param_is_not_tensor_parallel_duplicate(p)]
     total = _squared_norm(dense, device)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -46,7 +48,46 @@ def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     expert_total = _squared_norm(expert, device)
     if parallel_state.get_expert_model_parallel_world_size() > 1:
         dist.all_reduce(expert_total, group=parallel_state.get_expert_model_parallel_group())
-    return (total + expert_total).sqrt()
+    total = total + expert_total
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total.sqrt()
+
+
+def reduce_tied_embedding_gradients(chunks: list[torch.nn.Module]) -> None:
+    """With pipeline stages, tied input and output embeddings live on the first and the last
+    stage: sum their gradients over megatron's embedding group, so both copies take the same step
+    (the gradient the one shared weight has in a single process)."""
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if (parallel_state.get_pipeline_model_parallel_world_size() == 1
+            or not (first or parallel_state.is_pipeline_last_stage(ignore_virtual=True))):
+        return
+    group = parallel_state.get_embedding_group()
+    if dist.get_world_size(group) == 1:
+        return
+    chunk = chunks[0] if first else chunks[-1]
+    if not getattr(chunk, "share_embeddings_and_output_weights", False):
+        return
+    weight = chunk.shared_embedding_or_output_weight()
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=group)
+
+
+def average_data_parallel_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of non-expert weights over the data-parallel group, flattened into
+    one buffer per dtype (used with pipeline stages, where the schedule drives the backward)."""
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None and not getattr(p, "expert_parallel", False)]
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch._utils._flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat /= dp
+        for g, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
+            g.copy_(synced)
 
 
 def reduce_expert_gradients(params: list[torch.nn.Parameter]) -> None:

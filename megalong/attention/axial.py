@@ -1,0 +1,71 @@
+"""`axial`: attention along rows and columns of the sequence folded to [rows, cols], causal,
+O(L * (rows + cols)) (Ho et al. 2019, "Axial Attention in Multidimensional Transformers"; ColTran).
+
+Token p sits at (r, c) = (p // cols, p % cols). One layer computes, for every token:
+
+1. Row summaries (Ho et al.'s unmasked row attention of the outer context): u(r, c) = the
+   attention of q(r, c) over the whole row r (keys k(r, .), values v(r, .)). u(r, c) sees later
+   tokens of row r, so it is only ever used by tokens of later rows.
+2. One softmax over two key sets, so that every earlier token reaches (r, c):
+   - the row step: the tokens (r, c') of its own row with c' <= c (keys k, values v);
+   - the column step: its column in the previous rows, (r', c) with r' < r, with keys k(r', c) and
+     values u(r', c), which carry the whole of row r'.
+   Rows before r reach (r, c) through the column step, its own row up to itself through the row
+   step; no output depends on a later token.
+
+ALiBi biases each score by the true token distance: c - c' in the row step, (r - r') * cols in the
+column step, |c - c'| in the (bidirectional) row summaries. The sequence need not fill the shape:
+it is padded to whole rows of `cols` tokens (later positions, which no real token sees) and may be
+longer than rows x cols (more rows), so generation with a growing context works.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megalong.attention.base import CoreAttention
+
+
+class AxialAttention(CoreAttention):
+    def __init__(self, *args: Any, axial_shape: list | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not axial_shape or len(axial_shape) != 2:
+            raise ValueError(f"axial attention needs axial_shape [rows, cols], got {axial_shape!r}")
+        self.rows, self.cols = axial_shape
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, L, d = q.shape
+        C = self.cols
+        R = -(-L // C)
+        Q, K, V = (F.pad(x, (0, 0, 0, R * C - L)).view(b, h, R, C, d) for x in (q, k, v))
+        device = q.device
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+
+        col = torch.arange(C, device=device)
+        row_gap = col.view(C, 1) - col  # c - c'
+        row_scores = torch.matmul(Q, K.transpose(-1, -2)).to(dtype) * self.scale  # [b, h, R, C, C]
+        if self.alibi:
+            slopes = self.alibi_slopes(device, dtype).view(1, h, 1, 1, 1)
+            row_scores = row_scores - slopes * row_gap.abs().to(dtype)
+
+        # 1. Row summaries over whole rows.
+        summary = torch.matmul(self._dropout(torch.softmax(row_scores, dim=-1)).to(v.dtype), V)
+
+        # 2. Joint softmax over the row prefix and the column above.
+        Qt, Kt = Q.transpose(2, 3), K.transpose(2, 3)  # [b, h, C, R, d]
+        col_scores = torch.matmul(Qt, Kt.transpose(-1, -2)).to(dtype) * self.scale  # [b, h, C, R, R']
+        row = torch.arange(R, device=device)
+        col_gap = row.view(R, 1) - row  # r - r'
+        if self.alibi:
+            col_scores = col_scores - slopes * (col_gap * C).to(dtype)
+        col_scores = col_scores.masked_fill(col_gap <= 0, float("-inf")).transpose(2, 3)  # [b, h, R, C, R']
+        scores = torch.cat([row_scores.masked_fill(row_gap < 0, float("-inf")), col_scores], dim=-1)
+        probs = self._dropout(torch.softmax(scores, dim=-1)).to(v.dtype)
+        p_row, p_col = probs.split([C, R], dim=-1)
+        out = torch.matmul(p_row, V) + torch.matmul(p_col.transpose(2, 3), summary.transpose(2, 3)).transpose(2, 3)
+        return out.reshape(b, h, R * C, d)[:, :, :L]
+
+    def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
+        return F.dropout(probs, self.active_dropout) if self.active_dropout > 0 else probs

@@ -1,0 +1,192 @@
+"""`fam` (TransformerFAM, Hwang et al. 2024): block sliding-window attention with feedback memory.
+
+The sequence is cut into blocks of `block_size`. Per layer, block t's tokens attend to the
+`memory_segments` previous blocks in full, to the layer's feedback memory F_{t-1} (`fam_length`
+tokens) and to their own block causally. The FAM queries (computed from F_{t-1}) attend to F_{t-1}
+and the whole block t; the result passes the layer's residual, MLP and norms like any token and
+becomes F_t, carried to block t+1 of the same layer. F_{-1} is a learned embedding per layer. No
+projection weights are added: FAM tokens use the layer's own. Gradients flow through the memory
+blocks and through the whole FAM chain.
+
+Computation: the FAM chain is the only sequential part (fam_length tokens per block); all block
+tokens then attend in parallel, O(L * ((memory_segments + 1) * block_size + fam_length)).
+
+ALiBi distances: F_t stands at the last position of block t (the initial FAM at position -1), so
+a token at position p of block t is at distance p - (t * block_size - 1) from F_{t-1}, and the FAM
+queries that produce F_t are at position (t + 1) * block_size - 1 (distance block_size from F_{t-1}).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megalong.attention.alibi import alibi_bias
+from megalong.attention.base import CoreAttention
+
+QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class FamAttention(CoreAttention):
+    """The attention of a `fam` layer; run by `FamTransformerLayer` (or `run_fam_layer`), which
+    hands it queries, keys and values of block tokens and of FAM tokens on [b, heads, s, d]."""
+
+    def __init__(self, *args: Any, block_size: int = 256, memory_segments: int = 1, fam_length: int = 64,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.block_size, self.memory_segments, self.fam_length = block_size, memory_segments, fam_length
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("fam attention needs its FAM tokens: it runs inside FamTransformerLayer "
+                           "(the registry's layer for `fam`), not in megatron's TransformerLayer")
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                distance: torch.Tensor) -> torch.Tensor:
+        if self.alibi:
+            mask = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)
+            mask = mask.masked_fill(~visible, float("-inf"))  # [h, ...] aligns with q's heads
+        else:
+            mask = visible
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.active_dropout,
+                                              scale=self.scale)
+
+    def fam_step(self, q_fam: torch.Tensor, k_fam: torch.Tensor, v_fam: torch.Tensor,
+                 k_block: torch.Tensor, v_block: torch.Tensor) -> torch.Tensor:
+        """FAM queries over [previous FAM; the whole current block]: [b, h, fam_length, d]."""
+        B, Fl = k_block.shape[2], k_fam.shape[2]
+        keys, values = torch.cat([k_fam, k_block], dim=2), torch.cat([v_fam, v_block], dim=2)
+        distance = torch.cat([torch.full((Fl,), self.block_size, device=q_fam.device),
+                              self.block_size - 1 - torch.arange(B, device=q_fam.device)])
+        distance = distance.expand(Fl, -1)
+        return self._attend(q_fam, keys, values, torch.ones_like(distance, dtype=torch.bool), distance)
+
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_fam: Optional[torch.Tensor], v_fam: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every block's tokens over [memory blocks; FAM before the block; own block, causally].
+
+        q, k, v: [b, h, L, d]; k_fam, v_fam: [b, h, blocks, fam_length, d] (F_{t-1} for block t)
+        or None without FAM. Returns [b, h, L, d].
+        """
+        b, h, L, d = q.shape
+        B, m = self.block_size, self.memory_segments
+        n = -(-L // B)
+        pad = n * B - L
+
+        def blocked(x: torch.Tensor) -> torch.Tensor:
+            return F.pad(x, (0, 0, 0, pad)).view(b, h, n, B, d)
+
+        qb, kb, vb = blocked(q), blocked(k), blocked(v)
+        fam_len = 0 if k_fam is None else k_fam.shape[3]
+        device = q.device
+        i = torch.arange(B, device=device)
+        t = torch.arange(n, device=device).view(n, 1, 1)
+        key_parts, value_parts, visible, distance = [], [], [], []
+        for s in range(m, 0, -1):  # block t - s, seen in full when it exists
+            key_parts.append(F.pad(kb, (0, 0, 0, 0, s, 0))[:, :, :n])
+            value_parts.append(F.pad(vb, (0, 0, 0, 0, s, 0))[:, :, :n])
+            visible.append((t >= s).expand(n, B, B))
+            distance.append((s * B + i.view(B, 1) - i.view(1, B)).expand(n, B, B))
+        if fam_len:
+            key_parts.append(k_fam)
+            value_parts.append(v_fam)
+            visible.append(torch.ones(n, B, fam_len, dtype=torch.bool, device=device))
+            distance.append((i.view(B, 1) + 1).expand(n, B, fam_len))
+        key_parts.append(kb)
+        value_parts.append(vb)
+        own = i.view(B, 1) - i.view(1, B)
+        visible.append((own >= 0).expand(n, B, B))
+        distance.append(own.expand(n, B, B))
+        out = self._attend(qb, torch.cat(key_parts, dim=3), torch.cat(value_parts, dim=3),
+                           torch.cat(visible, dim=-1), torch.cat(distance, dim=-1))
+        return out.reshape(b, h, n * B, d)[:, :, :L]
+
+
+def run_fam_layer(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: FamAttention, qkv: QKV,
+                  attention_residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  mlp_residual: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One FAM transformer layer on x [s, b, hidden]; returns the block tokens' output [s, b, hidden].
+
+    qkv(h): input norm and projection, h [s, b, hidden] -> q, k, v [s, b, heads, d];
+    attention_residual(context [s, b, heads * d], residual) -> residual + output projection;
+    mlp_residual(h) -> h + MLP(norm(h)). Both megatron's layer and an export use this function.
+    """
+    s, b, _ = x.shape
+    B = attention.block_size
+    n = -(-s // B)
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [s, b, h, d] -> [b, h, s, d]
+        return t.permute(1, 2, 0, 3)
+
+    def tokens_first(t: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [s, b, h * d]
+        return t.permute(2, 0, 1, 3).flatten(2)
+
+    q, k, v = (heads_first(t) for t in _expand_groups(*qkv(x)))
+    k_fam = v_fam = None
+    if fam_init is not None:
+        fam = fam_init.unsqueeze(1).expand(-1, b, -1)
+        k_list, v_list = [], []
+        for t in range(n):
+            qf, kf, vf = (heads_first(u) for u in _expand_groups(*qkv(fam)))
+            k_list.append(kf)
+            v_list.append(vf)
+            if t == n - 1:
+                break  # F_{n-1} would only serve a block after the sequence
+            block = slice(t * B, (t + 1) * B)
+            context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block])
+            fam = mlp_residual(attention_residual(tokens_first(context), fam))
+        k_fam, v_fam = torch.stack(k_list, dim=2), torch.stack(v_list, dim=2)
+    context = attention.blocks(q, k, v, k_fam, v_fam)
+    return mlp_residual(attention_residual(tokens_first(context), x))
+
+
+def _expand_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    if k.shape[2] != q.shape[2]:  # grouped-query attention: share each key/value head
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    return q, k, v
+
+
+class FamTransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer for `fam`: its norms, projections and MLP, run block by block
+    with the layer's feedback memory (`run_fam_layer`). Adds one parameter, `fam_init`
+    [fam_length, hidden] (absent when fam_length is 0: plain block sliding-window attention)."""
+
+    def __init__(self, config: Any, submodules: Any, layer_number: int = 1, hidden_dropout: Optional[float] = None,
+                 pg_collection: Any = None, vp_stage: Optional[int] = None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
+        core = self.self_attention.core_attention
+        if not isinstance(core, FamAttention):
+            raise TypeError(f"FamTransformerLayer needs FamAttention as core attention, got {type(core).__name__}")
+        if core.fam_length > 0:
+            self.fam_init = nn.Parameter(torch.empty(core.fam_length, config.hidden_size))
+            config.init_method(self.fam_init.data)
+        else:
+            self.fam_init = None
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, rotary_pos_emb: Any = None,
+                inference_context: Any = None, packed_seq_params: Any = None, **unused: Any):
+        if attention_mask is not None:
+            raise ValueError("fam builds its mask from positions; pass attention_mask=None to the model")
+        if rotary_pos_emb is not None:
+            raise ValueError("fam layers do not support rotary embeddings (FAM tokens have no position)")
+        if inference_context is not None or packed_seq_params is not None:
+            raise NotImplementedError("fam layers: megatron inference contexts and packed sequences")
+        attn = self.self_attention
+
+        def qkv(h: torch.Tensor):
+            query, key, value = attn.get_query_key_value_tensors(self.input_layernorm(h))
+            return query, key, value
+
+        def attention_residual(ctx: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            with self.bias_dropout_add_exec_handler():
+                return self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                    attn.linear_proj(ctx), residual, self.hidden_dropout)
+
+        output = run_fam_layer(hidden_states, self.fam_init, attn.core_attention, qkv, attention_residual,
+                               lambda h: self._forward_mlp(h))
+        return output, context

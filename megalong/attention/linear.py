@@ -1,0 +1,140 @@
+"""`linear`: causal linear attention, O(L) time and memory, with a recurrent form for generation.
+
+`normalization: elu` (Katharopoulos et al. 2020): with phi(x) = elu(x) + 1,
+
+    out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),  S_i = sum_{j<=i} phi(k_j) v_j^T,  z_i = sum_{j<=i} phi(k_j).
+
+`normalization: efficient` (Shen et al. 2021, made causal): queries are normalised by a softmax
+over their features, keys by a softmax over the positions seen so far, feature by feature:
+
+    out_i = sum_f softmax(q_i)_f * sum_{j<=i} exp(k_jf) v_j / sum_{j<=i} exp(k_jf).
+
+Both are computed in chunks of `chunk_size` positions: quadratic only inside a chunk, with the
+prefix sums (the state) carried from chunk to chunk, so time and memory grow linearly in L. The
+exponentials of `efficient` are taken relative to a running per-feature maximum of the keys seen so
+far (detached; it cancels between numerator and denominator), so nothing depends on a later token.
+Within a chunk one maximum serves all positions: a key feature that rises by more than ~80 (float32;
+~700 in float64) inside one chunk underflows the earlier positions' sums; the token-by-token
+`step` has no such limit.
+
+Generation: `init_state(batch, heads, head_dim, device, dtype)` gives the empty state and
+`step(q, k, v, state) -> (out, state)` on [batch, heads, 1, head_dim] runs one token; a sequence of
+steps equals the parallel form. Attention scale, dropout and ALiBi do not apply (no scores).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megalong.attention.base import CoreAttention
+from megalong.kernels import select as kernels
+
+State = tuple[torch.Tensor, ...]
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, eps: float,
+                            chunk_size: int) -> torch.Tensor:
+    """Katharopoulos's causal form on features fq, fk [b, h, L, d] and v [b, h, L, e], by chunks."""
+    b, h, L, d = fq.shape
+    e = v.shape[-1]
+    C = min(chunk_size, L)
+    n = -(-L // C)
+    pad = n * C - L  # padded keys are zero features: they add nothing to the sums
+    Q, K, V = (F.pad(x, (0, 0, 0, pad)).view(b, h, n, C, x.shape[-1]) for x in (fq, fk, v))
+    kv = torch.matmul(K.transpose(-1, -2), V)  # [b, h, n, d, e]: each chunk's sum of phi(k) v^T
+    S = F.pad(torch.cumsum(kv, dim=2), (0, 0, 0, 0, 1, 0))[:, :, :n]  # state before each chunk
+    z = F.pad(torch.cumsum(K.sum(dim=3), dim=2), (0, 0, 1, 0))[:, :, :n]  # [b, h, n, d]
+    causal = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
+    A = torch.matmul(Q, K.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [b, h, n, C, C]
+    num = torch.matmul(A, V) + torch.matmul(Q, S)
+    den = A.sum(dim=-1) + (Q * z.unsqueeze(3)).sum(dim=-1)
+    out = num / (den + eps).unsqueeze(-1)
+    return out.reshape(b, h, n * C, e)[:, :, :L]
+
+
+def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """Shen et al.'s causal efficient attention on one chunk [b, h, C, d], carrying
+    state = (N [b, h, d, e], D [b, h, d], m [b, h, d]): sums of exp(k - m) v^T and exp(k - m)."""
+    N, D, m = state
+    m_new = torch.maximum(m, k.amax(dim=2)).detach()
+    rescale = torch.exp(m - m_new)  # 0 for the empty state (m = -inf)
+    N, D = N * rescale.unsqueeze(-1), D * rescale
+    w = torch.exp(k - m_new.unsqueeze(2))  # [b, h, C, d]
+    prefix = D.unsqueeze(2) + torch.cumsum(w, dim=2)  # sum_{j<=i} exp(k_j - m), per feature
+    q_over = torch.softmax(q, dim=-1) / prefix
+    C = q.shape[2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    A = torch.matmul(q_over, w.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    out = torch.matmul(A, v) + torch.matmul(q_over, N)
+    return out, (N + torch.matmul(w.transpose(-1, -2), v), D + w.sum(dim=2), m_new)
+
+
+class LinearAttention(CoreAttention):
+    def __init__(self, *args: Any, normalization: str = "elu", eps: float = 1e-6, chunk_size: int = 64,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if normalization not in ("elu", "efficient"):
+            raise ValueError(f"linear attention: unknown normalization '{normalization}'")
+        if self.alibi:
+            raise ValueError("linear attention has no attention scores for ALiBi to bias")
+        self.normalization, self.eps, self.chunk_size = normalization, eps, chunk_size
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kernels.use_kernels(q):  # Triton on CUDA (megalong/kernels); None: no kernel for this case
+            out = kernels.linear_attend(self, q, k, v)
+            if out is not None:
+                return out
+        dtype = _compute_dtype(q.dtype)
+        q, k, v_in = q.to(dtype), k.to(dtype), v
+        v = v.to(dtype)
+        if self.normalization == "elu":
+            out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.eps, self.chunk_size)
+        else:
+            state = self.init_state(q.shape[0], q.shape[1], q.shape[-1], q.device, dtype, v.shape[-1])
+            outs = []
+            for start in range(0, q.shape[2], self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                out, state = efficient_chunk(q[:, :, part], k[:, :, part], v[:, :, part], state)
+                outs.append(out)
+            out = torch.cat(outs, dim=2)
+        return out.to(v_in.dtype)
+
+    def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,
+                   dtype: torch.dtype, value_dim: int | None = None) -> State:
+        """The state before the first token (a tuple of tensors; pass it to `step` unchanged)."""
+        e = value_dim or head_dim
+        dtype = _compute_dtype(dtype)
+        S = torch.zeros(batch, heads, head_dim, e, device=device, dtype=dtype)
+        z = torch.zeros(batch, heads, head_dim, device=device, dtype=dtype)
+        if self.normalization == "elu":
+            return S, z
+        return S, z, torch.full_like(z, float("-inf"))
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token: q [b, heads, 1, d], k and v [b, heads or kv groups, 1, d] -> (out [b, heads,
+        1, d], new state). Grouped key/value heads are shared as in the parallel form."""
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        dtype = state[0].dtype
+        out_dtype = v.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.normalization == "efficient":
+            out, state = efficient_chunk(q, k, v, state)
+            return out.to(out_dtype), state
+        S, z = state
+        fq, fk = elu_feature_map(q), elu_feature_map(k)
+        S = S + torch.matmul(fk.transpose(-1, -2), v)
+        z = z + fk.squeeze(2)
+        out = torch.matmul(fq, S) / ((fq.squeeze(2) * z).sum(-1) + self.eps)[..., None, None]
+        return out.to(out_dtype), (S, z)

@@ -1,0 +1,213 @@
+"""LSH chunk attention (Triton), forward and backward, beside the torch reference it must equal.
+
+The inner part of Reformer attention (`megalong.attention.lsh.LshAttention.attend`): for every
+(batch, head, round) the tokens are already sorted by (bucket, position) and cut into chunks of
+`chunk` rows; each chunk's queries attend to the keys of their own chunk and of the chunk before
+(the first chunk only to its own), under the causal mask on the original positions. A query's own
+key scores SELF_SCORE (finite and constant: no gradient), and with several rounds a pair seen in
+N rounds is scored -log N in each (the union's softmax after the log-sum-exp combination), N read
+from every round's chunk of both tokens. ALiBi uses the original positions. Returns the sorted
+outputs and the log-sum-exp of every sorted row, which the caller uses to combine the rounds.
+Shapes: sq, sk, sv [b, h, n_rounds, Lp, d] (Lp a multiple of `chunk`), positions [b, h, n, Lp]
+(the original position of each sorted row), chunk_of [b, h, n, Lp] (chunk of each original
+position in each round). The backward accumulates dk and dv with float32 atomics (every key row
+serves two chunks).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
+
+SELF_SCORE = -1e5  # as megalong.attention.lsh.SELF_SCORE
+
+
+def reference_lsh_chunk_attention(sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor,
+                                  positions: torch.Tensor, chunk_of: torch.Tensor, chunk: int,
+                                  scale: float, slopes: Optional[torch.Tensor] = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit per-pair scores over all Lp keys of the round (O(Lp^2)): (out, lse)."""
+    b, h, n, Lp, d = sq.shape
+    scores = torch.matmul(sq, sk.transpose(-1, -2)) * scale  # [b, h, n, Lp, Lp]
+    distance = positions.unsqueeze(-1) - positions.unsqueeze(-2)
+    rows = torch.arange(Lp, device=sq.device)
+    q_chunk, k_chunk = rows.view(-1, 1) // chunk, rows.view(1, -1) // chunk
+    in_window = (q_chunk == k_chunk) | (q_chunk == k_chunk + 1)
+    if slopes is not None:
+        scores = scores - slopes.to(scores.dtype).view(1, h, 1, 1, 1) * distance.to(scores.dtype)
+    if n > 1:
+        times = torch.zeros_like(scores)
+        for r in range(n):
+            cq = chunk_of[:, :, r].gather(-1, positions.flatten(2)).view(b, h, n, Lp, 1)
+            ck = chunk_of[:, :, r].gather(-1, positions.flatten(2)).view(b, h, n, 1, Lp)
+            times += ((cq - ck == 0) | (cq - ck == 1)).to(scores.dtype)
+        scores = scores - torch.log(times.clamp(min=1))
+    scores = scores.masked_fill(distance == 0, SELF_SCORE)
+    scores = scores.masked_fill(~((distance >= 0) & in_window), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), sv), lse
+
+
+@triton.jit
+def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope, qk_scale,
+                N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Scores in the log2 domain; -inf where not visible; also returns where the score is constant."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    distance = pos_q[:, None] - pos_k[None, :]
+    if HAS_ALIBI:
+        s -= slope * 1.4426950408889634 * distance.to(tl.float32)
+    if N_ROUNDS > 1:
+        times = tl.zeros(s.shape, tl.float32)
+        for r in tl.static_range(N_ROUNDS):
+            cq = tl.load(CHUNK_OF + g_rounds + r * Lp + pos_q)
+            ck = tl.load(CHUNK_OF + g_rounds + r * Lp + pos_k, mask=valid_k, other=-10)
+            gap = cq[:, None] - ck[None, :]
+            times += ((gap == 0) | (gap == 1)).to(tl.float32)
+        s -= tl.log2(tl.maximum(times, 1.0))
+    is_self = distance == 0
+    s = tl.where(is_self, -1e5 * 1.4426950408889634, s)
+    return tl.where((distance >= 0) & valid_k[None, :], s, float("-inf")), is_self
+
+
+@triton.jit
+def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
+             N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    g = tl.program_id(1)  # (batch, head, round)
+    bh = g // N_ROUNDS
+    h = bh % H
+    offs = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    base = g.to(tl.int64) * Lp
+    g_rounds = bh.to(tl.int64) * N_ROUNDS * Lp
+    rows = c * CHUNK + offs
+    q = tl.load(Q + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    pos_q = tl.load(POS + base + rows)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    m_i = tl.full([CHUNK], -1.0e30, tl.float32)
+    l_i = tl.zeros([CHUNK], tl.float32)
+    acc = tl.zeros([CHUNK, BLOCK_D], tl.float32)
+    for step in tl.static_range(2):  # the chunk before (absent for the first), then its own
+        kc = c - 1 + step
+        rows_k = tl.maximum(kc, 0) * CHUNK + offs
+        valid_k = (offs * 0 + kc) >= 0
+        kv_mask = valid_k[:, None] & d_mask[None, :]
+        k = tl.load(K + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
+        pos_k = tl.load(POS + base + rows_k)
+        s, _ = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope,
+                           qk_scale, N_ROUNDS, HAS_ALIBI)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]  # every row sees at least itself
+    tl.store(O + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=d_mask[None, :])
+    tl.store(LSE + base + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453)
+
+
+@triton.jit
+def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_scale, sm_scale, H,
+             N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    bh = g // N_ROUNDS
+    h = bh % H
+    offs = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    base = g.to(tl.int64) * Lp
+    g_rounds = bh.to(tl.int64) * N_ROUNDS * Lp
+    rows = c * CHUNK + offs
+    row_ptr = (base + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + row_ptr, mask=d_mask[None, :], other=0.0)
+    do = tl.load(DO + row_ptr, mask=d_mask[None, :], other=0.0)
+    lse2 = tl.load(LSE + base + rows) * 1.4426950408889634
+    delta = tl.load(DELTA + base + rows)
+    pos_q = tl.load(POS + base + rows)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    dq = tl.zeros([CHUNK, BLOCK_D], tl.float32)
+    for step in tl.static_range(2):
+        kc = c - 1 + step
+        rows_k = tl.maximum(kc, 0) * CHUNK + offs
+        valid_k = (offs * 0 + kc) >= 0
+        kv_mask = valid_k[:, None] & d_mask[None, :]
+        k_ptr = (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(K + k_ptr, mask=kv_mask, other=0.0)
+        v = tl.load(V + k_ptr, mask=kv_mask, other=0.0)
+        pos_k = tl.load(POS + base + rows_k)
+        s, is_self = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope,
+                                 qk_scale, N_ROUNDS, HAS_ALIBI)
+        p = tl.exp2(s - lse2[:, None])
+        tl.atomic_add(DV + k_ptr, tl.dot(tl.trans(p.to(do.dtype)), do), mask=kv_mask)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = tl.where(is_self, 0.0, p * (dp - delta[:, None]))  # the self score is a constant
+        dq += tl.dot(ds.to(k.dtype), k) * sm_scale
+        tl.atomic_add(DK + k_ptr, tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale, mask=kv_mask)
+    tl.store(DQ + row_ptr, dq, mask=d_mask[None, :])
+
+
+class _LshChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sq, sk, sv, positions, chunk_of, chunk, scale, slopes):
+        b, h, n, Lp, d = sq.shape
+        sq, sk, sv = sq.contiguous(), sk.contiguous(), sv.contiguous()
+        positions = positions.to(torch.int32).contiguous()
+        chunk_of = chunk_of.to(torch.int32).contiguous()
+        out = torch.empty_like(sq)
+        lse = torch.empty(b, h, n, Lp, device=sq.device, dtype=torch.float32)
+        block_d = max(16, triton.next_power_of_2(d))
+        _lsh_fwd[(Lp // chunk, b * h * n)](
+            sq, sk, sv, positions, chunk_of, out, lse, slopes if slopes is not None else lse,
+            Lp, scale * 1.4426950408889634, h, N_ROUNDS=n, HAS_ALIBI=slopes is not None,
+            HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, num_warps=4)
+        ctx.save_for_backward(sq, sk, sv, positions, chunk_of, out, lse, slopes)
+        ctx.args = (chunk, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        sq, sk, sv, positions, chunk_of, out, lse, slopes = ctx.saved_tensors
+        chunk, scale = ctx.args
+        b, h, n, Lp, d = sq.shape
+        do = do.contiguous()
+        delta = (do.float() * out.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()
+        delta = delta.contiguous()
+        dq = torch.empty(sq.shape, device=sq.device, dtype=torch.float32)
+        dk = torch.zeros_like(dq)
+        dv = torch.zeros_like(dq)
+        _lsh_bwd[(Lp // chunk, b * h * n)](
+            sq, sk, sv, positions, chunk_of, do, lse, delta, dq, dk, dv,
+            slopes if slopes is not None else lse, Lp, scale * 1.4426950408889634, scale, h,
+            N_ROUNDS=n, HAS_ALIBI=slopes is not None, HEAD_DIM=d,
+            BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk, num_warps=4)
+        return dq.to(sq.dtype), dk.to(sk.dtype), dv.to(sv.dtype), None, None, None, None, None
+
+
+def lsh_chunk_attention(sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, positions: torch.Tensor,
+                        chunk_of: torch.Tensor, chunk: int, scale: float,
+                        slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton LSH chunk attention; see the module docstring and `reference_lsh_chunk_attention`.
+    `chunk` must be a power of two >= 16 dividing Lp."""
+    Lp = sq.shape[3]
+    if chunk < 16 or chunk & (chunk - 1) or Lp % chunk:
+        raise ValueError(f"lsh_chunk_attention: chunk {chunk} must be a power of two >= 16 dividing {Lp}")
+    if slopes is not None:
+        slopes = slopes.to(device=sq.device, dtype=torch.float32).contiguous()
+    return _LshChunk.apply(sq, sk, sv, positions, chunk_of, int(chunk), float(scale), slopes)

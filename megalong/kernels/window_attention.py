@@ -1,0 +1,351 @@
+"""Windowed flash attention (Triton), forward and backward, beside the torch reference it must equal.
+
+One mask family covers `local` (GPT-Neo window, Longformer dilation and global tokens) and the
+global rows of Longformer, with ALiBi folded in. For a query at position i and a key at position j:
+
+    local(i, j)  = j <= i and (i - j) % dilation == 0 and (i - j) < window * dilation
+    global(i, j) = j in global_keys and j <= i            (keys every later query sees)
+    visible      = local or global,      score = scale * q.k - slope_h * (i - j)
+
+`q_positions` (dilation 1, no global keys) gives queries at arbitrary positions, e.g. the rows of
+Longformer's global tokens: causal over the whole sequence when `window` is None.
+
+The kernel walks, per block of queries, only the key tiles that can hold a visible key: with
+dilation d the sequence is read as d interleaved sub-sequences (positions r, r + d, ...) by strided
+loads, so a query block of one residue r visits about window / block_n tiles of its own residue,
+then the global keys. Nothing of size L x L exists; time is O(L * (window + |global_keys|)).
+Forward returns the output and the log-sum-exp (natural log, float32) of every query row.
+The backward kernel recomputes the probabilities from the log-sum-exp; dq is written by its query
+block, dk and dv are accumulated with float32 atomics (a key tile is shared by the ~window / block_m
+query blocks that see it, and global keys by all of them).
+Dropout is not implemented: callers use the reference when dropout is active.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
+
+LOG2E = 1.4426950408889634
+
+
+def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                               window: Optional[int] = None, dilation: int = 1,
+                               slopes: Optional[torch.Tensor] = None,
+                               global_keys: Optional[torch.Tensor] = None,
+                               q_positions: Optional[torch.Tensor] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same attention with an explicit [Lq, L] mask (O(L^2)): returns (out, lse [b, h, Lq])."""
+    L, Lq = k.shape[2], q.shape[2]
+    pos_q = torch.arange(Lq, device=q.device) if q_positions is None else q_positions.to(q.device).long()
+    distance = pos_q[:, None] - torch.arange(L, device=q.device)[None, :]
+    span = L if window is None else window * dilation
+    visible = (distance >= 0) & (distance % dilation == 0) & (distance < span)
+    if global_keys is not None and len(global_keys):
+        is_global = torch.zeros(L, dtype=torch.bool, device=q.device)
+        is_global[global_keys.to(q.device).long()] = True
+        visible = visible | (is_global[None, :] & (distance >= 0))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if slopes is not None:
+        scores = scores - slopes.to(scores.dtype).view(-1, 1, 1) * distance.to(scores.dtype)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out, lse
+
+
+@triton.jit
+def _scores(q, k, pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI: tl.constexpr):
+    """Scores in the log2 domain (scale and ALiBi times log2(e)), -inf where not visible."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_ALIBI:
+        s -= slope * 1.4426950408889634 * (pos_q[:, None] - pos_k[None, :]).to(tl.float32)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, pos_q, pos_k, visible, slope, qk_scale,
+              HAS_ALIBI: tl.constexpr):
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = _scores(q, k, pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _query_block(QPOS, Lq, L, dilation, pid_m,
+                 HAS_QPOS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of this program: (row index in q, true position, index in its residue's sub-sequence,
+    residue, valid)."""
+    offs = tl.arange(0, BLOCK_M)
+    if HAS_QPOS:
+        rows = pid_m * BLOCK_M + offs
+        valid = rows < Lq
+        pos = tl.load(QPOS + rows, mask=valid, other=0)
+        r = pid_m * 0
+        t = pos
+    else:
+        r = pid_m % dilation
+        t = (pid_m // dilation) * BLOCK_M + offs
+        pos = r + dilation * t
+        valid = pos < L
+        rows = pos
+    return rows, pos, t, r, valid
+
+
+@triton.jit
+def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                H, Lq, L, n_global, window, dilation, qk_scale,
+                HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows, pos_q, t_q, r, valid_q = _query_block(QPOS, Lq, L, dilation, pid_m, HAS_QPOS, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                mask=valid_q[:, None] & d_mask[None, :], other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Local keys: sub-sequence indices s of residue r within [min t - (window - 1), max t].
+    n_sub = (L - r + dilation - 1) // dilation
+    if HAS_QPOS:  # [first, last + 1] position of the block's queries, from the host
+        t_lo = tl.load(QBOUNDS + 2 * pid_m)
+        t_hi = tl.load(QBOUNDS + 2 * pid_m + 1)
+    else:
+        t_lo = (pid_m // dilation) * BLOCK_M
+        t_hi = t_lo + BLOCK_M
+    s_lo = tl.maximum(t_lo - (window - 1), 0)
+    s_hi = tl.minimum(t_hi, n_sub)
+    for s0 in range(s_lo, s_hi, BLOCK_N):
+        s = s0 + tl.arange(0, BLOCK_N)
+        pos_k = r + dilation * s
+        valid_k = s < s_hi
+        steps = t_q[:, None] - s[None, :]
+        visible = (steps >= 0) & (steps < window) & valid_k[None, :] & valid_q[:, None]
+        kv_mask = valid_k[:, None] & d_mask[None, :]
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
+                                  V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
+                                  pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+    if HAS_GLOBAL:
+        # Global keys before the query and not already counted in its window.
+        for g0 in range(0, n_global, BLOCK_N):
+            gi = g0 + tl.arange(0, BLOCK_N)
+            valid_k = gi < n_global
+            pos_k = tl.load(GKEYS + gi, mask=valid_k, other=0)
+            gap = pos_q[:, None] - pos_k[None, :]
+            in_window = (gap % dilation == 0) & (gap < window * dilation)
+            visible = (gap >= 0) & ~in_window & valid_k[None, :] & valid_q[:, None]
+            kv_mask = valid_k[:, None] & d_mask[None, :]
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
+                                      V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
+                                      pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + bh * Lq + rows, lse, mask=valid_q)
+
+
+@triton.jit
+def _bwd_tile(dq, q, do, lse2, delta, K_ptrs, V_ptrs, DK_ptrs, DV_ptrs, kv_mask,
+              pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI: tl.constexpr):
+    k = tl.load(K_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(V_ptrs, mask=kv_mask, other=0.0)
+    s = _scores(q, k, pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+    p = tl.exp2(s - lse2[:, None])  # 0 where not visible
+    tl.atomic_add(DV_ptrs, tl.dot(tl.trans(p.to(do.dtype)), do), mask=kv_mask)
+    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k) * sm_scale
+    tl.atomic_add(DK_ptrs, tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale, mask=kv_mask)
+    return dq
+
+
+@triton.jit
+def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEYS,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                H, Lq, L, n_global, window, dilation, qk_scale, sm_scale,
+                HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq [b, h, Lq, D] float32 written here; dk, dv [b, h, L, D] float32 (contiguous) accumulated."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows, pos_q, t_q, r, valid_q = _query_block(QPOS, Lq, L, dilation, pid_m, HAS_QPOS, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_mask = valid_q[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + bh * Lq + rows, mask=valid_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * Lq + rows, mask=valid_q, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DK += bh * L * HEAD_DIM
+    DV += bh * L * HEAD_DIM
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    n_sub = (L - r + dilation - 1) // dilation
+    if HAS_QPOS:  # [first, last + 1] position of the block's queries, from the host
+        t_lo = tl.load(QBOUNDS + 2 * pid_m)
+        t_hi = tl.load(QBOUNDS + 2 * pid_m + 1)
+    else:
+        t_lo = (pid_m // dilation) * BLOCK_M
+        t_hi = t_lo + BLOCK_M
+    s_lo = tl.maximum(t_lo - (window - 1), 0)
+    s_hi = tl.minimum(t_hi, n_sub)
+    for s0 in range(s_lo, s_hi, BLOCK_N):
+        s = s0 + tl.arange(0, BLOCK_N)
+        pos_k = r + dilation * s
+        valid_k = s < s_hi
+        steps = t_q[:, None] - s[None, :]
+        visible = (steps >= 0) & (steps < window) & valid_k[None, :] & valid_q[:, None]
+        kv_mask = valid_k[:, None] & d_mask[None, :]
+        grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
+        dq = _bwd_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
+                       V + pos_k[:, None] * svn + offs_d[None, :], DK + grad_off, DV + grad_off,
+                       kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI)
+    if HAS_GLOBAL:
+        for g0 in range(0, n_global, BLOCK_N):
+            gi = g0 + tl.arange(0, BLOCK_N)
+            valid_k = gi < n_global
+            pos_k = tl.load(GKEYS + gi, mask=valid_k, other=0)
+            gap = pos_q[:, None] - pos_k[None, :]
+            in_window = (gap % dilation == 0) & (gap < window * dilation)
+            visible = (gap >= 0) & ~in_window & valid_k[None, :] & valid_q[:, None]
+            kv_mask = valid_k[:, None] & d_mask[None, :]
+            grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
+            dq = _bwd_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
+                           V + pos_k[:, None] * svn + offs_d[None, :], DK + grad_off, DV + grad_off,
+                           kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI)
+    tl.store(DQ + bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask)
+
+
+def _launch_shape(Lq: int, L: int, dilation: int, has_qpos: bool, block_m: int) -> int:
+    if has_qpos:
+        return triton.cdiv(Lq, block_m)
+    return dilation * triton.cdiv(triton.cdiv(L, dilation), block_m)
+
+
+def _default_blocks(head_dim: int) -> tuple[int, int, int]:
+    """(block_m, block_n, num_warps) for an H100: 64 x 64 tiles, 4 warps up to head_dim 64."""
+    return (64, 64, 4) if head_dim <= 64 else (64, 32, 8)
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, window, dilation, slopes, global_keys, q_positions, q_bounds, blocks):
+        B, H, Lq, D = q.shape
+        L = k.shape[2]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        block_m, block_n, num_warps = blocks
+        block_d = max(16, triton.next_power_of_2(D))
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+        dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
+        grid = (_launch_shape(Lq, L, dilation, q_positions is not None, block_m), B * H)
+        n_global = 0 if global_keys is None else len(global_keys)
+        _window_fwd[grid](
+            q, k, v, o, lse, slopes if slopes is not None else dummy,
+            q_positions if q_positions is not None else dummy,
+            q_bounds if q_bounds is not None else dummy, global_keys if global_keys is not None else dummy,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            H, Lq, L, n_global, window, dilation, scale * LOG2E,
+            HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
+            HAS_GLOBAL=n_global > 0, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+        ctx.save_for_backward(q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds)
+        ctx.args = (scale, window, dilation, blocks)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds = ctx.saved_tensors
+        scale, window, dilation, (block_m, block_n, num_warps) = ctx.args
+        B, H, Lq, D = q.shape
+        L = k.shape[2]
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        if dlse is not None:  # d lse_i / d s_ij = p_ij: a gradient on lse shifts delta
+            delta = delta - dlse.float()
+        dq = torch.empty(B, H, Lq, D, device=q.device, dtype=torch.float32)
+        dk = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+        dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
+        n_global = 0 if global_keys is None else len(global_keys)
+        grid = (_launch_shape(Lq, L, dilation, q_positions is not None, block_m), B * H)
+        _window_bwd[grid](
+            q, k, v, do, dq, dk, dv, lse, delta, slopes if slopes is not None else dummy,
+            q_positions if q_positions is not None else dummy,
+            q_bounds if q_bounds is not None else dummy, global_keys if global_keys is not None else dummy,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            H, Lq, L, n_global, window, dilation, scale * LOG2E, scale,
+            HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
+            HAS_GLOBAL=n_global > 0, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     window: Optional[int] = None, dilation: int = 1,
+                     slopes: Optional[torch.Tensor] = None,
+                     global_keys: Optional[torch.Tensor] = None,
+                     q_positions: Optional[torch.Tensor] = None,
+                     blocks: Optional[tuple[int, int, int]] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton windowed attention: q [b, h, Lq, D], k and v [b, h, L, D] -> (out, lse [b, h, Lq]).
+
+    Same arguments and result as `reference_window_attention` (see the module docstring);
+    `blocks` = (block_m, block_n, num_warps) overrides the H100 defaults. Gradients flow to q, k, v
+    (slopes and positions are constants)."""
+    if dilation < 1 or (window is not None and window < 1):
+        raise ValueError(f"window_attention: window {window} and dilation {dilation} must be >= 1")
+    if q_positions is not None and (dilation != 1 or global_keys is not None):
+        raise ValueError("window_attention: q_positions needs dilation 1 and no global_keys")
+    if q_positions is None and q.shape[2] != k.shape[2]:
+        raise ValueError("window_attention: queries and keys differ in length; pass q_positions")
+    L = k.shape[2]
+    window = L if window is None else min(window, L)
+    if slopes is not None:
+        slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    if global_keys is not None:
+        global_keys = global_keys.to(device=q.device, dtype=torch.int32).contiguous()
+        global_keys = global_keys if len(global_keys) else None
+    if q_positions is not None:
+        q_positions = q_positions.to(device=q.device, dtype=torch.int32).contiguous()
+    blocks = blocks or _default_blocks(q.shape[-1])
+    q_bounds = None
+    if q_positions is not None:  # per query block: first and one past the last position
+        pad = (-len(q_positions)) % blocks[0]
+        tiles = torch.nn.functional.pad(q_positions, (0, pad), value=-1).view(-1, blocks[0])
+        lo = torch.where(tiles >= 0, tiles, torch.iinfo(torch.int32).max).amin(1)
+        q_bounds = torch.stack([lo, tiles.amax(1) + 1], 1).to(torch.int32).contiguous()
+    return _WindowAttention.apply(q, k, v, float(scale), int(window), int(dilation), slopes,
+                                  global_keys, q_positions, q_bounds, tuple(blocks))

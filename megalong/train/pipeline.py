@@ -1,0 +1,89 @@
+"""One optimizer step's forward and backward through megatron-core's pipeline schedules.
+
+`parallel.pipeline` > 1 runs megatron's 1F1B schedule (interleaved 1F1B with
+`parallel.virtual_stages` > 1) over this rank's model chunks. Every stage reads the whole
+micro-batch (token ids are needed on the first stage, labels and loss mask on the last; both are
+small). MoE auxiliary losses are produced on the stage that holds the MoE layer, far from the LM
+loss: they are attached to that stage's output with `_AttachAuxLoss`, whose backward feeds them
+the gradient they would get as terms of the loss (1 / number of micro-batches), as megatron's
+MoEAuxLossAutoScaler does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megalong.model.gpt import position_ids_for
+from megalong.moe.layer import moe_aux_loss
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `output` whose backward also gives `aux_loss` the gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, ctx.scale), None
+
+
+def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    mask = loss_mask.to(per_token.dtype)
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iterable[dict],
+                              n_micro: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                              forward_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and backward unless `forward_only`) of `n_micro` micro-batches through the
+    pipeline. Returns (mean LM loss, mean MoE aux loss) over the micro-batches, on every stage."""
+    batches = list(micro_batches)
+    device = next(chunks[0].parameters()).device
+    aux_values: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        with autocast():
+            output = model(tokens, position_ids_for(tokens), None, labels=batch["labels"])
+            aux: Optional[torch.Tensor] = moe_aux_loss(model)  # this forward's MoE layers only
+        if aux is not None:
+            aux_values.append(aux.detach())
+            if not forward_only:
+                output = _AttachAuxLoss.apply(output, aux, 1.0 / n_micro)
+        if output.dtype != torch.float32:  # stages exchange float32 (TransformerConfig.pipeline_dtype)
+            output = output.float()
+
+        def loss_func(per_token: torch.Tensor):
+            loss = masked_mean(per_token, batch["loss_mask"])
+            return loss, {"lm": loss.detach().clone()}  # the schedule divides `loss` in place
+
+        return output, loss_func
+
+    iterators = [iter(batches) for _ in chunks]
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=n_micro,
+        seq_length=batches[0]["tokens"].shape[1],
+        micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    lm = torch.zeros((), device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        lm = torch.stack([r["lm"] for r in reduced]).sum() / n_micro
+    aux = torch.stack(aux_values).sum() / n_micro if aux_values else torch.zeros((), device=device)
+    both = torch.stack([lm, aux])
+    dist.all_reduce(both, group=parallel_state.get_pipeline_model_parallel_group())
+    return both[0], both[1]

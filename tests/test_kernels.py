@@ -1,0 +1,301 @@
+"""Triton kernels against their torch references, forward and gradients.
+
+Without CUDA the kernels run under Triton's CPU interpreter. Triton decides when it is imported
+(megatron-core imports it too) whether @triton.jit functions are interpreted, so tests/conftest.py
+sets TRITON_INTERPRET=1 on machines without CUDA before any test module loads; this module checks
+that it took effect. With CUDA the same cases run compiled on the GPU (tests/gpu/ has real sizes).
+Inputs are float32 (what the kernels compute in), references run in float64. Tolerances: outputs
+and lse 1e-5, gradients 1e-4 (absolute, unit-scale inputs); routing indices and counts exactly.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton  # noqa: F401,E402  (a dev dependency: its absence is an error, not a skip)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("tests/test_kernels.py needs TRITON_INTERPRET=1 on a machine without CUDA "
+                       "(tests/conftest.py sets it unless TRITON_INTERPRET is already set)")
+
+from megalong.kernels import linear_attention as la  # noqa: E402
+from megalong.kernels import lsh_attention as lsh  # noqa: E402
+from megalong.kernels import moe  # noqa: E402
+from megalong.kernels import select  # noqa: E402
+from megalong.kernels import window_attention as wa  # noqa: E402
+
+OUT_TOL, GRAD_TOL = 1e-5, 1e-4
+SMALL = (16, 16, 1)  # block_m, block_n, num_warps: several tiles on small shapes
+
+
+def _rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+
+
+def _assert_match(outputs, references, inputs, seed=1):
+    """Outputs and the gradients of a random linear function of them match the references'."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=g).to(DEVICE) for o in outputs]
+    for o, r in zip(outputs, references):
+        assert o.shape == r.shape
+        assert (o.double() - r.double()).abs().max().item() < OUT_TOL
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)), inputs)
+    want = torch.autograd.grad(sum((r * w.to(r.dtype)).sum() for r, w in zip(references, weights)), inputs)
+    for a, b in zip(got, want):
+        assert (a.double() - b.double()).abs().max().item() < GRAD_TOL
+
+
+# ---- windowed attention ------------------------------------------------------------------------
+
+def test_window_reference_equals_element_by_element_mask():
+    from megalong.attention.reference import explicit_mask
+
+    L, window, d, globals_ = 13, 3, 2, {1, 6}
+    mask = explicit_mask(L, lambda i, j: j <= i and (((i - j) % d == 0 and i - j < window * d) or j in globals_))
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    q, k, v = (torch.randn(1, 2, L, 4, dtype=torch.float64) for _ in range(3))
+    scores = q @ k.transpose(-1, -2) * 0.7 - slopes.view(-1, 1, 1) * (
+        torch.arange(L).view(-1, 1) - torch.arange(L)).double()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out, lse = wa.reference_window_attention(q, k, v, 0.7, window, d, slopes, torch.tensor(sorted(globals_)))
+    assert torch.allclose(out, torch.softmax(scores, -1) @ v, atol=1e-12)
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-12)
+
+
+WINDOW_CASES = [  # batch, heads, L, head_dim, window, dilation, alibi, global keys
+    (1, 2, 37, 16, 5, 1, False, None),  # ragged: 37 is no multiple of the 16-row blocks
+    (2, 2, 37, 24, 5, 3, True, [0, 7, 20]),  # dilation, ALiBi, global keys, head_dim 24 (padded to 32)
+    (1, 1, 1, 16, 4, 1, True, None),  # one token
+    (1, 2, 20, 16, 64, 1, True, None),  # window >= L
+    (1, 1, 33, 16, 40, 2, False, [3]),  # window * dilation >= L, with a global key
+]
+
+
+@pytest.mark.parametrize("b,h,L,D,window,dilation,alibi,global_keys", WINDOW_CASES)
+def test_window_attention_matches_reference(b, h, L, D, window, dilation, alibi, global_keys):
+    q, k, v = _rand(b, h, L, D, seed=0), _rand(b, h, L, D, seed=1), _rand(b, h, L, D, seed=2)
+    slopes = torch.rand(h, generator=torch.Generator().manual_seed(3)).to(DEVICE) if alibi else None
+    keys = None if global_keys is None else torch.tensor(global_keys, device=DEVICE)
+    got = wa.window_attention(q, k, v, 0.3, window, dilation, slopes, keys, blocks=SMALL)
+    want = wa.reference_window_attention(q.double(), k.double(), v.double(), 0.3, window, dilation,
+                                         None if slopes is None else slopes.double(), keys)
+    _assert_match(got, want, (q, k, v))
+
+
+def test_window_attention_query_positions_full_causal():
+    """Rows at arbitrary positions over the whole causal prefix (Longformer's global rows)."""
+    L = 40
+    q, k, v = _rand(1, 2, 4, 16, seed=0), _rand(1, 2, L, 16, seed=1), _rand(1, 2, L, 16, seed=2)
+    pos, slopes = torch.tensor([0, 7, 20, 39], device=DEVICE), torch.tensor([0.5, 0.1], device=DEVICE)
+    got = wa.window_attention(q, k, v, 0.3, None, 1, slopes, None, pos, blocks=SMALL)
+    want = wa.reference_window_attention(q.double(), k.double(), v.double(), 0.3, None, 1,
+                                         slopes.double(), None, pos)
+    _assert_match(got, want, (q, k, v))
+
+
+def test_window_attention_default_blocks():
+    """The H100 default tiles (64 x 64) on a ragged length, no lse gradient."""
+    q, k, v = _rand(1, 1, 70, 64, seed=0), _rand(1, 1, 70, 64, seed=1), _rand(1, 1, 70, 64, seed=2)
+    out, _ = wa.window_attention(q, k, v, 0.125, 9)
+    ref, _ = wa.reference_window_attention(q.double(), k.double(), v.double(), 0.125, 9)
+    _assert_match([out], [ref], (q, k, v))
+
+
+def _attn_config(heads, head_dim=16):
+    return SimpleNamespace(num_attention_heads=heads, kv_channels=head_dim, hidden_size=heads * head_dim,
+                           attention_dropout=0.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(window=4, dilation=[1, 2], alibi=True),
+                                    dict(window=3, dilation=2, global_tokens=[0, 9])])
+def test_local_attend_equals_local_attention(kwargs):
+    from megalong.attention.local import LocalAttention
+
+    heads = 2
+    module = LocalAttention(_attn_config(heads), 1, **kwargs)
+    n = 2 * heads if kwargs.get("global_tokens") else heads
+    q, k, v = _rand(1, n, 19, 16, seed=0), _rand(1, n, 19, 16, seed=1), _rand(1, n, 19, 16, seed=2)
+    _assert_match([select.local_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
+
+
+def test_global_alibi_attend_equals_global_attention():
+    from megalong.attention.global_attention import GlobalAttention
+
+    module = GlobalAttention(_attn_config(2), 1, alibi=True)
+    q, k, v = _rand(1, 2, 21, 16, seed=0), _rand(1, 2, 21, 16, seed=1), _rand(1, 2, 21, 16, seed=2)
+    _assert_match([select.global_alibi_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
+
+
+# ---- linear attention --------------------------------------------------------------------------
+
+def _linear_loop(q, k, v, eps):
+    """Token-by-token definition: out_i = phi(q_i) S_i / (phi(q_i) z_i + eps)."""
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    outs = []
+    for i in range(q.shape[2]):
+        S = torch.einsum("bhjd,bhje->bhde", fk[:, :, :i + 1], v[:, :, :i + 1])
+        z = fk[:, :, :i + 1].sum(2)
+        num = torch.einsum("bhd,bhde->bhe", fq[:, :, i], S)
+        outs.append(num / ((fq[:, :, i] * z).sum(-1, keepdim=True) + eps))
+    return torch.stack(outs, 2)
+
+
+@pytest.mark.parametrize("b,h,L,D,E,chunk", [(1, 2, 37, 16, 16, 16), (2, 1, 1, 16, 24, 16),
+                                             (1, 1, 50, 20, 32, 32)])
+def test_linear_attention_matches_reference(b, h, L, D, E, chunk):
+    q, k, v = _rand(b, h, L, D, seed=0), _rand(b, h, L, D, seed=1), _rand(b, h, L, E, seed=2)
+    got = la.linear_attention(q, k, v, 1e-6, chunk)
+    want = la.reference_linear_attention(q.double(), k.double(), v.double(), 1e-6, chunk)
+    _assert_match([got], [want], (q, k, v))
+    loop = _linear_loop(q.double(), k.double(), v.double(), 1e-6)
+    assert (want - loop).abs().max().item() < 1e-10
+
+
+def test_linear_attend_equals_linear_attention():
+    from megalong.attention.linear import LinearAttention
+
+    module = LinearAttention(_attn_config(2), 1, chunk_size=16)
+    q, k, v = _rand(1, 2, 29, 16, seed=0), _rand(1, 2, 29, 16, seed=1), _rand(1, 2, 29, 16, seed=2)
+    _assert_match([select.linear_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
+    assert select.linear_attend(LinearAttention(_attn_config(2), 1, normalization="efficient"), q, k, v) is None
+
+
+# ---- LSH chunk attention -----------------------------------------------------------------------
+
+def _sorted_rounds(b, h, n, L, c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Lp = -(-L // c) * c
+    buckets = torch.randint(0, 4, (b, h, n, Lp), generator=g)
+    buckets[..., L:] = 4
+    pos = torch.arange(Lp)
+    order = torch.argsort(buckets * Lp + pos, -1)
+    chunk_of = torch.empty_like(order).scatter_(-1, order, (pos // c).expand_as(order))
+    return order.to(DEVICE), chunk_of.to(DEVICE), Lp
+
+
+@pytest.mark.parametrize("b,h,n,L,D,alibi", [(1, 2, 1, 37, 16, False), (2, 2, 2, 40, 24, True),
+                                             (1, 1, 3, 5, 16, False)])
+def test_lsh_chunk_attention_matches_reference(b, h, n, L, D, alibi):
+    c = 16
+    order, chunk_of, Lp = _sorted_rounds(b, h, n, L, c)
+    sq, sk, sv = (_rand(b, h, n, Lp, D, seed=s) for s in range(3))
+    slopes = torch.tensor([0.5, 0.25][:h], device=DEVICE) if alibi else None
+    got = lsh.lsh_chunk_attention(sq, sk, sv, order, chunk_of, c, 0.4, slopes)
+    want = lsh.reference_lsh_chunk_attention(sq.double(), sk.double(), sv.double(), order, chunk_of, c,
+                                             0.4, None if slopes is None else slopes.double())
+    _assert_match(got, want, (sq, sk, sv))
+
+
+@pytest.mark.parametrize("n_hashes,alibi", [(1, False), (2, True)])
+def test_lsh_attend_equals_lsh_attention(n_hashes, alibi):
+    from megalong.attention.lsh import LshAttention
+
+    module = LshAttention(_attn_config(2), 1, n_hashes=n_hashes, bucket_size=16, alibi=alibi)
+    q, v = _rand(1, 2, 45, 16, seed=0), _rand(1, 2, 45, 16, seed=2)
+    _assert_match([select.lsh_attend(module, q, q, v)], [module.attend(q, q, v)], (q, v))
+
+
+# ---- MoE ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,E,k,renormalize,bias,force", [
+    (37, 8, 2, True, False, None),
+    (5, 4, 1, False, True, None),  # switch-like, selection bias; some experts get no token
+    (20, 6, 2, True, False, 2),  # every token's first choice is expert 2
+    (1, 3, 3, True, False, None),  # one token, k = E
+])
+def test_topk_gating_matches_reference(T, E, k, renormalize, bias, force):
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(0))
+    if force is not None:
+        logits[:, force] += 20
+    logits = logits.to(DEVICE).requires_grad_()
+    selection_bias = (0.1 * torch.randn(E, generator=torch.Generator().manual_seed(1))).to(DEVICE) if bias else None
+    got = moe.topk_gating(logits, k, renormalize, selection_bias)
+    want = moe.reference_topk_gating(logits.double(), k, renormalize, selection_bias)
+    assert torch.equal(got.expert_index, want.expert_index)
+    assert torch.equal(got.counts, want.counts)
+    if force is not None:
+        assert got.counts[force].item() == T
+    _assert_match([got.probs, got.gates], [want.probs, want.gates], (logits,))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 7, 1], [11, 0, 0, 0]])  # an idle expert; all on one
+def test_grouped_mm_matches_loop(counts):
+    tokens = torch.tensor(counts, device=DEVICE)
+    x, w = _rand(sum(counts), 24, seed=0), _rand(4, 24, 40, seed=1)
+    _assert_match([moe.grouped_mm(x, w, tokens)], [moe.reference_grouped_mm(x.double(), w.double(), tokens)],
+                  (x, w))
+
+
+def _moe_options(**kw):
+    from megalong.moe.options import MoEOptions
+
+    return MoEOptions(**kw)
+
+
+@pytest.mark.parametrize("options", [dict(num_experts=4, top_k=2, capacity_factor=1.0),
+                                     dict(num_experts=4, top_k=1, router="switch", z_loss_coeff=0.1,
+                                          bias_update_rate=0.01)])
+def test_moe_route_and_experts_equal_torch_path(options):
+    from megalong.moe.dispatch import permute, plan, unpermute
+    from megalong.moe.experts import Experts
+    from megalong.moe.router import TopKRouter
+
+    torch.manual_seed(0)
+    o = _moe_options(**options)
+    router = TopKRouter(24, o).to(DEVICE)
+    experts = Experts(4, 24, 32, F.gelu, gated=True, init_std=0.2, output_std=0.2).to(DEVICE)
+    x = _rand(23, 24, seed=3)
+    got, want = select.topk_route(router, x), router(x)
+    assert torch.equal(got.expert_index, want.expert_index) and torch.equal(got.kept, want.kept)
+    assert torch.equal(got.load, want.load)
+    d_got = plan(got.expert_index, got.gates, got.kept, 4)
+    d_want = plan(want.expert_index, want.gates, want.kept, 4)
+    out = select.moe_experts(experts, x, d_got, router.top_k)
+    ref = unpermute(experts(permute(x, d_want), d_want.tokens_per_expert), d_want, x.shape[0])
+    params = (x, router.weight, experts.w1, experts.w2, experts.w3)
+    _assert_match([out, got.aux_loss], [ref, want.aux_loss], params)
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+def test_selection_runs_reference_on_cpu_and_when_forced():
+    x = torch.zeros(2)
+    assert not select.use_kernels(x)  # CPU tensors: the torch path
+    select.set_mode("reference")
+    try:
+        assert not select.use_kernels(x)
+    finally:
+        select.set_mode("auto")
+    with pytest.raises(ValueError, match="model.kernels"):
+        select.set_mode("fast")
+
+
+def test_modules_take_the_kernel_path_when_selected(monkeypatch):
+    """The wiring in the attention and MoE modules: forced onto the kernels (here interpreted),
+    each module computes what its torch path computes."""
+    from megalong.attention.global_attention import GlobalAttention
+    from megalong.attention.linear import LinearAttention
+    from megalong.attention.local import LocalAttention
+    from megalong.attention.lsh import LshAttention
+    from megalong.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    q, k, v = _rand(1, 2, 21, 16, seed=0), _rand(1, 2, 21, 16, seed=1), _rand(1, 2, 21, 16, seed=2)
+    modules = [LocalAttention(_attn_config(2), 1, window=5, alibi=True), GlobalAttention(_attn_config(2), 1, alibi=True),
+               LinearAttention(_attn_config(2), 1, chunk_size=16), LshAttention(_attn_config(2), 1, bucket_size=16)]
+    config = SimpleNamespace(hidden_size=16, ffn_hidden_size=32, gated_linear_unit=False, init_method_std=0.3,
+                             num_layers=2, activation_func=F.gelu)
+    layer = MoELayer(config, options={"num_experts": 4, "top_k": 2, "capacity_factor": 1.0}).to(DEVICE)
+    x = _rand(7, 3, 16, seed=4)
+    want = [m.attend(q, k, v) for m in modules] + [layer(x)[0], layer.aux_loss]
+    calls = []
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **kw: calls.append(1) or True)
+    got = [m.attend(q, k, v) for m in modules] + [layer(x)[0], layer.aux_loss]
+    assert len(calls) == 5
+    _assert_match(got, want, (q, k, v, x, layer.router.weight, layer.experts.w1))
