@@ -15,6 +15,7 @@ from pathlib import Path
 VARIANTS = {
     "plain": [],
     "reversible (mean merge)": ["model.reversible=true"],
+    "reversible (split merge)": ["model.reversible=true", "model.reversible_merge=split"],
     "reversible + ffn_chunks 4": ["model.reversible=true", "model.ffn_chunks=4"],
 }
 
@@ -44,7 +45,8 @@ def main() -> None:
             continue
         losses = []
         for seed in args.seeds:
-            save = workdir / "runs" / f"{name.split(' ')[0]}_{len(extra)}_seed{seed}"
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            save = workdir / "runs" / f"{slug}_seed{seed}"
             overrides = [f"data.tokenizer={tokenizer}", f"data.train=[{prefix}]", f"train.save_dir={save}",
                          f"train.train_steps={args.steps}", "train.eval_interval=100000",
                          "train.log_interval=10", "train.progress_bar=false", f"train.seed={seed}", *extra]

@@ -80,11 +80,12 @@ class ModelConfig:
     kernels: Literal["auto", "reference"] = "auto"
     # Memory (megalong/model/reversible.py, chunked_ffn.py): reversible residual pairs, whose two
     # streams start as the embedding and are merged before the final norm by `reversible_merge`
-    # (mean: (y1 + y2) / 2; second: y2); the dense MLP run over `ffn_chunks` slices of the sequence;
+    # (mean: (y1 + y2) / 2; split: streams start as e / 2, merged y1 + y2; second: y2); the dense
+    # MLP run over `ffn_chunks` slices of the sequence;
     # megatron-core's activation recompute (granularity full|selective; method uniform|block and
     # num_layers for full) as the comparison point.
     reversible: bool = False
-    reversible_merge: Literal["mean", "second"] = "mean"
+    reversible_merge: Literal["mean", "split", "second"] = "mean"
     ffn_chunks: int = 1
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     recompute_method: Optional[Literal["uniform", "block"]] = None
@@ -134,6 +135,9 @@ class TrainConfig:
     # megatron: megalong's own step (torch or megatron-core DDP); deepspeed: DeepSpeed's engine
     # with ZeRO (the `deepspeed:` section, megalong/train/deepspeed_engine.py)
     engine: Literal["megatron", "deepspeed"] = "megatron"
+    # megalong: per-rank torch files merged and re-split on load; megatron: megatron-core's
+    # distributed checkpoint (dist_checkpointing, each rank reads its slice). Both load at any layout.
+    checkpoint_format: Literal["megalong", "megatron"] = "megalong"
     peak_tflops: float = 989.0  # per device, for MFU (H100 SXM bf16 dense)
     progress_bar: bool = True
 
@@ -594,6 +598,9 @@ def _validate_deepspeed(cfg: Config) -> None:
         if ds != DeepSpeedConfig():
             raise ConfigError("deepspeed: this section is used only with train.engine: deepspeed")
         return
+    if cfg.train.checkpoint_format != "megalong":
+        raise ConfigError("train.checkpoint_format: megatron is not supported with train.engine: "
+                          "deepspeed (DeepSpeed writes its own checkpoint files)")
     if p.pipeline > 1:
         raise ConfigError(f"parallel.pipeline: {p.pipeline} pipeline stages are not supported with "
                           f"train.engine: deepspeed (DeepSpeed's pipeline engine allows only ZeRO-1, and "
@@ -617,14 +624,6 @@ def _validate_memory(cfg: Config) -> None:
         raise ConfigError(f"model.ffn_chunks: {m.ffn_chunks} does not divide the sequence length "
                           f"{cfg.seq_length}")
     if m.reversible:
-        for i, kind in enumerate(cfg.layer_kinds()):
-            if kind == "fam":
-                raise ConfigError(f"model.reversible: layer {i} is fam, whose feedback memory passes the "
-                                  "MLP inside attention; it cannot be split into reversible halves")
-        if cfg.parallel.pipeline > 1:
-            raise ConfigError("model.reversible: not yet with parallel.pipeline > 1 (the stages' two "
-                              "streams cross as [2 * seq, batch, hidden]; the pipeline schedule must be "
-                              "given seq_length 2 * seq for that)")
         if m.recompute_granularity is not None:
             raise ConfigError("model.recompute_granularity: reversible layers already recompute their "
                               "inputs; use one or the other")

@@ -58,7 +58,7 @@ def naive_lsh(q, v, module, slopes=None):
     b, h, L, d = q.shape
     c, n = module.bucket_size, module.n_hashes
     chunks = -(-L // c)
-    n_buckets = 1 if chunks == 1 else chunks + chunks % 2
+    n_buckets = module.n_buckets or (1 if chunks == 1 else chunks + chunks % 2)
     k = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
     rotations = module.rotations(n_buckets, d) if n_buckets > 1 else None
     out = torch.zeros_like(q)
@@ -93,11 +93,13 @@ def naive_lsh(q, v, module, slopes=None):
     return out, all_masks
 
 
-@pytest.mark.parametrize("L,bucket,n_hashes,alibi,heads", [
-    (16, 4, 1, False, 2), (16, 4, 2, False, 2), (16, 4, 3, True, 4), (12, 3, 2, False, 2),
-    (24, 4, 4, True, 3), (10, 4, 2, False, 2)])  # 10: a padded last chunk
-def test_lsh_equals_naive_reference(L, bucket, n_hashes, alibi, heads):
-    module = LshAttention(_config(heads), 3, n_hashes=n_hashes, bucket_size=bucket, seed=7, alibi=alibi).double()
+@pytest.mark.parametrize("L,bucket,n_hashes,alibi,heads,n_buckets", [
+    (16, 4, 1, False, 2, None), (16, 4, 2, False, 2, None), (16, 4, 3, True, 4, None),
+    (12, 3, 2, False, 2, None), (24, 4, 4, True, 3, None), (10, 4, 2, False, 2, None),  # 10: padded
+    (16, 4, 2, False, 2, 2), (12, 4, 2, True, 2, 6), (10, 4, 2, False, 2, 8)])  # n_buckets fixed
+def test_lsh_equals_naive_reference(L, bucket, n_hashes, alibi, heads, n_buckets):
+    module = LshAttention(_config(heads), 3, n_hashes=n_hashes, bucket_size=bucket, seed=7, alibi=alibi,
+                          n_buckets=n_buckets).double()
     q, v = _randn(2, heads, L, 8, seed=1), _randn(2, heads, L, 8, seed=2)
     out = module.attend(q, q, v)
     ref, masks = naive_lsh(q, v, module, alibi_slopes(heads) if alibi else None)
@@ -133,6 +135,25 @@ def test_lsh_with_one_bucket_is_causal_attention_with_self_penalty(alibi):
                             dtype=torch.float64).unsqueeze(0)
     ref = reference_attention(q, k, v, mask, module.scale, bias)
     _assert_close_with_grads(module.attend(q, q, v), ref, (q, v))
+
+
+def test_lsh_fixed_n_buckets_hashes_a_token_alike_at_every_length():
+    """With n_buckets set, a token's buckets do not depend on the sequence length (training at 16,
+    generating or evaluating at 8 or 24); without it they are the chunk count's and do."""
+    heads = 2
+    q = _randn(1, heads, 24, 8, seed=8)
+    fixed = LshAttention(_config(heads), 1, n_hashes=2, bucket_size=4, seed=5, n_buckets=4).double()
+    by_length = LshAttention(_config(heads), 1, n_hashes=2, bucket_size=4, seed=5).double()
+    for L in (8, 16, 24):
+        assert fixed.buckets_for(L) == 4
+        assert torch.equal(fixed.hash(q[:, :, :L], fixed.buckets_for(L)),
+                           fixed.hash(q, fixed.buckets_for(24))[..., :L])
+    assert [by_length.buckets_for(L) for L in (8, 16, 24)] == [2, 4, 6]
+    assert not torch.equal(by_length.hash(q[:, :, :8], by_length.buckets_for(8)),
+                           by_length.hash(q, by_length.buckets_for(24))[..., :8])
+    # At the length it was fixed from, the option changes nothing.
+    v = _randn(1, heads, 16, 8, seed=9)
+    assert torch.equal(fixed.attend(q[:, :, :16], None, v), by_length.attend(q[:, :, :16], None, v))
 
 
 def test_lsh_rotations_are_reproducible_and_follow_the_global_head():
@@ -307,6 +328,8 @@ def test_lsh_self_attention_projects_no_keys(one_process):
     ("lsh", {"bucket_size": 32}, {}, "model.attention.lsh.bucket_size"),  # longer than the sequence
     ("lsh", {"bucket_size": 8}, {}, "model.attention.lsh.bucket_size"),  # 3 buckets: not even
     ("lsh", {"n_hashes": 0, "bucket_size": 4}, {}, "model.attention.lsh.n_hashes"),
+    ("lsh", {"bucket_size": 4, "n_buckets": 3}, {}, "model.attention.lsh.n_buckets"),
+    ("lsh", {"bucket_size": 4, "n_buckets": 0}, {}, "model.attention.lsh.n_buckets"),
     ("fam", {"block_size": 5}, {}, "model.attention.fam.block_size"),
     ("fam", {"block_size": 8, "memory_segments": 3}, {}, "model.attention.fam.memory_segments"),
     ("fam", {"block_size": 8, "memory_segments": -1}, {}, "model.attention.fam.memory_segments"),
@@ -324,6 +347,17 @@ def test_bad_options_name_the_key(kind, options, extra, key):
     with pytest.raises(ConfigError) as err:
         validate(cfg, check_paths=False)
     assert key in str(err.value)
+
+
+def test_lsh_n_buckets_frees_the_chunk_count():
+    """3 chunks (odd) are refused by bucket count alone, accepted once n_buckets fixes it."""
+    from megalong.config import config_from_dict, validate
+
+    cfg = config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                      "max_position_embeddings": 24, "attention_layers": ["lsh"],
+                                      "attention": {"lsh": {"bucket_size": 8, "n_buckets": 4}}}})
+    validate(cfg, check_paths=False)
+    assert cfg.attention_options("lsh").n_buckets == 4
 
 
 @pytest.mark.parametrize("kind", ["lsh", "fam"])

@@ -1,7 +1,8 @@
 """Pipeline, tensor, expert and data parallelism in one 4-process gloo job, each layout against
 one process: the same losses over 5 steps from the same initial weights and data, the same
 weights after training, and checkpoints that reshard (TP2 x PP2 <-> one process) and continue the
-one-process loss curve."""
+one-process loss curve. Reversible models at PP=2 and TP2 x PP2 against a reversible one-process
+run."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,10 @@ LAYOUTS = {
     "ep2_tp2": {"parallel.expert": 2, "parallel.tensor": 2},
     "pp4": {"parallel.pipeline": 4},
 }
+# Reversible layers (megalong/model/reversible.py): both streams cross the stage boundaries.
+REVERSIBLE = {"model.reversible": "true"}
+REVERSIBLE_LAYOUTS = {"pp2_reversible": {"parallel.pipeline": 2},
+                      "tp2_pp2_reversible": {"parallel.tensor": 2, "parallel.pipeline": 2}}
 # Reductions run in another order across processes (TP splits matmuls, DP averages halves of the
 # batch, PP sums the grad norm per stage), so losses agree to float32 rounding, not bit for bit;
 # weights get a wider bound since Adam's 1/sqrt(v) magnifies rounding in tiny gradients.
@@ -86,7 +91,20 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
     runs.append(_args(tiny_data, tmp_path / "from_single", **LAYOUTS["tp2_pp2"],
                       **{"train.load": str(single / "step_00000003")}))
     runs.append(_args(tiny_data, tmp_path / "stop3", **LAYOUTS["tp2_pp2"], **{"train.stop_at_step": 3}))
+    runs += [_args(tiny_data, tmp_path / name, **layout, **REVERSIBLE) for name, layout in REVERSIBLE_LAYOUTS.items()]
     _torchrun(runs, 4, tmp_path)
+
+    single_reversible = tmp_path / "single_reversible"
+    _train_here(_args(tiny_data, single_reversible, **REVERSIBLE))
+    _, reversible_weights = load_merged_state(single_reversible)
+    for name in REVERSIBLE_LAYOUTS:
+        _close(read_metrics(tmp_path / name), read_metrics(single_reversible), range(1, STEPS + 1), name)
+        _close(read_metrics(tmp_path / name, "train/moe_aux_loss"),
+               read_metrics(single_reversible, "train/moe_aux_loss"), range(1, STEPS + 1), name + " aux")
+        _, merged = load_merged_state(tmp_path / name)
+        for key, tensor in reversible_weights.items():
+            if isinstance(tensor, torch.Tensor):
+                assert (merged[key] - tensor).abs().max().item() < WEIGHT_TOL, (name, key)
 
     _, weights = load_merged_state(single)
     for name in LAYOUTS:

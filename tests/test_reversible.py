@@ -40,6 +40,10 @@ def _cfg(kind: str = "global", layers: int = 3, moe: bool = True, **model):
     if moe:  # the middle layer is MoE with noisy gating (randomness in the MLP half)
         raw["mlp_layers"] = ["dense"] * (layers // 2) + ["moe"] + ["dense"] * (layers - layers // 2 - 1)
         raw["moe"] = MOE
+        if kind == "fam":  # fam layers need a dense MLP: the MoE layer is a global one among them
+            kinds = [kind] * layers
+            kinds[layers // 2] = "global"
+            raw["attention_layers"] = [[kinds, 1]]
     cfg = config_from_dict({"model": raw})
     validate(cfg, check_paths=False)
     return cfg
@@ -49,7 +53,10 @@ def _plain_two_streams(layers, x1, x2):
     """The reference: megatron's own layer halves (attention + residual, MLP + residual) applied
     to two streams with ordinary autograd, everything kept."""
     for layer in layers:
-        x1 = x1 + (layer._forward_attention(x2, attention_mask=None)[0] - x2)
+        if hasattr(layer, "forward_attention_residual"):  # fam: its FAM chain runs in the attention half
+            x1 = x1 + (layer.forward_attention_residual(x2) - x2)
+        else:
+            x1 = x1 + (layer._forward_attention(x2, attention_mask=None)[0] - x2)
         x2 = x2 + (layer._forward_mlp(x1) - x1)
     return x1, x2
 
@@ -66,10 +73,6 @@ def _grads(model, x):
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION_KINDS))
 def test_reversible_gradients_equal_plain_two_stream_stack(one_process, kind):
-    if kind == "fam":  # FAM's memory passes the MLP inside its attention: no attention/MLP split
-        with pytest.raises(ConfigError, match="model.reversible: layer 0 is fam"):
-            _cfg(kind, reversible=True)
-        return
     cfg = _cfg(kind)
     torch.manual_seed(0)
     model = build_model(cfg, 50).double().train()
@@ -128,6 +131,22 @@ def test_reversible_model_trains_and_keeps_parameter_names(one_process):
     with torch.no_grad():
         after = model(tokens, position_ids_for(tokens), None, labels=tokens).mean()
     assert after < before - 0.1
+
+
+@pytest.mark.parametrize("merge", ["mean", "split", "second"])
+def test_merges_of_the_two_streams(one_process, merge):
+    """mean: (y1 + y2) / 2 from x1 = x2 = e; split: y1 + y2 from x1 = x2 = e / 2, which is
+    e + sum F + sum G like the plain stack's residual sum; second: y2 from x1 = x2 = e."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(moe=False, reversible=True, reversible_merge=merge, hidden_dropout=0.0,
+                             attention_dropout=0.0), 50).double()
+    block = model.decoder
+    e = torch.randn(SEQ, BATCH, HIDDEN, dtype=torch.float64)
+    start = e / 2 if merge == "split" else e
+    r1, r2 = _plain_two_streams(list(block.layers), start, start)
+    expected = {"mean": (r1 + r2) / 2, "split": r1 + r2, "second": r2}[merge]
+    with torch.no_grad():
+        torch.testing.assert_close(block(e, None), block.final_layernorm(expected), rtol=0, atol=1e-10)
 
 
 def test_streams_cross_a_pipeline_stage_boundary(one_process):
@@ -296,6 +315,31 @@ def test_reversible_model_trains_via_cli_and_exports_to_hugging_face(tiny_data, 
     out = export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(hf).__name__ == "MegalongForCausalLM"
+    assert_same_logits_and_greedy_tokens(hf, tmp_path / "ckpt", length=30, prompt="Return the", new_tokens=8)
+
+
+def test_reversible_fam_model_with_split_merge_exports_to_hugging_face(tiny_data, tmp_path):
+    """fam layers in a reversible stack (their FAM chain inside the attention half), trained in
+    this process and exported: the same logits and greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_overrides
+    from megalong.config import load_config
+    from megalong.export.hf import export_checkpoint
+    from megalong.train.loop import train
+    from test_export import assert_same_logits_and_greedy_tokens
+
+    extra = {"model.reversible": "true", "model.reversible_merge": "split",
+             "model.attention_layers": '[[["fam", "global"], 1]]',
+             "model.attention": "{fam: {block_size: 8, fam_length: 4}}", "model.normalization": "RMSNorm",
+             "train.lr": 3e-3}
+    args = [a for a in tiny_overrides(tiny_data, tmp_path / "ckpt", 2, **extra) if a != "--set"]
+    try:
+        train(load_config([], args))
+    finally:
+        shutdown()
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert_same_logits_and_greedy_tokens(hf, tmp_path / "ckpt", length=30, prompt="Return the", new_tokens=8)
 
 

@@ -113,6 +113,18 @@ def run_fam_layer(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: 
     attention_residual(context [s, b, heads * d], residual) -> residual + output projection;
     mlp_residual(h) -> h + MLP(norm(h)). Both megatron's layer and an export use this function.
     """
+    context = fam_block_context(x, fam_init, attention, qkv, attention_residual, mlp_residual)
+    return mlp_residual(attention_residual(context, x))
+
+
+def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: FamAttention, qkv: QKV,
+                      attention_residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      mlp_residual: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The attention context of x's block tokens, [s, b, heads * d], before the output projection.
+
+    The FAM chain (FAM tokens through attention, residual and MLP, block by block) runs in here:
+    the context is a function of x and the layer's weights alone, which is what lets a reversible
+    stack use it as its attention half (megalong/model/reversible.py)."""
     s, b, _ = x.shape
     B = attention.block_size
     n = -(-s // B)
@@ -138,8 +150,7 @@ def run_fam_layer(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: 
             context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block])
             fam = mlp_residual(attention_residual(tokens_first(context), fam))
         k_fam, v_fam = torch.stack(k_list, dim=2), torch.stack(v_list, dim=2)
-    context = attention.blocks(q, k, v, k_fam, v_fam)
-    return mlp_residual(attention_residual(tokens_first(context), x))
+    return tokens_first(attention.blocks(q, k, v, k_fam, v_fam))
 
 
 def _expand_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -170,12 +181,31 @@ class FamTransformerLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, rotary_pos_emb: Any = None,
                 inference_context: Any = None, packed_seq_params: Any = None, **unused: Any):
-        if attention_mask is not None:
-            raise ValueError("fam builds its mask from positions; pass attention_mask=None to the model")
-        if rotary_pos_emb is not None:
-            raise ValueError("fam layers do not support rotary embeddings (FAM tokens have no position)")
-        if inference_context is not None or packed_seq_params is not None:
-            raise NotImplementedError("fam layers: megatron inference contexts and packed sequences")
+        _check_inputs(attention_mask, rotary_pos_emb, inference_context, packed_seq_params)
+        qkv, attention_residual = self._fam_functions()
+        output = run_fam_layer(hidden_states, self.fam_init, self.self_attention.core_attention, qkv,
+                               attention_residual, lambda h: self._forward_mlp(h))
+        return output, context
+
+    def forward_attention_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """x + Attention(x) for the block tokens, as in `forward` before its MLP."""
+        qkv, attention_residual = self._fam_functions()
+        context = fam_block_context(hidden_states, self.fam_init, self.self_attention.core_attention, qkv,
+                                    attention_residual, lambda h: self._forward_mlp(h))
+        return attention_residual(context, hidden_states)
+
+    def reversible_attention(self, hidden_states: torch.Tensor, attention_mask: Any = None,
+                             rotary_pos_emb: Any = None, packed_seq_params: Any = None, **unused: Any):
+        """The attention half F of a reversible pair: (output projection, bias) of the block tokens'
+        context; the FAM chain, with its own residuals and MLP, runs inside (a function of
+        `hidden_states` only, so y1 = x1 + F(x2) stays invertible)."""
+        _check_inputs(attention_mask, rotary_pos_emb, None, packed_seq_params)
+        qkv, attention_residual = self._fam_functions()
+        context = fam_block_context(hidden_states, self.fam_init, self.self_attention.core_attention, qkv,
+                                    attention_residual, lambda h: self._forward_mlp(h))
+        return self.self_attention.linear_proj(context)
+
+    def _fam_functions(self):
         attn = self.self_attention
 
         def qkv(h: torch.Tensor):
@@ -187,6 +217,13 @@ class FamTransformerLayer(TransformerLayer):
                 return self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
                     attn.linear_proj(ctx), residual, self.hidden_dropout)
 
-        output = run_fam_layer(hidden_states, self.fam_init, attn.core_attention, qkv, attention_residual,
-                               lambda h: self._forward_mlp(h))
-        return output, context
+        return qkv, attention_residual
+
+
+def _check_inputs(attention_mask: Any, rotary_pos_emb: Any, inference_context: Any, packed_seq_params: Any) -> None:
+    if attention_mask is not None:
+        raise ValueError("fam builds its mask from positions; pass attention_mask=None to the model")
+    if rotary_pos_emb is not None:
+        raise ValueError("fam layers do not support rotary embeddings (FAM tokens have no position)")
+    if inference_context is not None or packed_seq_params is not None:
+        raise NotImplementedError("fam layers: megatron inference contexts and packed sequences")

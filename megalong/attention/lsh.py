@@ -9,9 +9,10 @@ visible to it in any round (the paper's self penalty). Rounds are combined by th
 log-sum-exp weights, with a pair seen in N rounds counted 1/N times per round, so the result is the
 softmax over the union of the rounds' visible keys.
 
-The number of buckets is the number of chunks (rounded up to an even count, one bucket when the
-sequence fits one chunk). Rotations are fixed per (seed, layer, global head index, round, number of
-buckets): reproducible, equal under any tensor-parallel split, and the same when a layer is run
+The number of buckets is the option `n_buckets` when set (hashing then does not depend on the
+sequence length), else the number of chunks of the sequence being run (rounded up to an even count,
+one bucket when the sequence fits one chunk). Rotations are fixed per (seed, layer, global head
+index, round, number of buckets): reproducible, equal under any tensor-parallel split, and the same when a layer is run
 again for its backward (recomputation, reversible layers).
 """
 from __future__ import annotations
@@ -51,10 +52,15 @@ class LshAttention(CoreAttention):
     # changes as the context grows, so generation reruns this layer (and those after it).
     prefix_stable = False
 
-    def __init__(self, *args: Any, n_hashes: int = 2, bucket_size: int = 64, seed: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, n_hashes: int = 2, bucket_size: int = 64, seed: int = 0,
+                 n_buckets: Optional[int] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.n_hashes, self.bucket_size, self.seed = n_hashes, bucket_size, seed
+        self.n_hashes, self.bucket_size, self.seed, self.n_buckets = n_hashes, bucket_size, seed, n_buckets
         self._rotations: dict[tuple, torch.Tensor] = {}
+
+    def buckets_for(self, length: int) -> int:
+        """Hash buckets for a sequence of `length`: the `n_buckets` option, else one per chunk."""
+        return self.n_buckets if self.n_buckets is not None else num_buckets(length, self.bucket_size)
 
     def rotations(self, n_buckets: int, head_dim: int) -> torch.Tensor:
         """[heads_on_this_rank, n_hashes, head_dim, n_buckets // 2] float64 random rotations."""
@@ -88,7 +94,7 @@ class LshAttention(CoreAttention):
         c = self.bucket_size
         n_chunks = -(-L // c)
         Lp = n_chunks * c
-        nb = num_buckets(L, c)
+        nb = self.buckets_for(L)
         n = self.n_hashes
         device = q.device
 

@@ -5,7 +5,7 @@ Kept free of torch so that the config can be validated before anything heavy is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 
 class OptionError(ValueError):
@@ -124,11 +124,18 @@ class AxialOptions:
 
 @dataclass
 class LshOptions:
-    """Reformer LSH attention: `n_hashes` rounds of buckets, chunks of `bucket_size` (lsh.py)."""
+    """Reformer LSH attention: `n_hashes` rounds of buckets, chunks of `bucket_size` (lsh.py).
+
+    `n_buckets`: hash buckets per round. null (default): one per chunk of the sequence being run,
+    so a sequence of another length (generation, evaluation at a new length) hashes with other
+    rotations than training did. A number (1 or even; e.g. seq_length / bucket_size of training)
+    fixes the hashing whatever the length, as Reformer/trax configure n_buckets explicitly.
+    """
 
     n_hashes: int = 2
     bucket_size: int = 64
     seed: int = 0  # with the layer and the global head index, fixes the random rotations
+    n_buckets: Optional[int] = None
 
     def attended_keys(self, shape: ModelShape) -> float:
         """Scores computed per query: its chunk and the one before, in every round."""
@@ -143,9 +150,13 @@ class LshOptions:
             raise OptionError("bucket_size", f"{self.bucket_size} does not divide the sequence length "
                                              f"{shape.seq_length}")
         chunks = shape.seq_length // self.bucket_size
-        if chunks > 1 and chunks % 2:
+        if self.n_buckets is not None:
+            if self.n_buckets < 1 or (self.n_buckets > 1 and self.n_buckets % 2):
+                raise OptionError("n_buckets", f"must be 1 or an even number (h(x) = argmax([xR; -xR])), "
+                                               f"got {self.n_buckets}")
+        elif chunks > 1 and chunks % 2:
             raise OptionError("bucket_size", f"the sequence length {shape.seq_length} makes {chunks} "
-                                             "buckets; LSH needs one or an even number")
+                                             "buckets; LSH needs one or an even number (or set n_buckets)")
 
 
 @dataclass

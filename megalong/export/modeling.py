@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megalong.attention.fam import FamTransformerLayer, run_fam_layer
+from megalong.attention.fam import FamTransformerLayer, fam_block_context, run_fam_layer
 from megalong.attention.local import LocalSelfAttention
 from megalong.attention.lsh import LshSelfAttention
 from megalong.attention.registry import ATTENTION_KINDS, CORE_ATTENTION
@@ -230,6 +230,18 @@ class FamLayer(Layer):
                 use_cache: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
         if use_cache:
             return super().forward(x, positions, state, use_cache)
+        return run_fam_layer(x, self.fam_init, self.self_attention.core_attention, *self._fam_functions(),
+                             self.mlp_residual), None
+
+    def reversible_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention half of a reversible pair (megalong/model/reversible.py): the block
+        tokens' projected attention, the FAM chain computed inside."""
+        qkv, attention_residual = self._fam_functions()
+        context = fam_block_context(x, self.fam_init, self.self_attention.core_attention, qkv,
+                                    attention_residual, self.mlp_residual)
+        return self.self_attention.linear_proj(context)
+
+    def _fam_functions(self):
         attn = self.self_attention
 
         def qkv(h: torch.Tensor):
@@ -238,8 +250,7 @@ class FamLayer(Layer):
         def attention_residual(context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return residual + attn.linear_proj(context)
 
-        return run_fam_layer(x, self.fam_init, attn.core_attention, qkv, attention_residual,
-                             self.mlp_residual), None
+        return qkv, attention_residual
 
 
 HF_LAYER: dict[type, type[Layer]] = {
@@ -315,12 +326,17 @@ class Decoder(nn.Module):
             for layer in layers:
                 x, _ = layer(x, positions)
             return x
-        x1 = x2 = x
+        x1 = x2 = x / 2 if self.reversible_merge == "split" else x
         for layer in layers:
-            x1 = x1 + layer.self_attention(layer.input_layernorm(x2), positions, None, False)[0]
+            if hasattr(layer, "reversible_attention"):  # fam: its FAM chain runs in the attention half
+                x1 = x1 + layer.reversible_attention(x2)
+            else:
+                x1 = x1 + layer.self_attention(layer.input_layernorm(x2), positions, None, False)[0]
             out = layer.mlp(layer.pre_mlp_layernorm(x1))
             x2 = x2 + (out[0] if isinstance(out, tuple) else out)
-        return (x1 + x2) / 2 if self.reversible_merge == "mean" else x2
+        if self.reversible_merge == "mean":
+            return (x1 + x2) / 2
+        return x1 + x2 if self.reversible_merge == "split" else x2
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 cache: Optional["MegalongCache"] = None) -> torch.Tensor:

@@ -102,7 +102,6 @@ def lsh_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     two >= 16 (the caller keeps its torch path)."""
     import torch.nn.functional as F
 
-    from megalong.attention.lsh import num_buckets
     from megalong.kernels.lsh_attention import lsh_chunk_attention
 
     c = attn.bucket_size
@@ -111,7 +110,7 @@ def lsh_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     b, h, L, d = q.shape
     n_chunks = -(-L // c)
     Lp = n_chunks * c
-    nb = num_buckets(L, c)
+    nb = attn.buckets_for(L)
     n = attn.n_hashes
     buckets = attn.hash(q, nb)
     if Lp > L:

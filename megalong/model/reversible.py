@@ -19,10 +19,23 @@ extra output (set on the layer as `aux_loss`, so `moe_aux_loss` sums it once); i
 the router through the recomputation. The recomputation restores the layer's `aux_loss` and `stats`
 of the forward, so router statistics are counted once.
 
-Streams from the embedding: both streams start as the embedding (x1 = x2 = e, as Reformer's `Dup`).
-Merge at the end (`model.reversible_merge`): `mean` gives (y1 + y2) / 2 to the final layer norm
-(default), `second` gives y2 alone. Both keep the hidden width, so the output layer (and tied
-embeddings) are unchanged.
+Streams from the embedding and merge at the end (`model.reversible_merge`):
+- `mean` (default): both streams start as the embedding (x1 = x2 = e, as Reformer's `Dup`) and
+  (y1 + y2) / 2 goes to the final layer norm. Since y1 + y2 = 2e + sum F + sum G and the final norm
+  is scale-invariant, the embedding weighs twice as much against the layers' outputs as in the
+  plain stack (e + sum F + sum G).
+- `split`: both streams start as half the embedding (x1 = x2 = e / 2) and y1 + y2 goes to the
+  final norm: exactly e + sum F + sum G, the plain stack's residual sum (each F and G still sees
+  only its own stream, after its input norm).
+- `second`: streams as in `mean`, y2 alone goes to the final norm.
+All keep the hidden width, so the output layer (and tied embeddings) are unchanged.
+
+fam layers (megalong/attention/fam.py): F(x) is the projected attention output of the block tokens
+given x, with the layer's FAM chain (FAM tokens through attention, residual and the MLP, block by
+block) computed inside F from x alone; G is the MLP on the block tokens. A coupling
+y1 = x1 + F(x2) is invertible for any F that depends on x2 only (x1 = y1 - F(x2)), so the chain
+needs no inverse of its own: it is recomputed from x2 in the backward, with F's RNG state. The
+plain fam layer is y = h + MLP(h), h = x + F(x); the reversible pair keeps that F and G.
 
 Pipeline stages: a stage that is not the last returns the pair concatenated along the sequence,
 [2 * s, b, hidden] (x1 first), and a stage that is not the first takes that tensor from
@@ -44,7 +57,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-MERGES = ("mean", "second")
+MERGES = ("mean", "split", "second")
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +131,11 @@ def _with_bias_dropout(layer: TransformerLayer, out_bias: tuple) -> torch.Tensor
 
 
 def attention_branch(layer: TransformerLayer, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """F(x): the layer's normed self-attention with its output bias and hidden dropout."""
+    """F(x): the layer's normed self-attention with its output bias and hidden dropout (a layer
+    with its own forward supplies the attention half as `reversible_attention(x, **kwargs)`)."""
+    own = getattr(layer, "reversible_attention", None)
+    if own is not None:
+        return _with_bias_dropout(layer, own(x, **kwargs))
     out = layer.self_attention(layer.input_layernorm(x), **{"attention_mask": None, **kwargs})
     return _with_bias_dropout(layer, out)
 
@@ -129,11 +146,13 @@ def mlp_branch(layer: TransformerLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_layer(layer: Any, index: int) -> None:
-    """Only layers whose forward is megatron's own (attention then MLP) split into F and G."""
-    if not isinstance(layer, TransformerLayer) or type(layer).forward is not TransformerLayer.forward:
+    """Only layers whose forward is megatron's own (attention then MLP), or that supply their
+    attention half as `reversible_attention` (fam), split into F and G."""
+    if not isinstance(layer, TransformerLayer) or (type(layer).forward is not TransformerLayer.forward
+                                                   and not hasattr(layer, "reversible_attention")):
         raise ValueError(f"model.reversible: layer {index} ({type(layer).__name__}) has its own forward "
-                         "(e.g. fam, whose memory passes the MLP inside attention) and cannot be split "
-                         "into reversible attention and MLP functions")
+                         "and no `reversible_attention`, so it cannot be split into reversible "
+                         "attention and MLP functions")
 
 
 def _aux_of(layer: TransformerLayer) -> Optional[torch.Tensor]:
@@ -196,8 +215,6 @@ class ReversibleStack(torch.autograd.Function):
                 if i in aux_grad:
                     outs.append(layer.mlp.aux_loss)
                     outs_grad.append(aux_grad[i])
-            if moe:  # the forward's loss and statistics stand; the recomputation is not counted
-                layer.mlp.aux_loss, layer.mlp.stats = kept
             g_grads = torch.autograd.grad(outs, [y1] + params, outs_grad, allow_unused=True)
             with torch.no_grad():
                 x2 = y2 - g
@@ -206,6 +223,9 @@ class ReversibleStack(torch.autograd.Function):
             with torch.enable_grad(), autocast(), _replayed(f_state):
                 x2 = x2.detach().requires_grad_(True)
                 f = attention_branch(layer, x2, kwargs)
+            # the forward's loss and statistics stand; the recomputation is not counted
+            if moe:
+                layer.mlp.aux_loss, layer.mlp.stats = kept
             f_grads = torch.autograd.grad(f, [x2] + params, dx1, allow_unused=True)
             with torch.no_grad():
                 x1 = y1.detach() - f
@@ -253,6 +273,13 @@ def _unique_params(layers: list) -> list:
 # --------------------------------------------------------------------------------------------
 
 
+def merge_streams(y1: torch.Tensor, y2: torch.Tensor, merge: str) -> torch.Tensor:
+    """The block's output from its two streams (see `model.reversible_merge` above)."""
+    if merge == "mean":
+        return (y1 + y2) / 2
+    return y1 + y2 if merge == "split" else y2
+
+
 class ReversibleTransformerBlock(TransformerBlock):
     """megatron's TransformerBlock whose layers run as reversible pairs (see the module docstring)."""
 
@@ -266,7 +293,7 @@ class ReversibleTransformerBlock(TransformerBlock):
         if inference_context is not None or context is not None:
             raise NotImplementedError("model.reversible: inference contexts and cross-attention")
         if self.pre_process:
-            x1 = x2 = hidden_states
+            x1 = x2 = hidden_states / 2 if self.reversible_merge == "split" else hidden_states
         else:
             x1, x2 = self.input_tensor.chunk(2, dim=0)
         kwargs = {"attention_mask": attention_mask, "rotary_pos_emb": rotary_pos_emb,
@@ -279,7 +306,7 @@ class ReversibleTransformerBlock(TransformerBlock):
             x1, x2 = run_reversible(list(self.layers), x1, x2, kwargs, getattr(self, "_record", None))
         if not self.post_process:
             return torch.cat([x1, x2], dim=0)
-        hidden = (x1 + x2) / 2 if self.reversible_merge == "mean" else x2
+        hidden = merge_streams(x1, x2, self.reversible_merge)
         if self.final_layernorm is not None:
             hidden = self.final_layernorm(hidden)
         return hidden

@@ -161,3 +161,24 @@ def enable_cpu_recompute() -> bool:
     tp_random._get_all_rng_states = get_states
     tp_random._set_all_rng_states = set_states
     return True
+
+
+
+@contextlib.contextmanager
+def cuda_on_cpu_temporarily():
+    """What `enable()` does, for the duration of a block only (nothing if CUDA is available or
+    `enable()` is already active). For megatron-core's `dist_checkpointing.save`, which copies
+    to the host with `non_blocking` then calls `torch.cuda.synchronize()`, and puts a flag on
+    `torch.cuda.current_device()` for its all-reduce of write failures."""
+    if torch.cuda.is_available() or _ENABLED is not None:
+        yield
+        return
+    originals = {name: getattr(torch.cuda, name) for name in _stand_ins()}
+    for name, stand_in in _stand_ins().items():
+        setattr(torch.cuda, name, stand_in)
+    try:
+        with _CudaArgsToCpu():
+            yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.cuda, name, original)

@@ -17,7 +17,9 @@
 Loading merges the parts into the one-process state and takes the loading rank's slice, so a
 checkpoint saved at one layout (tensor x pipeline x expert x data) loads at any other, with its
 optimizer state. (This costs one whole copy of the model and its Adam state per process while
-loading: megatron-core's dist_checkpointing, which reads only each rank's slice, is not used.)
+loading.) With `train.checkpoint_format: megatron` the model and optimizer files are replaced by
+`dist/`, megatron-core's distributed checkpoint, from which each rank reads only its slice
+(megalong/train/dist_checkpoint.py); meta.json's "format" says which a checkpoint holds.
 
 A process killed while saving leaves only `.step_XXXX.tmp`, never a half-written `step_XXXX`,
 and `latest` keeps naming the previous complete checkpoint.
@@ -164,6 +166,7 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
     expert_part = f"ep{ep:02d}" + (f"_pp{pp:02d}" if layout.pipeline_parallel > 1 else "")
     state = _global_state(model, tied)
     optim = _optimizer_state(model, optimizer, tied)
+    megatron_format = cfg.train.checkpoint_format == "megatron"
 
     def dense(entries):
         return {k: v for k, v in entries.items() if not (split_experts and is_expert_key(k))}
@@ -171,11 +174,15 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
     def experts(entries):
         return {k: v for k, v in entries.items() if is_expert_key(k)}
 
-    # Every part is written once, by the first process that holds it.
-    if _first_holder(("model", tp, pp)):
+    if megatron_format:  # megatron-core's dist_checkpointing (megalong/train/dist_checkpoint.py)
+        from megalong.train.dist_checkpoint import DIST_DIR, save_distributed
+
+        save_distributed(tmp / DIST_DIR, cfg, model, optimizer, layout, step)
+    # Otherwise every part is written once, by the first process that holds it.
+    elif _first_holder(("model", tp, pp)):
         torch.save(dense(state), tmp / f"model_{part}.pt")
         torch.save({"state": dense(optim), "groups": _groups(optimizer)}, tmp / f"optim_{part}.pt")
-    if split_experts and _first_holder(("experts", ep, pp)):
+    if not megatron_format and split_experts and _first_holder(("experts", ep, pp)):
         torch.save(experts(state), tmp / f"experts_{expert_part}.pt")
         torch.save({"state": experts(optim)}, tmp / f"optim_experts_{expert_part}.pt")
     torch.save(_rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
@@ -187,6 +194,7 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         meta = {
             "step": step,
+            "format": cfg.train.checkpoint_format,
             "tensor_parallel": layout.tensor_parallel,
             "pipeline_parallel": layout.pipeline_parallel,
             "data_parallel": layout.data_parallel,
@@ -351,6 +359,16 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer: Optional[to
     tied = cfg.model.tie_embeddings
     if tied and "output_layer.weight" in dims:  # the last stage's copy is split like the original
         dims.setdefault("embedding.word_embeddings.weight", dims["output_layer.weight"])
+    if info.meta.get("format") == "megatron":
+        from megalong.train.dist_checkpoint import DIST_DIR, load_distributed
+
+        if layout.world_size > 1:  # megatron's load failed on the CPU under gloo, not yet found why
+            raise CheckpointError(f"{info.path}: a train.checkpoint_format: megatron checkpoint loads "
+                                  f"in one process only for now (this job has {layout.world_size})")
+
+        load_distributed(info.path / DIST_DIR, cfg, model, optimizer, layout)
+        _load_rng(info, layout)
+        return int(info.meta["step"])
     full = _merged(info, "model", layout.device)
     for chunk in _chunks(model):
         offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
@@ -371,15 +389,23 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer: Optional[to
         names = set(_param_names(model).values()) | {"embedding.word_embeddings.weight"}
         wanted = {k for k in full_optim if k.rsplit(OPTIM_SEP, 1)[0] in names}
         _set_optimizer_state(model, optimizer, _this_rank(full_optim, optim_dims, cfg, layout, wanted))
+    _load_rng(info, layout)
+    return int(info.meta["step"])
+
+
+def _load_rng(info: CheckpointInfo, layout: ParallelLayout) -> None:
     rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
     if rng_file.is_file() and info.meta["world_size"] == layout.world_size:
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return int(info.meta["step"])
 
 
 def load_merged_state(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
     """The model's state dict as a single one-process model would hold it, from any layout."""
     info = read_checkpoint_info(path)
+    if info.meta.get("format") == "megatron":
+        from megalong.train.dist_checkpoint import DIST_DIR, load_merged
+
+        return info, load_merged(info.path / DIST_DIR, info.meta["partition_dims"])
     return info, _merged(info, "model")
 
 

@@ -6,7 +6,9 @@ micro-batch (token ids are needed on the first stage, labels and loss mask on th
 small). MoE auxiliary losses are produced on the stage that holds the MoE layer, far from the LM
 loss: they are attached to that stage's output with `_AttachAuxLoss`, whose backward feeds them
 the gradient they would get as terms of the loss (1 / number of micro-batches), as megatron's
-MoEAuxLossAutoScaler does.
+MoEAuxLossAutoScaler does. Reversible models (megalong/model/reversible.py) send both streams
+across a stage boundary, concatenated along the sequence: the schedule's p2p buffers are then
+[2 * seq, micro-batch, hidden].
 """
 from __future__ import annotations
 
@@ -35,6 +37,12 @@ class _AttachAuxLoss(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
         return grad, torch.full_like(aux_loss, ctx.scale), None
+
+
+def _reversible(chunks: list[torch.nn.Module]) -> bool:
+    from megalong.model.reversible import ReversibleTransformerBlock
+
+    return any(isinstance(m, ReversibleTransformerBlock) for chunk in chunks for m in chunk.modules())
 
 
 def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -76,7 +84,7 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=n_micro,
-        seq_length=batches[0]["tokens"].shape[1],
+        seq_length=batches[0]["tokens"].shape[1] * (2 if _reversible(chunks) else 1),
         micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )

@@ -1,0 +1,96 @@
+"""`train.checkpoint_format: megatron` (megalong/train/dist_checkpoint.py) in one process: exact
+resume with dropout (RNG states kept), the step-directory layout, the merged state for export, and
+the slicing of gated fc1 weights. Resharding across layouts is tested in the 4-process job of
+tests/test_pipeline.py."""
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_overrides
+from megalong.config import load_config
+from megalong.parallel.distributed import ParallelLayout, shutdown
+from megalong.train import checkpoint as ckpt
+from megalong.train.loop import train
+
+
+def _run(data, save_dir, **extra):
+    args = [a for a in tiny_overrides(data, save_dir, 6, **extra) if a != "--set"]
+    try:
+        return train(load_config([], args))
+    finally:
+        shutdown()
+
+
+def test_megatron_format_resumes_exactly_and_merges(tiny_data, tmp_path):
+    extra = {"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1, "model.activation": "swiglu",
+             "train.checkpoint_format": "megatron"}
+    straight = _run(tiny_data, tmp_path / "a", **extra)
+    _run(tiny_data, tmp_path / "b", **extra, **{"train.stop_at_step": 3})
+    step3 = tmp_path / "b" / "step_00000003"
+    assert ckpt.find_latest(tmp_path / "b") == step3 and not list((tmp_path / "b").glob(".*.tmp"))
+    assert {p.name for p in step3.iterdir()} >= {"config.yaml", "meta.json", "tokenizer.model",
+                                                 "rng_rank000.pt", "dist"}
+    assert [p.name for p in step3.glob("*.pt")] == ["rng_rank000.pt"]
+    # Resumed from the megatron-format step 3, saving in megalong's own format at the end.
+    resumed = _run(tiny_data, tmp_path / "b", **{**extra, "train.checkpoint_format": "megalong"},
+                   **{"train.load": "auto"})
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == straight.losses[step], step
+
+    # Same weights, read through either format (megatron's: gated fc1 unfolded to [gate; up]).
+    info, merged = ckpt.load_merged_state(tmp_path / "a")
+    native_info, native = ckpt.load_merged_state(tmp_path / "b")
+    assert (info.meta["format"], native_info.meta["format"]) == ("megatron", "megalong")
+    tensors = {k: v for k, v in native.items() if isinstance(v, torch.Tensor)}
+    assert merged.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert torch.equal(merged[key], tensor), key
+    from megalong.export.hf import export_checkpoint
+
+    export_checkpoint(tmp_path / "a", tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def _layout(tp: int, tp_rank: int, ep: int = 1, ep_rank: int = 0) -> ParallelLayout:
+    return ParallelLayout(world_size=tp * ep, rank=0, tensor_parallel=tp, tensor_rank=tp_rank,
+                          data_parallel=1, data_rank=0, device=torch.device("cpu"),
+                          expert_parallel=ep, expert_rank=ep_rank)
+
+
+def _assemble(pieces: list[tuple[torch.Tensor, list]]) -> torch.Tensor:
+    """The global tensor from (view, [(axis, rank, fragments)]) pieces, as dist_checkpointing
+    places them."""
+    view, offsets = pieces[0]
+    shape = list(view.shape)
+    for axis, _, fragments in offsets:
+        shape[axis] *= fragments
+    out = torch.full(shape, float("nan"))
+    for view, offsets in pieces:
+        index = [slice(None)] * view.ndim
+        for axis, rank, _ in offsets:
+            index[axis] = slice(rank * view.shape[axis], (rank + 1) * view.shape[axis])
+        out[tuple(index)] = view
+    return out
+
+
+def test_sharding_places_tp_and_ep_slices_where_the_one_process_model_has_them():
+    from megalong.model.tp_shard import split_tensor_parallel
+    from megalong.train.dist_checkpoint import _sharding
+
+    full = {"decoder.layers.0.mlp.linear_fc1.weight": torch.randn(8, 3),   # gated: [gate; up]
+            "decoder.layers.0.mlp.linear_fc2.weight": torch.randn(3, 4),
+            "decoder.layers.1.mlp.experts.w1": torch.randn(4, 3, 5)}       # 4 experts
+    dims = {"decoder.layers.0.mlp.linear_fc1.weight": 0, "decoder.layers.0.mlp.linear_fc2.weight": 1,
+            "decoder.layers.1.mlp.experts.w1": None}
+    for tp in (1, 2):
+        shards = [split_tensor_parallel(full, dims, tp, r, gated_mlp=True) for r in range(tp)]
+        for name in ("decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight"):
+            pieces = [_sharding(name, shards[r][name], dims, True, _layout(tp, r)) for r in range(tp)]
+            expected = full[name].view(2, 4, 3) if "fc1" in name else full[name]
+            assert torch.equal(_assemble(pieces), expected), (tp, name)
+    name = "decoder.layers.1.mlp.experts.w1"
+    pieces = [_sharding(name, full[name].chunk(2)[e], dims, True, _layout(2, 0, ep=2, ep_rank=e))
+              for e in range(2)]
+    assert [o for _, o in pieces] == [[(0, 0, 2)], [(0, 1, 2)]]
+    assert torch.equal(_assemble(pieces), full[name])
