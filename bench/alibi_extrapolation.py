@@ -71,7 +71,7 @@ def main() -> None:
                       **{str(r.seq_length): r.perplexity for r in results}}
         print(name, json.dumps(rows[name]), flush=True)
 
-    print(f"\n| position | train loss | " + " | ".join(f"ppl @{n}" for n in EVAL_LENGTHS) + " |")
+    print("\n| position | train loss | " + " | ".join(f"ppl @{n}" for n in EVAL_LENGTHS) + " |")
     print("|---|---|" + "---|" * len(EVAL_LENGTHS))
     for name, row in rows.items():
         cells = [f"{row[str(n)]:.2f}" if str(n) in row else "cannot run" for n in EVAL_LENGTHS]

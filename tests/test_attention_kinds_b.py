@@ -1,7 +1,6 @@
 """`lsh` (Reformer) and `fam` (TransformerFAM) against naive references that follow the papers,
 in float64, forward and gradients; ALiBi in both; TP=2 against TP=1; memory linear in L; training
 steps through the CLI; config validation."""
-import json
 import math
 import os
 import subprocess

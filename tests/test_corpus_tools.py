@@ -18,7 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from conftest import REPO
 from megalong.data.corpus import CorpusError, iter_blocks, iter_documents, write_jsonl_zst
-from megalong.data.indexed import ShardWriter, merge, read_index, token_dtype
+from megalong.data.indexed import ShardWriter, read_index, token_dtype
 from megalong.data.preprocess import preprocess
 from megalong.data.tokenizer import SentencePieceTokenizer, encode_long, load_tokenizer
 

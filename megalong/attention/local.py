@@ -44,6 +44,10 @@ class LocalAttention(CoreAttention):
         # This rank's heads, by global head index.
         self.dilations = dilations[self.first_head:self.first_head + self.heads_per_rank]
         self.global_positions = options.global_positions()
+        # This rank's heads grouped by dilation: each group is computed in one call.
+        self.dilation_groups: dict[int, list[int]] = {}
+        for i, d in enumerate(self.dilations):
+            self.dilation_groups.setdefault(d, []).append(i)
 
     @property
     def kv_cache(self) -> bool:
@@ -61,19 +65,9 @@ class LocalAttention(CoreAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
             return kernels.local_attend(self, q, k, v)
-        h = self.heads_per_rank
-        if self.global_positions:
-            if q.shape[1] != 2 * h:
-                raise ValueError("local attention with global_tokens expects the local and the global "
-                                 f"heads ({2 * h}), got {q.shape[1]}: use LocalSelfAttention")
-            (q, qg), (k, kg), (v, vg) = q.split(h, 1), k.split(h, 1), v.split(h, 1)
-        L = q.shape[2]
-        g = torch.tensor([p for p in self.global_positions if p < L], dtype=torch.long, device=q.device)
+        (q, k, v), (qg, kg, vg), g = self.split_global_heads(q, k, v)
         slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
-
-        groups: dict[int, list[int]] = {}
-        for i, d in enumerate(self.dilations):
-            groups.setdefault(d, []).append(i)
+        groups = self.dilation_groups
         if len(groups) == 1:
             out = self._window(q, k, v, self.dilations[0], slopes, g)
         else:
@@ -86,6 +80,21 @@ class LocalAttention(CoreAttention):
         if len(g):
             out = out.index_copy(2, g, self._global_rows(qg, kg, vg, g, slopes))
         return out
+
+    def split_global_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """((q, k, v) of the local heads, (q, k, v) of the global-projection heads or Nones, the
+        global positions inside this sequence as a tensor). Shared by the torch and kernel paths."""
+        h = self.heads_per_rank
+        glob = (None, None, None)
+        if self.global_positions:
+            if q.shape[1] != 2 * h:
+                raise ValueError("local attention with global_tokens expects the local and the global "
+                                 f"heads ({2 * h}), got {q.shape[1]}: use LocalSelfAttention")
+            (q, qg), (k, kg), (v, vg) = q.split(h, 1), k.split(h, 1), v.split(h, 1)
+            glob = (qg, kg, vg)
+        L = q.shape[2]
+        g = torch.tensor([p for p in self.global_positions if p < L], dtype=torch.long, device=q.device)
+        return (q, k, v), glob, g
 
     def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
                 slopes: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.attention import Attention, SelfAttention
 
-from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
 from megalong.kernels import select as kernels
 

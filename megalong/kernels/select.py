@@ -52,15 +52,9 @@ def local_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     tokens' keys), and one for the global tokens' rows (their own projections, full causal)."""
     from megalong.kernels.window_attention import window_attention
 
-    h = attn.heads_per_rank
-    if attn.global_positions:
-        (q, qg), (k, kg), (v, vg) = q.split(h, 1), k.split(h, 1), v.split(h, 1)
-    L = q.shape[2]
-    g = torch.tensor([p for p in attn.global_positions if p < L], dtype=torch.long, device=q.device)
+    (q, k, v), (qg, kg, vg), g = attn.split_global_heads(q, k, v)
     slopes = attn.alibi_slopes(q.device, torch.float32) if attn.alibi else None
-    groups: dict[int, list[int]] = {}
-    for i, d in enumerate(attn.dilations):
-        groups.setdefault(d, []).append(i)
+    groups = attn.dilation_groups
     out = torch.empty_like(q) if len(groups) > 1 else None
     for d, heads in groups.items():
         idx = torch.tensor(heads, device=q.device)

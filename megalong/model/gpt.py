@@ -177,7 +177,7 @@ def model_flops_per_token(cfg: Config, vocab_size: int) -> float:
     and, in MoE layers, only the experts a token is routed to.
     """
     m = cfg.model
-    h, L, f = m.hidden_size, cfg.seq_length, cfg.ffn_hidden_size
+    h, f = m.hidden_size, cfg.ffn_hidden_size
     mlp_mats = 3 if m.activation == "swiglu" else 2
     moe = cfg.moe_options()
     expert_f = moe.expert_hidden_size or f

@@ -53,7 +53,7 @@ from megalong.moe.layer import moe_aux_loss, update_router_biases  # noqa: E402
 from megalong.parallel.distributed import ParallelLayout, initialize  # noqa: E402
 from megalong.train import checkpoint as ckpt  # noqa: E402
 from megalong.train.batches import fetch, micro_batch_indices  # noqa: E402
-from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib  # noqa: E402
+from megalong.train.metrics import Throughput, format_duration, memory_gib  # noqa: E402
 from megalong.train.optim import build_optimizer  # noqa: E402
 from megalong.train.schedule import learning_rate  # noqa: E402
 
@@ -178,7 +178,7 @@ def train(cfg: Config):
     import deepspeed
 
     from megalong.data.tokenizer import SentencePieceTokenizer
-    from megalong.train.loop import TrainResult, _build_datasets, _resume_path, evaluate, lm_loss
+    from megalong.train.loop import TrainResult, _build_datasets, _resume_path, evaluate, lm_loss, open_reporter
 
     t = cfg.train
     layout = initialize(cfg.parallel.tensor, cfg.parallel.backend)
@@ -208,12 +208,7 @@ def train(cfg: Config):
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
     throughput = Throughput(t.global_batch_size * cfg.seq_length, model_flops_per_token(cfg, vocab_size),
                             t.peak_tflops * 1e12 * layout.world_size)
-    metrics_file = None
-    if t.save_dir and layout.rank == 0:
-        Path(t.save_dir).mkdir(parents=True, exist_ok=True)
-        metrics_file = str(Path(t.save_dir) / "metrics.jsonl")
-    reporter = Reporter(end_step, start_step, layout.rank == 0, t.progress_bar, t.tensorboard_dir,
-                        metrics_file)
+    reporter = open_reporter(cfg, layout, start_step, end_step)
     reporter.line(f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}"
                   f"{' with CPU optimizer offload' if cfg.deepspeed.offload_optimizer else ''}: "
                   f"{layout.world_size} processes (tensor {layout.tensor_parallel} x data "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -164,6 +163,17 @@ def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> st
             f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}")
 
 
+def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step: int) -> Reporter:
+    """Progress bar, log lines, TensorBoard and `<save_dir>/metrics.jsonl`, written by rank 0."""
+    t = cfg.train
+    metrics_file = None
+    if t.save_dir and layout.rank == 0:
+        Path(t.save_dir).mkdir(parents=True, exist_ok=True)
+        metrics_file = str(Path(t.save_dir) / "metrics.jsonl")
+    return Reporter(end_step, start_step, layout.rank == 0, t.progress_bar, t.tensorboard_dir,
+                    metrics_file)
+
+
 def _report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
     """Per MoE layer, of the last micro-batch on this rank: expert load spread and dropped tokens."""
     parts, scalars = [], {"moe/aux_loss": aux}
@@ -231,12 +241,7 @@ def train(cfg: Config) -> TrainResult:
     tokens_per_step = t.global_batch_size * cfg.seq_length
     throughput = Throughput(tokens_per_step, model_flops_per_token(cfg, chunks[0].vocab_size),
                             t.peak_tflops * 1e12 * layout.world_size)
-    metrics_file = None
-    if t.save_dir and layout.rank == 0:
-        Path(t.save_dir).mkdir(parents=True, exist_ok=True)
-        metrics_file = str(Path(t.save_dir) / "metrics.jsonl")
-    reporter = Reporter(end_step, start_step, layout.rank == 0, t.progress_bar, t.tensorboard_dir,
-                        metrics_file)
+    reporter = open_reporter(cfg, layout, start_step, end_step)
     reporter.line(_describe(cfg, core, layout))
     reporter.line(f"data: {len(train_set)} training and {len(valid_set) if valid_set else 0} held-out "
                   f"samples of {cfg.seq_length} tokens; {tokens_per_step} tokens per step "
