@@ -87,6 +87,7 @@ class ModelConfig:
     reversible: bool = False
     reversible_merge: Literal["mean", "split", "second"] = "mean"
     ffn_chunks: int = 1
+    loss_chunks: int = 1  # logits + cross-entropy over n sequence slices, recomputed in backward (chunked_loss.py)
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     recompute_method: Optional[Literal["uniform", "block"]] = None
     recompute_num_layers: Optional[int] = None
@@ -152,6 +153,10 @@ class ParallelConfig:
     # shared evenly by the middle stages (megatron's num_layers_in_first/last_pipeline_stage).
     pipeline_layers: Optional[list[int]] = None
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Data parallelism (megatron-core DDP and optimizer, megalong/train/megatron_dp.py):
+    distributed_optimizer: bool = False  # Adam state and update sharded over data-parallel ranks
+    overlap_grad_reduce: bool = False  # reduce gradient buckets while the backward still runs
+    ddp_bucket_size: Optional[int] = None  # elements per gradient bucket (None: megatron's choice)
 
 
 @dataclass
@@ -549,6 +554,7 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
 
     _validate_deepspeed(cfg)
+    _validate_data_parallel(cfg)
 
     if check_paths:
         if not d.tokenizer:
@@ -601,6 +607,11 @@ def _validate_deepspeed(cfg: Config) -> None:
     if cfg.train.checkpoint_format != "megalong":
         raise ConfigError("train.checkpoint_format: megatron is not supported with train.engine: "
                           "deepspeed (DeepSpeed writes its own checkpoint files)")
+    for key in ("distributed_optimizer", "overlap_grad_reduce", "ddp_bucket_size"):
+        if getattr(p, key) != getattr(ParallelConfig, key):
+            raise ConfigError(f"parallel.{key}: configures megatron-core's DDP, which train.engine: "
+                              f"deepspeed does not use (ZeRO shards the optimizer state: "
+                              f"deepspeed.zero_stage)")
     if p.pipeline > 1:
         raise ConfigError(f"parallel.pipeline: {p.pipeline} pipeline stages are not supported with "
                           f"train.engine: deepspeed (DeepSpeed's pipeline engine allows only ZeRO-1, and "
@@ -616,12 +627,23 @@ def _validate_deepspeed(cfg: Config) -> None:
                           "use zero_stage 1 or 2")
 
 
+def _validate_data_parallel(cfg: Config) -> None:
+    size = cfg.parallel.ddp_bucket_size
+    if size is not None and size < 1:
+        raise ConfigError(f"parallel.ddp_bucket_size: must be a positive number of elements, got {size}")
+
+
 def _validate_memory(cfg: Config) -> None:
     m = cfg.model
     if m.ffn_chunks < 1:
         raise ConfigError(f"model.ffn_chunks: must be >= 1, got {m.ffn_chunks}")
     if cfg.seq_length % m.ffn_chunks:
         raise ConfigError(f"model.ffn_chunks: {m.ffn_chunks} does not divide the sequence length "
+                          f"{cfg.seq_length}")
+    if m.loss_chunks < 1:
+        raise ConfigError(f"model.loss_chunks: must be >= 1, got {m.loss_chunks}")
+    if cfg.seq_length % m.loss_chunks:
+        raise ConfigError(f"model.loss_chunks: {m.loss_chunks} does not divide the sequence length "
                           f"{cfg.seq_length}")
     if m.reversible:
         if m.recompute_granularity is not None:

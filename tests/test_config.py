@@ -102,3 +102,12 @@ def test_tiny_cpu_config_is_valid():
 
 def test_padded_vocab_is_independent_of_small_tp():
     assert padded_vocab_size(50257, 128, 1) == padded_vocab_size(50257, 128, 2) == 50304
+
+
+def test_data_parallel_keys_are_checked():
+    with pytest.raises(ConfigError, match="parallel.ddp_bucket_size: must be a positive number"):
+        _check({"parallel": {"ddp_bucket_size": 0}})
+    with pytest.raises(ConfigError, match="parallel.distributed_optimizer: configures megatron-core's DDP"):
+        _check({"train": {"engine": "deepspeed"}, "parallel": {"distributed_optimizer": True}})
+    with pytest.raises(ConfigError, match="unknown config key 'parallel.distributed_optimiser'.*did you mean 'distributed_optimizer'"):
+        _check({"parallel": {"distributed_optimiser": True}})

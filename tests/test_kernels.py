@@ -132,6 +132,142 @@ def test_global_alibi_attend_equals_global_attention():
     _assert_match([select.global_alibi_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
 
 
+# ---- FAM block attention -----------------------------------------------------------------------
+
+def _naive_fam_blocks(q, k, v, k_fam, v_fam, B, memory, scale, slopes=None):
+    """TransformerFAM's block-token attention from its definition, one query at a time: the query
+    at p = t * B + i sees keys j of blocks t - memory .. t with j <= p (distance p - j) and the
+    FAM keys of its block, F_{t-1}, standing at position t * B - 1."""
+    out = torch.empty_like(q)
+    for p in range(q.shape[2]):
+        t = p // B
+        first = max(t - memory, 0) * B
+        keys, values = k[:, :, first:p + 1], v[:, :, first:p + 1]
+        key_pos = torch.arange(first, p + 1, dtype=q.dtype)
+        if k_fam is not None:
+            keys, values = torch.cat([k_fam[:, :, t], keys], 2), torch.cat([v_fam[:, :, t], values], 2)
+            key_pos = torch.cat([torch.full((k_fam.shape[3],), t * B - 1.0, dtype=q.dtype), key_pos])
+        scores = torch.einsum("bhd,bhjd->bhj", q[:, :, p], keys) * scale
+        if slopes is not None:
+            scores = scores - slopes.view(-1, 1) * (p - key_pos)
+        out[:, :, p] = torch.einsum("bhj,bhjd->bhd", torch.softmax(scores, -1), values)
+    return out
+
+
+def _fam_module(heads, B, memory, fam_length, alibi, head_dim=16):
+    from megalong.attention.fam import FamAttention
+
+    return FamAttention(_attn_config(heads, head_dim), 1, block_size=B, memory_segments=memory,
+                        fam_length=fam_length, alibi=alibi)
+
+
+def _fam_inputs(b, h, L, D, B, fam_length):
+    q, k, v = (_rand(b, h, L, D, seed=s) for s in range(3))
+    n = -(-L // B)
+    kf, vf = (_rand(b, h, n, fam_length, D, seed=s) if fam_length else None for s in (3, 4))
+    return q, k, v, kf, vf
+
+
+FAM_CASES = [  # batch, heads, L, head_dim, block_size, memory_segments, fam_length, alibi
+    (1, 2, 37, 16, 8, 1, 3, True),  # ragged last block; blocks smaller than the 16-row tiles
+    (2, 2, 37, 16, 16, 2, 0, False),  # no FAM, two memory blocks, ragged
+    (1, 2, 40, 24, 24, 0, 20, True),  # two query tiles per block, two FAM key tiles, head_dim 24
+    (1, 1, 5, 16, 16, 1, 2, True),  # L < block_size
+    (1, 2, 16, 16, 16, 2, 4, False),  # one block: memory reaches before the sequence
+]
+
+
+@pytest.mark.parametrize("b,h,L,D,B,memory,fam_length,alibi", FAM_CASES[:3])
+def test_fam_blocks_torch_path_equals_naive_definition(b, h, L, D, B, memory, fam_length, alibi):
+    """The torch path the kernel is compared with, against the per-query definition (float64)."""
+    module = _fam_module(h, B, memory, fam_length, alibi, D)
+    inputs = _fam_inputs(b, h, L, D, B, fam_length)
+    q, k, v, kf, vf = (None if x is None else x.detach().double() for x in inputs)
+    slopes = module.alibi_slopes(q.device, torch.float64) if alibi else None
+    select.set_mode("reference")
+    try:
+        got = module.blocks(q, k, v, kf, vf)
+    finally:
+        select.set_mode("auto")
+    assert (got - _naive_fam_blocks(q, k, v, kf, vf, B, memory, module.scale, slopes)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("b,h,L,D,B,memory,fam_length,alibi", FAM_CASES)
+def test_fam_block_attention_matches_torch_path(b, h, L, D, B, memory, fam_length, alibi):
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    module = _fam_module(h, B, memory, fam_length, alibi, D)
+    q, k, v, kf, vf = _fam_inputs(b, h, L, D, B, fam_length)
+    slopes = module.alibi_slopes(q.device, torch.float32) if alibi else None
+    got = fam_block_attention(q, k, v, kf, vf, module.scale, B, memory, slopes, blocks=SMALL)
+    select.set_mode("reference")  # on CUDA the module would otherwise take the kernel itself
+    try:
+        want = module.blocks(q.double(), k.double(), v.double(),
+                             *(None if x is None else x.double() for x in (kf, vf)))
+    finally:
+        select.set_mode("auto")
+    inputs = (q, k, v) + ((kf, vf) if fam_length else ())
+    _assert_match([got], [want], inputs)
+
+
+def test_fam_block_attention_default_blocks():
+    """The H100 default tiles (64 x 64): a 96-token block holds two query tiles, ragged L."""
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    module = _fam_module(1, 96, 1, 5, True, 64)
+    q, k, v, kf, vf = _fam_inputs(1, 1, 150, 64, 96, 5)
+    got = fam_block_attention(q, k, v, kf, vf, module.scale, 96, 1, module.alibi_slopes(q.device, torch.float32))
+    select.set_mode("reference")
+    try:
+        want = module.blocks(q.double(), k.double(), v.double(), kf.double(), vf.double())
+    finally:
+        select.set_mode("auto")
+    _assert_match([got], [want], (q, k, v, kf, vf))
+
+
+@pytest.mark.parametrize("fam_length,alibi", [(3, True), (0, False)])
+def test_fam_model_on_kernels_equals_reference(monkeypatch, fam_length, alibi):
+    """A two-layer fam GPT (FAM chain, memory blocks, ragged last block), forced onto the kernel:
+    loss and every parameter's gradient equal the torch path's."""
+    from megalong.config import config_from_dict, validate
+    from megalong.model.gpt import build_model, position_ids_for
+    from megalong.parallel.distributed import initialize, shutdown
+
+    cfg = config_from_dict({"model": {
+        "num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 24,
+        "attention_layers": ["fam", "fam"], "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "alibi": alibi, "position_embedding": "none" if alibi else "learned",
+        "attention": {"fam": {"block_size": 8, "memory_segments": 1, "fam_length": fam_length}}}})
+    validate(cfg, check_paths=False, world_size=1)
+    initialize(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg, 64).to(DEVICE)
+        tokens = (torch.arange(42).view(2, 21) * 7 % 64).to(DEVICE)  # 21: a short last block
+
+        def loss_and_grads():
+            model.zero_grad()
+            loss = model(tokens, position_ids_for(tokens), None, labels=tokens).mean()
+            loss.backward()
+            return loss, [p.grad.clone() for p in model.parameters()]
+
+        select.set_mode("reference")
+        want, want_grads = loss_and_grads()
+        select.set_mode("auto")
+        calls = []
+        use = select.use_kernels
+        monkeypatch.setattr(select, "use_kernels", lambda *a, **kw: calls.append(1) or True)
+        got, got_grads = loss_and_grads()
+        monkeypatch.setattr(select, "use_kernels", use)
+    finally:
+        select.set_mode("auto")
+        shutdown()
+    assert len(calls) == 2  # one kernel call per layer
+    assert abs(got.item() - want.item()) < OUT_TOL
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).abs().max().item() < GRAD_TOL
+
+
 # ---- linear attention --------------------------------------------------------------------------
 
 def _linear_loop(q, k, v, eps):

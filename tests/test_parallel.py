@@ -1,6 +1,8 @@
 """Tensor and data parallelism on two gloo processes give the one-process losses and weights."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from conftest import read_metrics, run_cli, tiny_overrides
@@ -28,31 +30,84 @@ LOSS_TOL = 2e-5
 WEIGHT_TOL = 1e-4
 
 
+LOGS: dict[str, str] = {}  # save directory -> what the run printed
+
+
 def _run(tiny_data, save_dir, nproc=1, launcher="python", **extra):
-    run_cli(["train", *tiny_overrides(tiny_data, save_dir, STEPS, **ALIBI_12_HEADS, **extra)],
-            nproc=nproc, launcher=launcher)
+    proc = run_cli(["train", *tiny_overrides(tiny_data, save_dir, STEPS, **ALIBI_12_HEADS, **extra)],
+                   nproc=nproc, launcher=launcher)
+    LOGS[str(save_dir)] = proc.stdout + proc.stderr
     return read_metrics(save_dir)
 
 
-def test_tp2_and_dp2_match_one_process(tiny_data, tmp_path):
-    single = _run(tiny_data, tmp_path / "single")
-    tp2 = _run(tiny_data, tmp_path / "tp2", nproc=2, launcher="torchrun.sh", **{"parallel.tensor": 2})
-    dp2 = _run(tiny_data, tmp_path / "dp2", nproc=2)
-    assert sorted(single) == sorted(tp2) == sorted(dp2) == list(range(1, STEPS + 1))
-    assert single[STEPS] < single[1]  # it trains
-    for step in single:
-        assert abs(tp2[step] - single[step]) < LOSS_TOL, (step, tp2[step], single[step])
-        assert abs(dp2[step] - single[step]) < LOSS_TOL, (step, dp2[step], single[step])
+def _adam_share(save_dir) -> float:
+    """The share of the weights whose Adam state rank 0 holds, from its log line."""
+    match = re.search(r"Adam state for ([\d,]+) of ([\d,]+) weights", LOGS[str(save_dir)])
+    held, total = (int(g.replace(",", "")) for g in match.groups())
+    return held / total
 
-    # Same weights after training, with the TP=2 shards merged (so also the same initial weights).
+
+def _assert_norms_close(save_dir, reference_dir, name):
+    """Gradient norms before clipping, relative 1e-4: Adam is blind to a wrong gradient scale
+    (the losses would still agree), the norm is not."""
+    norms, reference = read_metrics(save_dir, "train/grad_norm"), read_metrics(reference_dir, "train/grad_norm")
+    for step, value in norms.items():
+        assert abs(value - reference[step]) < 1e-4 * reference[step], (name, step, value, reference[step])
+
+
+def _optimizer_state(path):
+    from megalong.train.checkpoint import _merged, read_checkpoint_info
+
+    return _merged(read_checkpoint_info(path), "optim")
+
+
+def _assert_close(merged, reference, tol, label):
+    assert merged.keys() == reference.keys(), label
+    for name, tensor in reference.items():
+        if isinstance(tensor, torch.Tensor):
+            assert (merged[name] - tensor).abs().max().item() < tol, (label, name)
+
+
+# 8 sequences per step in micro-batches of 2: one process accumulates 4 of them, each of two
+# data-parallel ranks 2 (so megatron DDP's no_sync path is taken). Small gradient buckets make
+# megatron's DDP reduce (and its distributed optimizer shard) in several buckets.
+BATCH = {"train.global_batch_size": 8, "train.save_interval": 3}
+DIST_OPT = {"parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true",
+            "parallel.ddp_bucket_size": 20000}
+
+
+def test_tp2_and_dp2_match_one_process(tiny_data, tmp_path):
+    """TP=2, DP=2 with megatron-core DDP, DP=2 with its distributed optimizer (Adam state sharded,
+    gradients reduce-scattered in overlapped buckets), and DP=2 with the distributed optimizer
+    resumed from the one-process checkpoint at step 3: the one-process losses, weights and Adam
+    state."""
+    single = _run(tiny_data, tmp_path / "single", **BATCH)
+    tp2 = _run(tiny_data, tmp_path / "tp2", nproc=2, launcher="torchrun.sh",
+               **{"parallel.tensor": 2}, **BATCH)
+    dp2 = _run(tiny_data, tmp_path / "dp2", nproc=2, **BATCH)
+    dist_opt = _run(tiny_data, tmp_path / "dist_opt", nproc=2, **BATCH, **DIST_OPT)
+    resumed = _run(tiny_data, tmp_path / "resumed", nproc=2, **BATCH, **DIST_OPT,
+                   **{"train.load": str(tmp_path / "single" / "step_00000003")})
+    assert sorted(single) == sorted(tp2) == sorted(dp2) == sorted(dist_opt) == list(range(1, STEPS + 1))
+    assert sorted(resumed) == [4, 5]
+    assert single[STEPS] < single[1]  # it trains
+    assert _adam_share(tmp_path / "dp2") == 1.0
+    assert 0.45 < _adam_share(tmp_path / "dist_opt") < 0.55  # sharded over the two ranks
+    for name, run in (("tp2", tp2), ("dp2", dp2), ("dist_opt", dist_opt), ("resumed", resumed)):
+        for step in run:
+            assert abs(run[step] - single[step]) < LOSS_TOL, (name, step, run[step], single[step])
+        _assert_norms_close(tmp_path / name, tmp_path / "single", name)
+
+    # Same weights and Adam state after training, with the TP=2 shards merged and the distributed
+    # optimizer's shards gathered (so also the same initial weights).
     _, reference = load_merged_state(tmp_path / "single")
-    for other in ("tp2", "dp2"):
+    reference_adam = _optimizer_state(tmp_path / "single")
+    assert any(k.endswith("exp_avg_sq") for k in reference_adam)
+    for other in ("tp2", "dp2", "dist_opt", "resumed"):
         info, merged = load_merged_state(tmp_path / other)
         assert info.meta["tensor_parallel"] == (2 if other == "tp2" else 1)
-        assert merged.keys() == reference.keys()
-        for name, tensor in reference.items():
-            if isinstance(tensor, torch.Tensor):
-                assert (merged[name] - tensor).abs().max().item() < WEIGHT_TOL, (other, name)
+        _assert_close(merged, reference, WEIGHT_TOL, other)
+        _assert_close(_optimizer_state(tmp_path / other), reference_adam, WEIGHT_TOL, other + " adam")
 
 
 def test_torchrun_launcher_dry_run_prints_the_command():
@@ -83,6 +138,7 @@ def test_expert_parallel_matches_one_process(tiny_data, tmp_path):
         assert sorted(losses) == list(range(1, STEPS + 1))
         for step in single:
             assert abs(losses[step] - single[step]) < LOSS_TOL, (name, step, losses[step], single[step])
+        _assert_norms_close(tmp_path / name, tmp_path / "single", name)
 
     _, reference = load_merged_state(tmp_path / "single")
     for other in ("ep2", "ep2dp2", "ep2tp2"):

@@ -2,18 +2,20 @@
 one process: the same losses over 5 steps from the same initial weights and data, the same
 weights after training, and checkpoints that reshard (TP2 x PP2 <-> one process) and continue the
 one-process loss curve. Reversible models at PP=2 and TP2 x PP2 against a reversible one-process
-run."""
+run. Every attention kind, ALiBi and MoE layers inside pipeline stages (with EP, TP, virtual
+stages, reversible) against one process."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, read_metrics, tiny_overrides
+from conftest import REPO, read_metrics, run_driver, tiny_overrides
 from megalong.config import ConfigError, config_from_dict, load_config, validate
 from megalong.parallel.distributed import shutdown
 from megalong.train.checkpoint import load_merged_state
@@ -30,14 +32,17 @@ MODEL = {
     "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5, num_shared_experts: 1, aux_loss_coeff: 0.1, z_loss_coeff: 0.01}",
     "train.micro_batch_size": 1,
 }
-# Four processes; what is not model-parallel is data-parallel (e.g. "pp2" is PP=2 x DP=2).
+# Four processes; what is not model-parallel is data-parallel (e.g. "pp2" is PP=2 x DP=2), through
+# megatron-core's DDP, with its distributed optimizer in two layouts (dense and expert Adam state
+# sharded over the data-parallel and expert-data-parallel ranks, overlapped gradient reduction).
+DIST_OPT = {"parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true"}
 LAYOUTS = {
     "tp2": {"parallel.tensor": 2},
     "pp2": {"parallel.pipeline": 2},
-    "pp2_vp2": {"parallel.pipeline": 2, "parallel.virtual_stages": 2},
+    "pp2_vp2": {"parallel.pipeline": 2, "parallel.virtual_stages": 2, **DIST_OPT},
     "pp2_uneven": {"parallel.pipeline": 2, "parallel.pipeline_layers": "[1, 3]"},
     "tp2_pp2": {"parallel.tensor": 2, "parallel.pipeline": 2},
-    "ep2_tp2": {"parallel.expert": 2, "parallel.tensor": 2},
+    "ep2_tp2": {"parallel.expert": 2, "parallel.tensor": 2, **DIST_OPT},
     "pp4": {"parallel.pipeline": 4},
 }
 # Reversible layers (megalong/model/reversible.py): both streams cross the stage boundaries.
@@ -56,26 +61,35 @@ def _args(data, save_dir, **extra) -> list[str]:
 
 
 def _train_here(args: list[str]):
+    # One thread, like the torchrun processes: with the default two on a busy 2-core machine,
+    # OpenMP's waiting threads made these tiny runs 20-40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return train(load_config([], args))
     finally:
         shutdown()
-
-
-def _torchrun(runs: list[list[str]], nproc: int, tmp_path) -> None:
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps(runs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), str(REPO / "tests" / "parallel_driver.py"), str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+        torch.set_num_threads(threads)
 
 
 def _close(losses: dict[int, float], reference: dict[int, float], steps, name: str) -> None:
     assert sorted(losses) == list(steps), (name, sorted(losses))
     for step in steps:
         assert abs(losses[step] - reference[step]) < LOSS_TOL, (name, step, losses[step], reference[step])
+
+
+def _moe_keys(save_dir) -> set[str]:
+    lines = (Path(save_dir) / "metrics.jsonl").read_text().splitlines()
+    return {k for line in lines for k in json.loads(line) if k.startswith("moe/layer")}
+
+
+def _close_norms(save_dir, reference_dir, name: str) -> None:
+    """Gradient norms before clipping, relative 1e-4: Adam is blind to a wrong gradient scale
+    (the losses would still agree), the norm is not."""
+    norms, reference = read_metrics(save_dir, "train/grad_norm"), read_metrics(reference_dir, "train/grad_norm")
+    assert sorted(norms) == sorted(reference), name
+    for step, value in reference.items():
+        assert abs(norms[step] - value) < 1e-4 * value, (name, step, norms[step], value)
 
 
 def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp_path):
@@ -92,7 +106,7 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
                       **{"train.load": str(single / "step_00000003")}))
     runs.append(_args(tiny_data, tmp_path / "stop3", **LAYOUTS["tp2_pp2"], **{"train.stop_at_step": 3}))
     runs += [_args(tiny_data, tmp_path / name, **layout, **REVERSIBLE) for name, layout in REVERSIBLE_LAYOUTS.items()]
-    _torchrun(runs, 4, tmp_path)
+    run_driver(runs, 4, tmp_path)
 
     single_reversible = tmp_path / "single_reversible"
     _train_here(_args(tiny_data, single_reversible, **REVERSIBLE))
@@ -101,6 +115,7 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
         _close(read_metrics(tmp_path / name), read_metrics(single_reversible), range(1, STEPS + 1), name)
         _close(read_metrics(tmp_path / name, "train/moe_aux_loss"),
                read_metrics(single_reversible, "train/moe_aux_loss"), range(1, STEPS + 1), name + " aux")
+        _close_norms(tmp_path / name, single_reversible, name)
         _, merged = load_merged_state(tmp_path / name)
         for key, tensor in reversible_weights.items():
             if isinstance(tensor, torch.Tensor):
@@ -111,6 +126,8 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
         _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
         aux = read_metrics(tmp_path / name, "train/moe_aux_loss")
         _close(aux, reference_aux, range(1, STEPS + 1), name + " aux")
+        _close_norms(tmp_path / name, single, name)
+        assert _moe_keys(tmp_path / name) == _moe_keys(single), name  # every stage's MoE layers logged
         info, merged = load_merged_state(tmp_path / name)
         assert merged.keys() == weights.keys(), name
         for key, tensor in weights.items():
@@ -137,6 +154,72 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
     assert sorted(resumed.losses) == [4, 5]
     for step in (4, 5):
         assert abs(resumed.losses[step] - reference[step]) < LOSS_TOL, ("TP2 x PP2 -> one process", step)
+
+
+# Every attention kind inside pipeline stages, with MoE layers (top-2, load-balance and z-loss) on
+# both stages of PP=2. Sequences of 16 (4 x 4 axial grid, 4 LSH buckets, 4 FAM blocks).
+# KINDS: one layer of each kind, axial position embeddings (on the first stage only). The LSH layer
+# is the first of stage 1, so its rotations (seeded by the global layer number) and the stage's
+# layer offsets are checked; the local layer has dilation per head and global tokens.
+KIND_OPTIONS = ("{local: {window: 4, dilation: [1, 2, 1, 3], global_tokens: [0, 5]}, linear: {chunk_size: 8}, "
+                "lsh: {bucket_size: 4, n_hashes: 2}, axial: {axial_shape: [4, 4]}, "
+                "fam: {block_size: 4, memory_segments: 1, fam_length: 2}}")
+KINDS = {
+    "model.num_layers": 6,
+    "model.max_position_embeddings": 16,
+    "model.attention_layers": '[[["global", "local", "linear", "lsh", "axial", "fam"], 1]]',
+    "model.mlp_layers": '[[["moe", "dense"], 3]]',  # fam layers need a dense MLP
+    "model.attention": KIND_OPTIONS,
+    "model.position_embedding": "axial",
+    "model.axial_position": "{shape: [4, 4]}",
+    "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5, aux_loss_coeff: 0.1, z_loss_coeff: 0.01}",
+    "train.micro_batch_size": 1,
+}
+# ALIBI: the kinds that take ALiBi (linear has no scores to bias), one layer per virtual stage, and
+# 4 micro-batches per rank at PP=2 x VP=2 x DP=2: more than one group of the interleaved schedule,
+# whose steady state sends activations and gradients both ways between the two stages at once.
+ALIBI = {**KINDS, "model.num_layers": 4, "model.attention_layers": '[[["lsh", "local", "axial", "fam"], 1]]',
+         "model.mlp_layers": '[[["moe", "dense"], 2]]', "model.position_embedding": "none",
+         "model.axial_position": "{}", "model.alibi": "true", "train.global_batch_size": 8}
+# name: (model, layout); four processes, the rest data-parallel (PP=2 x EP=2 x DP=2 for "ep2").
+KIND_RUNS = {
+    "kinds_pp2": (KINDS, {"parallel.pipeline": 2}),
+    "kinds_pp2_ep2": (KINDS, {"parallel.pipeline": 2, "parallel.expert": 2}),
+    "kinds_tp2_pp2": (KINDS, {"parallel.tensor": 2, "parallel.pipeline": 2}),
+    "kinds_pp2_reversible": ({**KINDS, "model.reversible": "true"}, {"parallel.pipeline": 2}),
+    "alibi_pp2_vp2": (ALIBI, {"parallel.pipeline": 2, "parallel.virtual_stages": 2}),
+}
+
+
+def test_every_attention_kind_and_moe_inside_pipeline_stages(tiny_data, tmp_path):
+    """The mixed models above at PP=2, PP=2 x EP=2, TP=2 x PP=2, reversible PP=2 and interleaved
+    PP=2 x VP=2 against one process: the same LM loss, MoE aux loss and (clipped) grad norm at each
+    of 5 steps, the same held-out loss after them, and the same weights."""
+    runs = [[a for a in tiny_overrides(tiny_data, tmp_path / name, STEPS, **model, **layout) if a != "--set"]
+            for name, (model, layout) in KIND_RUNS.items()]
+    run_driver(runs, 4, tmp_path)
+
+    singles: dict[str, Path] = {}
+    for name, (model, _) in KIND_RUNS.items():
+        key = json.dumps(model, sort_keys=True)
+        if key not in singles:
+            singles[key] = tmp_path / f"single_{len(singles)}"
+            _train_here([a for a in tiny_overrides(tiny_data, singles[key], STEPS, **model) if a != "--set"])
+        single = singles[key]
+        for metric, tol, steps in (("train/loss", LOSS_TOL, range(1, STEPS + 1)),
+                                   ("train/moe_aux_loss", LOSS_TOL, range(1, STEPS + 1)),
+                                   ("train/grad_norm", 1e-4, range(1, STEPS + 1)),
+                                   ("valid/loss", LOSS_TOL, [STEPS])):
+            got, want = read_metrics(tmp_path / name, metric), read_metrics(single, metric)
+            assert sorted(got) == sorted(want) == list(steps), (name, metric, sorted(got), sorted(want))
+            for step in want:
+                assert abs(got[step] - want[step]) < tol, (name, metric, step, got[step], want[step])
+        _, weights = load_merged_state(single)
+        _, merged = load_merged_state(tmp_path / name)
+        assert merged.keys() == weights.keys(), name
+        for param, tensor in weights.items():
+            if isinstance(tensor, torch.Tensor):
+                assert (merged[param] - tensor).abs().max().item() < WEIGHT_TOL, (name, param)
 
 
 @pytest.mark.parametrize("parallel, world, global_batch, message", [

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
+from megalong.kernels import select as kernels
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -70,6 +71,8 @@ class FamAttention(CoreAttention):
         q, k, v: [b, h, L, d]; k_fam, v_fam: [b, h, blocks, fam_length, d] (F_{t-1} for block t)
         or None without FAM. Returns [b, h, L, d].
         """
+        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
+            return kernels.fam_blocks_attend(self, q, k, v, k_fam, v_fam)
         b, h, L, d = q.shape
         B, m = self.block_size, self.memory_segments
         n = -(-L // B)

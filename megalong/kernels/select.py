@@ -9,6 +9,8 @@ An attention module uses a kernel with one additive line at the top of its `atte
     if kernels.use_kernels(q, dropout=self.active_dropout):
         return kernels.local_attend(self, q, k, v)      # or linear_attend / lsh_attend / global_alibi_attend
 
+`fam` does the same at the top of `FamAttention.blocks`, with `fam_blocks_attend(self, q, k, v, k_fam, v_fam)`.
+
 Each `*_attend(attn, q, k, v)` computes exactly what the module's own `attend` computes (tests
 compare them), reading the module's settings (window, dilations, global positions, slopes, ...).
 """
@@ -76,6 +78,17 @@ def global_alibi_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     slopes = attn.alibi_slopes(q.device, torch.float32) if attn.alibi else None
     return window_attention(q, k, v, attn.scale, None, 1, slopes)[0]
+
+
+def fam_blocks_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_fam: Optional[torch.Tensor], v_fam: Optional[torch.Tensor]) -> torch.Tensor:
+    """`FamAttention.blocks` (block tokens over memory blocks, F_{t-1} and their own block) on the
+    FAM block kernel; the FAM chain's `fam_step` stays in torch."""
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    slopes = attn.alibi_slopes(q.device, torch.float32) if attn.alibi else None
+    return fam_block_attention(q, k, v, k_fam, v_fam, attn.scale, attn.block_size, attn.memory_segments,
+                               slopes)
 
 
 def linear_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:

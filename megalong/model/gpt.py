@@ -38,6 +38,11 @@ def transformer_config(cfg: Config, whole: bool = False) -> TransformerConfig:
         num_layers_in_first_pipeline_stage=first_last[0],
         num_layers_in_last_pipeline_stage=first_last[1],
         pipeline_dtype=torch.float32,  # activations sent between stages (see train.pipeline)
+        # Interleaved stages at PP=2 exchange activations and gradients both ways with the same
+        # peer, same shapes. Batched p2p posts them in an order that matches them crosswise on
+        # gloo (the wrong tensors arrive once a rank runs more micro-batches than stages); the
+        # unbatched path sends the two directions over two process groups.
+        batch_p2p_comm=False,
         layernorm_epsilon=m.layernorm_epsilon,
         normalization=m.normalization,
         add_bias_linear=m.linear_bias,
@@ -98,6 +103,10 @@ def build_model(cfg: Config, tokenizer_vocab_size: int, vp_stage: Optional[int] 
         from megalong.model.reversible import apply_memory_options
 
         apply_memory_options(model, m)
+    if m.loss_chunks > 1 and model.post_process:
+        from megalong.model.chunked_loss import attach_chunked_loss
+
+        attach_chunked_loss(model, m.loss_chunks)
     if m.position_embedding == "axial" and model.pre_process:
         from megalong.model.axial_position import attach_axial_position_embedding
 

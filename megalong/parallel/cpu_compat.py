@@ -11,12 +11,16 @@ Two kinds of help:
 * `enable()`: process-wide, for megatron's pipeline schedules and point-to-point communication,
   which allocate their receive buffers with `device="cuda"` / `torch.cuda.current_device()`, call
   `Tensor.cuda()` (tied embeddings across stages), and use CUDA streams, events and
-  `torch.cuda.synchronize()`. It pushes a `TorchFunctionMode` that rewrites CUDA device arguments
-  (a "cuda" string, a CUDA `torch.device` or a bare device index) to the CPU and turns
-  `Tensor.cuda()` into a no-op, and installs no-op stand-ins for `torch.cuda.Stream`, `Event`,
+  `torch.cuda.synchronize()`; and for megatron's DDP buffers and optimizers (data parallelism,
+  megalong/train/megatron_dp.py), which allocate on `torch.cuda.current_device()` and accept only
+  weights whose `Tensor.type()` is a "torch.cuda.*Tensor". It pushes a `TorchFunctionMode` that
+  rewrites CUDA device arguments (a "cuda" string, a CUDA `torch.device` or a bare device index)
+  to the CPU, turns `Tensor.cuda()` into a no-op and reports CPU tensors' `type()` as their CUDA
+  names, and installs no-op stand-ins for `torch.cuda.Stream`, `Event`,
   `stream`, `current_stream`, `synchronize` and `current_device` (which returns index 0, mapped to
   the CPU by the mode). `torch.cuda.is_available()` stays False, so megatron's own CPU branches
-  are still taken. `training.train` calls it when the layout needs pipeline stages.
+  are still taken. The training loop calls it when the layout has pipeline stages or more than
+  one data-parallel rank.
 """
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ class _CudaArgsToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers accept only "torch.cuda.*Tensor" weights.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

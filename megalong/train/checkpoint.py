@@ -119,25 +119,32 @@ OPTIM_SEP = "/"  # optimizer entries are named "<parameter name>/<state key>"
 def _optimizer_state(model, optimizer: torch.optim.Optimizer, tied: bool) -> dict[str, torch.Tensor]:
     """Adam's per-parameter state under the parameters' global names, so that it can be merged
     and re-split for another layout like the weights."""
+    from megalong.train.megatron_dp import adam_state
+
+    whole = adam_state(optimizer)  # gathered from the shards of megatron's distributed optimizer
     state = {}
     for param, name in _param_names(model).items():
         if tied and name == "output_layer.weight":
             continue  # the same state as the first stage's embedding
-        for key, value in optimizer.state.get(param, {}).items():
+        for key, value in whole.get(param, {}).items():
             state[f"{name}{OPTIM_SEP}{key}"] = value
     return state
 
 
 def _set_optimizer_state(model, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    from megalong.train.megatron_dp import load_adam_state
+
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         name, entry = key.rsplit(OPTIM_SEP, 1)
-        by_param.setdefault(name, {})[entry] = value
+        by_name.setdefault(name, {})[entry] = value
+    by_param = {}
     for param, name in _param_names(model).items():
-        if name == "output_layer.weight" and name not in by_param:
+        if name == "output_layer.weight" and name not in by_name:
             name = "embedding.word_embeddings.weight"  # tied: the last stage's copy
-        if name in by_param:
-            optimizer.state[param] = {k: v.clone() for k, v in by_param[name].items()}
+        if name in by_name:
+            by_param[param] = by_name[name]
+    load_adam_state(optimizer, by_param)
 
 
 def _part_suffix(tp: int, pp: int, pipeline: int) -> str:
@@ -361,10 +368,6 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer: Optional[to
         dims.setdefault("embedding.word_embeddings.weight", dims["output_layer.weight"])
     if info.meta.get("format") == "megatron":
         from megalong.train.dist_checkpoint import DIST_DIR, load_distributed
-
-        if layout.world_size > 1:  # megatron's load failed on the CPU under gloo, not yet found why
-            raise CheckpointError(f"{info.path}: a train.checkpoint_format: megatron checkpoint loads "
-                                  f"in one process only for now (this job has {layout.world_size})")
 
         load_distributed(info.path / DIST_DIR, cfg, model, optimizer, layout)
         _load_rng(info, layout)

@@ -3,8 +3,7 @@
 
 Every tensor is a `ShardedTensor` under the whole model's name (global layer numbers), with its
 global shape and this rank's offset in it, so megatron-core's `dist_checkpointing.load` reads
-only each rank's slice at any tensor/pipeline/expert/data-parallel layout (loading in more than one
-process is refused for now by checkpoint.load_checkpoint: it failed under gloo on the CPU):
+only each rank's slice at any tensor/pipeline/expert/data-parallel layout, in one process or many:
 
 * TP: split along the dimension recorded on the parameter (`tensor_model_parallel` and
   `partition_dim`, via `tp_shard.partition_dims`): the same record megalong's own format merges
@@ -14,18 +13,23 @@ process is refused for now by checkpoint.load_checkpoint: it failed under gloo o
   tensor, split along dim 1.
 * EP: the experts of expert-parallel ranks are slices of the global expert dimension (dim 0).
 * Replicas (DP ranks, TP ranks of replicated tensors, the last stage's tied embedding) are marked
-  as such: the lowest rank holding a slice writes it.
+  as such: the lowest rank holding a slice writes it. Loading marks them the same way: megatron's
+  `load` checks, on rank 0 only, that the main replicas (`replica_id` 0) of every requested
+  tensor cover it exactly once, and raises there while the other ranks go on into the load's
+  collectives and wait for rank 0 (under torchrun the job dies; elsewhere it hangs).
 
 The sharded state dicts are built from the parameters' recorded sharding rather than from
 `GPTModel.sharded_state_dict()`, whose defaults treat modules it does not know as replicated.
 
 Adam's `exp_avg`/`exp_avg_sq` are sharded exactly like their parameters
-(`optimizer.<name>.exp_avg`), its `step` is a replicated one-element tensor.
+(`optimizer.<name>.exp_avg`), its `step` is a replicated one-element tensor. They are read and set
+whole per parameter through megalong/train/megatron_dp.py (`adam_state`, `load_adam_state`), so
+megatron-core's optimizer (data-parallel runs, sharded with `parallel.distributed_optimizer`) is
+saved and loaded like a torch AdamW.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -66,27 +70,39 @@ def _sharding(name: str, local: torch.Tensor, dims: dict, gated: bool,
     return data, [o for o in offsets if o[2] > 1]
 
 
-def _first_holders(slices: list[tuple]) -> list[bool]:
-    """For each (key, offsets) slice of this rank, whether it is the lowest rank holding it."""
+def _everyone(value) -> list:
+    """`value` from every rank (collective), in rank order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [True] * len(slices)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, slices)
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _first_holders(slices: list[tuple]) -> list[bool]:
+    """For each (key, offsets) slice of this rank, whether it is the lowest rank holding it
+    (collective)."""
     first = {}
-    for rank, held in enumerate(everyone):
+    for rank, held in enumerate(_everyone(slices)):
         for s in held:
             first.setdefault(s, rank)
-    return [first[s] == dist.get_rank() for s in slices]
+    me = dist.get_rank() if dist.is_initialized() else 0
+    return [first[s] == me for s in slices]
+
+
+def _sharded_tensors(entries: list[tuple[str, torch.Tensor, list]]) -> list:
+    """`ShardedTensor`s for (key, stored view, offsets) entries, the lowest rank holding a slice
+    its main replica (collective)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    holders = _first_holders([(k, tuple(offsets)) for k, _, offsets in entries])
+    return [ShardedTensor.from_rank_offsets(k, view, *offsets, replica_id=0 if first else 1)
+            for (k, view, offsets), first in zip(entries, holders)]
 
 
 def _sharded(entries: dict[str, tuple[torch.Tensor, list]]) -> dict:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     keys = sorted(entries)
-    holders = _first_holders([(k, tuple(entries[k][1])) for k in keys])
-    return {k: ShardedTensor.from_rank_offsets(k, entries[k][0], *entries[k][1],
-                                               replica_id=0 if first else 1)
-            for k, first in zip(keys, holders)}
+    return dict(zip(keys, _sharded_tensors([(k, *entries[k]) for k in keys])))
 
 
 def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
@@ -102,17 +118,19 @@ def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torc
     return out
 
 
-def _optimizer(model, optimizer: torch.optim.Optimizer, cfg: Config,
+def _optimizer(model, optimizer, cfg: Config,
                layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
     from megalong.train.checkpoint import _param_names, partition_dims_global
+    from megalong.train.megatron_dp import adam_state
 
     dims = partition_dims_global(model)
     gated = cfg.model.activation == "swiglu"
+    whole = adam_state(optimizer)  # collective for megatron's distributed optimizer
     out = {}
     for param, name in _param_names(model).items():
         if cfg.model.tie_embeddings and name == "output_layer.weight":
             continue  # the same state as the first stage's embedding
-        for key, value in optimizer.state.get(param, {}).items():
+        for key, value in whole.get(param, {}).items():
             if key in ADAM_KEYS:
                 out[f"{OPTIM_PREFIX}{name}.{key}"] = _sharding(name, value, dims, gated, layout)
             elif key == "step":
@@ -135,7 +153,7 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_distributed(directory: Path, cfg: Config, model, optimizer: torch.optim.Optimizer,
+def save_distributed(directory: Path, cfg: Config, model, optimizer,
                      layout: ParallelLayout, step: int) -> None:
     """Write weights and Adam state to `directory` (collective; rank 0 creates the directory)."""
     if layout.rank == 0:
@@ -149,11 +167,12 @@ def save_distributed(directory: Path, cfg: Config, model, optimizer: torch.optim
         _checkpointing().save(state, str(directory))
 
 
-def load_distributed(directory: Path, cfg: Config, model,
-                     optimizer: Optional[torch.optim.Optimizer], layout: ParallelLayout) -> None:
-    """Read this rank's slices of weights (and Adam state) into `model` (and `optimizer`)."""
+def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: ParallelLayout) -> None:
+    """Read this rank's slices of weights (and Adam state) into `model` (and `optimizer`, a torch
+    or megatron-core optimizer, or None). Collective: every rank of the job calls it."""
     from megalong.model.gpt import layer_offset, to_global_names
     from megalong.train.checkpoint import _chunks, _param_names, partition_dims_global
+    from megalong.train.megatron_dp import load_adam_state
 
     tied = cfg.model.tie_embeddings
     dims = partition_dims_global(model)
@@ -198,17 +217,16 @@ def load_distributed(directory: Path, cfg: Config, model,
                 wanted.append((full_key, template, sharding))
                 optim_targets.append((param, entry))
 
-    missing = sorted({k for k, _, _ in wanted[:len(targets)] if k not in stored})
+    # Every rank raises (a rank that went on would wait in megatron's collectives for the others).
+    missing = sorted({k for held in _everyone([k for k, _, _ in wanted[:len(targets)] if k not in stored])
+                      for k in held})
     if missing:
         from megalong.train.checkpoint import CheckpointError
 
         raise CheckpointError(f"{directory}: the model's {missing[:5]} are not in the checkpoint")
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    request = {f"{i}": ShardedTensor.from_rank_offsets(k, view, *offsets, replica_id=0)
-               for i, (k, _, (view, offsets)) in enumerate(wanted)}
-    with cuda_on_cpu_temporarily():  # its exchange of metadata puts flags on the CUDA device
-        loaded = _checkpointing().load(request, str(directory))
+    tensors = _sharded_tensors([(k, view, offsets) for k, _, (view, offsets) in wanted])
+    request = {f"{i}": tensor for i, tensor in enumerate(tensors)}
+    loaded = _checkpointing().load(request, str(directory))  # (unlike save, no CUDA on its path)
     values = [loaded[f"{i}"].reshape(template.shape) for i, (_, template, _) in enumerate(wanted)]
 
     per_chunk: dict[int, dict] = {k: dict(v) for k, v in fixed.items()}
@@ -216,32 +234,36 @@ def load_distributed(directory: Path, cfg: Config, model,
         per_chunk.setdefault(id(chunk), {})[local] = value
     for chunk in _chunks(model):
         chunk.load_state_dict(per_chunk[id(chunk)], strict=True)
+    adam: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for (param, entry), value in zip(optim_targets, values[len(targets):]):
-        optimizer.state[param][entry] = value.reshape(()) if entry == "step" else value.clone()
+        adam.setdefault(param, {})[entry] = value.reshape(()) if entry == "step" else value
+    if optimizer is not None:
+        load_adam_state(optimizer, adam)
 
 
-def load_merged(directory: Path, dims: dict[str, int | None]) -> dict[str, torch.Tensor]:
-    """The one-process model's state dict (no optimizer state), read whole from any layout;
-    `dims` are the saved model's partition dims (to unfold gated fc1 weights)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
+def load_merged(directory: Path, dims: dict[str, int | None],
+                optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """The one-process model's state dict, read whole from any layout (or, with `optimizer`, Adam's
+    state as `optimizer.<name>.<exp_avg|exp_avg_sq|step>`); `dims` are the saved model's partition
+    dims (to unfold gated fc1 tensors). Collective where a process group is initialized."""
     ckpt = _checkpointing()
     gated = ckpt.load_common_state_dict(str(directory))["megalong"]["gated_mlp"]
     metadata = ckpt.load_tensors_metadata(str(directory))
-    request = {k: ShardedTensor.from_rank_offsets(k, torch.empty(v.global_shape, dtype=v.dtype), replica_id=0)
-               for k, v in metadata.items() if not k.startswith(OPTIM_PREFIX)}
+    keys = sorted(k for k in metadata if k.startswith(OPTIM_PREFIX) == optimizer)
     own_group = not dist.is_initialized()  # megatron's load gathers metadata over a group
     if own_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        with cuda_on_cpu_temporarily():
-            loaded = ckpt.load(request, str(directory))  # with the common (non-tensor) entries
-        out = {k: loaded[k] for k in request}
+        tensors = _sharded_tensors([(k, torch.empty(metadata[k].global_shape, dtype=metadata[k].dtype), [])
+                                    for k in keys])
+        loaded = ckpt.load(dict(zip(keys, tensors)), str(directory))  # and the common entries
+        out = {k: loaded[k] for k in keys}
     finally:
         if own_group:
             dist.destroy_process_group()
-    for name, value in out.items():
+    for key, value in out.items():
+        name, entry = key[len(OPTIM_PREFIX):].rsplit(".", 1) if optimizer else (key, None)
         dim = dims.get(name)
-        if gated and dim is not None and "linear_fc1" in name:
-            out[name] = value.flatten(dim, dim + 1)
+        if gated and dim is not None and "linear_fc1" in name and entry != "step":
+            out[key] = value.flatten(dim, dim + 1)
     return out

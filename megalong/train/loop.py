@@ -14,14 +14,14 @@ from megatron.core import parallel_state
 
 from megalong.config import Config, ConfigError, validate
 from megalong.model.gpt import build_model_chunks, model_flops_per_token, position_ids_for
-from megalong.moe.layer import moe_aux_loss, moe_stats, update_router_biases
+from megalong.moe.layer import moe_aux_loss, update_router_biases
 from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train import checkpoint as ckpt
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
 from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
-from megalong.train.optim import (average_data_parallel_gradients, build_optimizer, clip_gradients,
-                                  reduce_expert_gradients, reduce_tied_embedding_gradients)
-from megalong.train.pipeline import pipeline_forward_backward
+from megalong.train import megatron_dp
+from megalong.train.optim import build_optimizer, clip_gradients, reduce_tied_embedding_gradients
+from megalong.train.pipeline import pipeline_forward_backward, pipeline_moe_stats
 from megalong.train.schedule import learning_rate
 
 log = logging.getLogger("megalong")
@@ -59,52 +59,72 @@ def _mean_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int, lr: float,
-               cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over `n_micro` accumulated micro-batches.
-
-    Returns (LM loss, MoE auxiliary loss, grad norm); the gradient is that of their sum."""
+def _set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+
+
+def _step_one_replica(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.Tensor:
+    """Clip and step when there is one data-parallel rank (no gradient exchange but TP/PP's)."""
+    norm = clip_gradients([p for g in optimizer.param_groups for p in g["params"]], cfg.train.grad_clip)
+    optimizer.step()
+    return norm
+
+
+def train_step(model: torch.nn.Module, optimizer, micro_batches: Iterable[dict[str, torch.Tensor]],
+               n_micro: int, lr: float, cfg: Config, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over `n_micro` accumulated micro-batches. `model` is megatron-core's DDP
+    (with `optimizer` its optimizer) when there are several data-parallel ranks.
+
+    Returns (LM loss, MoE auxiliary loss, grad norm); the gradient is that of their sum."""
     lm_total = torch.zeros((), device=device)
     aux_total = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        last = i == n_micro - 1
-        no_sync = getattr(model, "no_sync", None)
-        with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
-            with _autocast(cfg, device):
-                loss = lm_loss(model, batch) / n_micro
-                aux = moe_aux_loss(model)
-                aux = aux / n_micro if aux is not None else torch.zeros((), device=device)
-            (loss + aux).backward()
+
+    def backward(batch: dict[str, torch.Tensor]) -> None:
+        nonlocal lm_total, aux_total
+        with _autocast(cfg, device):
+            loss = lm_loss(model, batch) / n_micro
+            aux = moe_aux_loss(model)
+            aux = aux / n_micro if aux is not None else torch.zeros((), device=device)
+        (loss + aux).backward()
         lm_total += loss.detach()
         aux_total += aux.detach()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    reduce_expert_gradients(params)
-    norm = clip_gradients(params, cfg.train.grad_clip)
-    optimizer.step()
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        for batch in micro_batches:
+            backward(batch)
+        norm = _step_one_replica(optimizer, cfg)
+    else:
+        megatron_dp.zero_gradients([model], optimizer)
+        megatron_dp.accumulate([model], micro_batches, n_micro, backward)
+        megatron_dp.finalize_gradients([model])
+        norm = megatron_dp.step(optimizer, lr)
     update_router_biases(model)
     return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm
 
 
-def pipeline_train_step(chunks: torch.nn.ModuleList, optimizer: torch.optim.Optimizer,
+def pipeline_train_step(chunks: torch.nn.ModuleList, optimizer,
                         micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int, lr: float,
                         cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """train_step with pipeline stages: megatron's schedule runs forward and backward, then the
-    gradients are synchronised (data-parallel average, tied embeddings, experts) and stepped."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+    """train_step with pipeline stages: megatron's schedule runs forward and backward (and, with
+    megatron-core DDP, reduces the gradients over data-parallel ranks and tied embeddings through
+    the hooks megatron_dp.pipeline_hooks set), then the step."""
+    megatron = not isinstance(optimizer, torch.optim.Optimizer)
+    if megatron:
+        megatron_dp.zero_gradients(list(chunks), optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
     lm, aux = pipeline_forward_backward(list(chunks), micro_batches, n_micro,
                                         lambda: _autocast(cfg, device))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    average_data_parallel_gradients(params)
-    reduce_tied_embedding_gradients(list(chunks))
-    reduce_expert_gradients(params)
-    norm = clip_gradients(params, cfg.train.grad_clip)
-    optimizer.step()
+    if megatron:
+        norm = megatron_dp.step(optimizer, lr)
+    else:
+        _set_lr(optimizer, lr)
+        reduce_tied_embedding_gradients(list(chunks))
+        norm = _step_one_replica(optimizer, cfg)
     update_router_biases(chunks)
     return _mean_over_data_parallel(lm), _mean_over_data_parallel(aux), norm
 
@@ -175,9 +195,10 @@ def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step
 
 
 def _report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
-    """Per MoE layer, of the last micro-batch on this rank: expert load spread and dropped tokens."""
+    """Per MoE layer (of every pipeline stage), of the last micro-batch on this rank: expert load
+    spread and dropped tokens. Collective over the pipeline stages: every rank calls it."""
     parts, scalars = [], {"moe/aux_loss": aux}
-    for layer, stats in moe_stats(model):
+    for layer, stats in pipeline_moe_stats(model):
         load = stats.load.float() / max(1, stats.assignments)
         cv = float(load.std() / load.mean()) if load.numel() > 1 else 0.0
         dropped = float(stats.dropped) / max(1, stats.assignments)
@@ -216,25 +237,28 @@ def train(cfg: Config) -> TrainResult:
 
     torch.manual_seed(t.seed)  # identical on every rank: any TP size starts from the same weights
     chunks = [chunk.to(layout.device) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
+    if layout.data_parallel > 1:  # megatron-core DDP and optimizer (megalong/train/megatron_dp.py)
+        from megalong.parallel import cpu_compat
+
+        cpu_compat.enable()  # its buffers and optimizer allocate on torch.cuda.current_device()
+        run_chunks = megatron_dp.wrap_data_parallel(chunks, cfg)
+        optimizer = megatron_dp.build_megatron_optimizer(run_chunks, cfg)
+        if layout.pipeline_parallel > 1:
+            megatron_dp.pipeline_hooks(run_chunks)
+    else:
+        run_chunks = chunks
+        optimizer = build_optimizer(torch.nn.ModuleList(chunks), t)
     # With pipeline stages the model is this rank's list of chunks (one per virtual stage).
-    model = chunks[0] if layout.pipeline_parallel == 1 else torch.nn.ModuleList(chunks)
-    optimizer = build_optimizer(model, t)
+    core = chunks[0] if layout.pipeline_parallel == 1 else torch.nn.ModuleList(chunks)
+    model = run_chunks[0] if layout.pipeline_parallel == 1 else torch.nn.ModuleList(run_chunks)
     start_step = 0
     resume = _resume_path(cfg)
     if resume is not None:
-        start_step = ckpt.load_checkpoint(resume, cfg, model, optimizer, layout)
+        start_step = ckpt.load_checkpoint(resume, cfg, core, optimizer, layout)
     else:
         torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
 
     train_set, valid_set, _ = _build_datasets(cfg, tokenizer)
-    if layout.data_parallel > 1 and layout.pipeline_parallel == 1:
-        # Expert weights differ across expert-parallel ranks: DDP must not average them over DP.
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)])
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, process_group=parallel_state.get_data_parallel_group(),
-            device_ids=[layout.device.index] if layout.device.type == "cuda" else None)
-    core = model.module if hasattr(model, "module") else model
 
     n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
@@ -243,6 +267,8 @@ def train(cfg: Config) -> TrainResult:
                             t.peak_tflops * 1e12 * layout.world_size)
     reporter = open_reporter(cfg, layout, start_step, end_step)
     reporter.line(_describe(cfg, core, layout))
+    if layout.data_parallel > 1:
+        reporter.line(megatron_dp.describe(optimizer, cfg))
     reporter.line(f"data: {len(train_set)} training and {len(valid_set) if valid_set else 0} held-out "
                   f"samples of {cfg.seq_length} tokens; {tokens_per_step} tokens per step "
                   f"({n_micro} micro-batches of {t.micro_batch_size} per process)")

@@ -74,37 +74,6 @@ def reduce_tied_embedding_gradients(chunks: list[torch.nn.Module]) -> None:
     dist.all_reduce(weight.grad, group=group)
 
 
-def average_data_parallel_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of non-expert weights over the data-parallel group, flattened into
-    one buffer per dtype (used with pipeline stages, where the schedule drives the backward)."""
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None and not getattr(p, "expert_parallel", False)]
-    for dtype in {g.dtype for g in grads}:
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch._utils._flatten_dense_tensors(same)
-        dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        flat /= dp
-        for g, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
-            g.copy_(synced)
-
-
-def reduce_expert_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Expert weights are left out of DDP. Each copy of an expert (one per expert-data-parallel
-    rank) saw the tokens of its own expert-parallel group: sum over the copies and divide by the
-    data-parallel size, which is what DDP's average would have given a replicated weight."""
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
-        return
-    group = parallel_state.get_expert_data_parallel_group()
-    for p in params:
-        if p.grad is not None and getattr(p, "expert_parallel", False):
-            if parallel_state.get_expert_data_parallel_world_size() > 1:
-                dist.all_reduce(p.grad, group=group)
-            p.grad /= dp
-
-
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (0 disables) and return the norm before clipping."""
     norm = grad_norm(params)

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megalong.model.gpt import position_ids_for
-from megalong.moe.layer import moe_aux_loss
+from megalong.moe.layer import RoutingStats, moe_aux_loss, moe_stats
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -95,3 +95,19 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
     both = torch.stack([lm, aux])
     dist.all_reduce(both, group=parallel_state.get_pipeline_model_parallel_group())
     return both[0], both[1]
+
+
+def pipeline_moe_stats(model: torch.nn.Module) -> list[tuple[int, RoutingStats]]:
+    """`moe_stats` of the MoE layers of every stage of this rank's pipeline, by layer number (each
+    stage's own MoE layers only are on its model). A collective over the pipeline group: every rank
+    calls it."""
+    own = moe_stats(model)
+    if (not parallel_state.model_parallel_is_initialized()
+            or parallel_state.get_pipeline_model_parallel_world_size() == 1):
+        return own
+    mine = [(layer, s.load.tolist(), int(s.dropped), s.assignments) for layer, s in own]
+    stages: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    every = [entry for stage in stages for entry in stage]
+    return [(layer, RoutingStats(torch.tensor(load), torch.tensor(dropped), n))
+            for layer, load, dropped, n in sorted(every, key=lambda e: e[0])]
