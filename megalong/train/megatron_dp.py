@@ -24,11 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong.config import Config
-
-
-def no_decay(param: torch.nn.Parameter, name: str) -> bool:
-    """Biases, norms and position embeddings get no weight decay (as in Megatron-LM)."""
-    return param.ndim < 2 or "position_embeddings" in name
+from megalong.train.optim import no_weight_decay
 
 
 def wrap_data_parallel(chunks: list[torch.nn.Module], cfg: Config) -> list[torch.nn.Module]:
@@ -67,7 +63,7 @@ def build_megatron_optimizer(ddp_chunks: list[torch.nn.Module], cfg: Config):
         clip_grad=t.grad_clip, use_distributed_optimizer=p.distributed_optimizer,
         decoupled_weight_decay=True, params_dtype=torch.float32)
     no_decay_key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="megalong_no_decay",
-                                                                       fn=no_decay))
+                                                                       fn=no_weight_decay))
     optimizer = get_megatron_optimizer(config, ddp_chunks, config_overrides={no_decay_key: {"wd_mult": 0.0}})
     # megatron's LR scheduler would apply `wd_mult`; megalong sets the rates itself.
     for group in optimizer.param_groups:

@@ -9,13 +9,18 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megalong.config import TrainConfig
 
 
+def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
+    """Biases, norms and position embeddings get no weight decay (as in Megatron-LM)."""
+    return param.ndim < 2 or "position_embeddings" in name
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms and position embeddings get no weight decay (as in Megatron-LM)."""
+    """AdamW with the `no_weight_decay` exceptions."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "position_embeddings" in name else decay).append(param)
+        (no_decay if no_weight_decay(param, name) else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay)
