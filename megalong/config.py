@@ -141,6 +141,8 @@ class TrainConfig:
     checkpoint_format: Literal["megalong", "megatron"] = "megalong"
     peak_tflops: float = 989.0  # per device, for MFU (H100 SXM bf16 dense)
     progress_bar: bool = True
+    # torch.compile each transformer layer (megalong/model/compile.py); the first steps compile
+    compile: bool = False
 
 
 @dataclass
@@ -612,6 +614,10 @@ def _validate_deepspeed(cfg: Config) -> None:
             raise ConfigError(f"parallel.{key}: configures megatron-core's DDP, which train.engine: "
                               f"deepspeed does not use (ZeRO shards the optimizer state: "
                               f"deepspeed.zero_stage)")
+    if cfg.train.compile:
+        raise ConfigError("train.compile: not supported with train.engine: deepspeed (ZeRO's hooks "
+                          "on the weights are not traced by torch.compile in megalong); use "
+                          "train.engine: megatron")
     if p.pipeline > 1:
         raise ConfigError(f"parallel.pipeline: {p.pipeline} pipeline stages are not supported with "
                           f"train.engine: deepspeed (DeepSpeed's pipeline engine allows only ZeRO-1, and "

@@ -111,3 +111,9 @@ def test_data_parallel_keys_are_checked():
         _check({"train": {"engine": "deepspeed"}, "parallel": {"distributed_optimizer": True}})
     with pytest.raises(ConfigError, match="unknown config key 'parallel.distributed_optimiser'.*did you mean 'distributed_optimizer'"):
         _check({"parallel": {"distributed_optimiser": True}})
+
+
+def test_compile_is_refused_with_the_deepspeed_engine():
+    with pytest.raises(ConfigError, match="train.compile: not supported with train.engine: deepspeed"):
+        _check({"train": {"engine": "deepspeed", "compile": True}})
+    _check({"train": {"compile": True}})

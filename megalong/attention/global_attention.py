@@ -28,6 +28,7 @@ class GlobalAttention(CoreAttention):
         pos = torch.arange(L, device=q.device)
         distance = pos[:, None] - pos[None, :]
         bias = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)
-        bias = bias.masked_fill(distance < 0, float("-inf"))
+        # [1, heads, L, L]: torch.compile's CPU lowering of SDPA misreads a 3-D mask
+        bias = bias.masked_fill(distance < 0, float("-inf"))[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                               dropout_p=self.active_dropout, scale=self.scale)

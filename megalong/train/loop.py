@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong.config import Config, ConfigError, validate
+from megalong.model.compile import compile_layers
 from megalong.model.gpt import build_model_chunks, model_flops_per_token, position_ids_for
 from megalong.moe.layer import moe_aux_loss, update_router_biases
 from megalong.parallel.distributed import ParallelLayout, initialize
@@ -180,7 +181,8 @@ def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> st
     return (f"model: {cfg.model.num_layers} layers ({summary}), hidden {cfg.model.hidden_size}, "
             f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
             f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x pipeline "
-            f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}")
+            f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}"
+            f"{'; layers torch.compiled (the first steps compile)' if cfg.train.compile else ''}")
 
 
 def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step: int) -> Reporter:
@@ -237,6 +239,9 @@ def train(cfg: Config) -> TrainResult:
 
     torch.manual_seed(t.seed)  # identical on every rank: any TP size starts from the same weights
     chunks = [chunk.to(layout.device) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
+    if t.compile:
+        for chunk in chunks:
+            compile_layers(chunk)
     if layout.data_parallel > 1:  # megatron-core DDP and optimizer (megalong/train/megatron_dp.py)
         from megalong.parallel import cpu_compat
 

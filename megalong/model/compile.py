@@ -1,0 +1,43 @@
+"""`train.compile`: torch.compile applied to each transformer layer, in place.
+
+Layers are compiled one by one (as torchtitan compiles blocks), not the whole GPTModel: a layer is
+the region where compilation pays (norms, bias, activation and residual adds fused around the
+matmuls and attention), while the embedding, the vocab-parallel loss and megatron's pipeline
+plumbing stay eager. `Module.compile` keeps the module and its parameter names, so checkpoints,
+exports and megatron-core DDP see the same model as without compilation.
+
+Reversible stacks (model/reversible.py) never call a layer as a whole: they run its attention and
+MLP branches inside their own autograd Function, so there those two sub-modules are compiled.
+
+megatron-core 0.16.1's RowParallelLinear passes `tp_group=None` to its linear function, which then
+warns (a DeprecationWarning) on every call; a warning inside a compiled region would split its
+graph, so dynamo is told to drop `warnings.warn` calls it traces.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile every transformer layer of `model` (a GPTModel, or a DDP wrapper of one) in place
+    with torch.compile's `backend`. Returns how many modules were compiled."""
+    from megalong.model.reversible import ReversibleTransformerBlock
+
+    decoder = getattr(model, "module", model).decoder
+    config = torch._dynamo.config
+    config.ignore_logging_functions.add(warnings.warn)
+    # Layers share their forward's code, so each distinct layer (attention kind, MLP or MoE)
+    # is one more cache entry of it; past the limit dynamo would quietly run the rest eagerly.
+    config.recompile_limit = max(config.recompile_limit, 4 * len(decoder.layers))
+    count = 0
+    for layer in decoder.layers:
+        if isinstance(decoder, ReversibleTransformerBlock):
+            layer.self_attention.compile(backend=backend)
+            layer.mlp.compile(backend=backend)
+            count += 2
+        else:
+            layer.compile(backend=backend)
+            count += 1
+    return count

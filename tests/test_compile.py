@@ -1,0 +1,103 @@
+"""train.compile: compiled transformer layers give the eager model's losses and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_cli, tiny_overrides
+from megalong.attention.registry import ATTENTION_KINDS
+from megalong.config import config_from_dict, validate
+from megalong.model.compile import compile_layers
+from megalong.model.gpt import build_model
+from megalong.moe.layer import moe_aux_loss
+from megalong.parallel.distributed import initialize, shutdown
+from megalong.train.loop import lm_loss
+
+SEQ, VOCAB = 16, 64
+KIND_OPTIONS = {"local": {"window": 4, "dilation": [1, 2, 1, 2], "global_tokens": 2},
+                "lsh": {"bucket_size": 4, "n_hashes": 2}, "linear": {"chunk_size": 4},
+                "axial": {"axial_shape": [4, 4]}, "fam": {"block_size": 4, "fam_length": 2}}
+
+
+@pytest.fixture
+def one_process():
+    initialize(1)
+    yield
+    shutdown()
+
+
+def _cfg(kind: str, reversible: bool):
+    """Two layers: `kind` with a dense MLP, then global with a top-2 MoE (ALiBi with local)."""
+    raw = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": SEQ,
+           "vocab_size": VOCAB, "attention_layers": [[[kind, "global"], 1]],
+           "attention": {kind: KIND_OPTIONS[kind]} if kind in KIND_OPTIONS else {},
+           "mlp_layers": [[["dense", "moe"], 1]],
+           "moe": {"num_experts": 4, "top_k": 2, "dropless": True, "capacity_factor": None, "router_dtype": "fp64"},
+           "reversible": reversible}
+    if kind == "local":
+        raw.update(alibi=True, position_embedding="none")
+    cfg = config_from_dict({"model": raw})
+    validate(cfg, check_paths=False)
+    return cfg
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = lm_loss(model, batch) + moe_aux_loss(model)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reversible", [False, True], ids=["plain", "reversible"])
+@pytest.mark.parametrize("kind", sorted(ATTENTION_KINDS))
+def test_compiled_layers_match_eager_for_every_kind(one_process, kind, reversible):
+    """Dynamo's graphs through aot_autograd (the backend without code generation, so that every
+    kind is traced in CI's time): float64 losses and gradients equal the eager model's, on two
+    successive calls (the second runs the cached graphs)."""
+    cfg = _cfg(kind, reversible)
+    torch.manual_seed(0)
+    eager = build_model(cfg, VOCAB).double().train()
+    torch.manual_seed(0)
+    compiled = build_model(cfg, VOCAB).double().train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_layers(compiled, backend="aot_eager") == (4 if reversible else 2)
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, SEQ, dtype=torch.float64)}
+    loss, grads = _loss_and_grads(eager, batch)
+    for _ in range(2):
+        compiled_loss, compiled_grads = _loss_and_grads(compiled, batch)
+        assert abs(compiled_loss - loss) < 1e-12
+        assert compiled_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(compiled_grads[name], grad, rtol=0, atol=1e-12), name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not skipped
+
+
+# ALiBi and a top-2 MoE layer with capacity, on the tiny GPT-Neo-shaped model of conftest.
+TRAIN_EXTRA = {"model.mlp_layers": '[[["dense", "moe"], 1]]',
+               "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5}",
+               "model.alibi": "true", "model.position_embedding": "none"}
+
+
+@pytest.fixture(scope="module")
+def eager_run(tiny_data, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("eager")
+    run_cli(["train", *tiny_overrides(tiny_data, save_dir, **TRAIN_EXTRA)])
+    return save_dir
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tensor": 2},
+                                    {"parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true"}],
+                         ids=["tp2", "dp2_distributed_optimizer"])
+def test_compiled_training_on_two_processes_matches_eager_one_process(tiny_data, eager_run, tmp_path, layout):
+    """The training CLI with train.compile (inductor) on two gloo processes, tensor-parallel or
+    data-parallel through megatron-core's DDP and distributed optimizer, follows the eager
+    one-process run's losses and gradient norms."""
+    run_cli(["train", *tiny_overrides(tiny_data, tmp_path, **TRAIN_EXTRA, **layout,
+                                      **{"train.compile": "true"})], nproc=2)
+    for key, tol in (("train/loss", 2e-5), ("train/grad_norm", 1e-4)):
+        eager, compiled = read_metrics(eager_run, key), read_metrics(tmp_path, key)
+        assert compiled.keys() == eager.keys() and len(eager) == 5
+        for step, value in eager.items():
+            assert abs(compiled[step] - value) <= tol * max(1.0, value), (key, step, compiled[step], value)
