@@ -74,6 +74,51 @@ def test_compiled_layers_match_eager_for_every_kind(one_process, kind, reversibl
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not skipped
 
 
+KERNEL_ENTRY_POINTS = ("local_attend", "global_alibi_attend", "linear_attend", "lsh_attend", "fam_blocks_attend",
+                      "topk_route", "moe_experts")
+
+
+@pytest.mark.parametrize("kind", ["local", "global", "linear", "lsh", "fam"])
+def test_compiled_layers_run_the_triton_kernels_eagerly(one_process, monkeypatch, kind):
+    """With the kernels forced (Triton's CPU interpreter here), a compiled layer stops its graph at
+    each kernel entry point and runs it eagerly: losses and gradients equal the eager model's on
+    the same kernels, and the kernels ran in both."""
+    from megalong.kernels import select
+
+    options = {"local": {"window": 8, "dilation": [1, 2], "global_tokens": 2}, "linear": {"chunk_size": 8},
+               "lsh": {"bucket_size": 16, "n_hashes": 2}, "fam": {"block_size": 8, "fam_length": 2}}
+    alibi = kind in ("local", "global", "fam")
+    cfg = config_from_dict({"model": {
+        "num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 32,
+        "vocab_size": VOCAB, "attention_layers": [[[kind, "global"], 1]], "attention": {kind: options.get(kind, {})},
+        "mlp_layers": [[["dense", "moe"], 1]], "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 2.0},
+        "alibi": alibi, "position_embedding": "none" if alibi else "learned"}})
+    validate(cfg, check_paths=False, world_size=1)
+    calls: list[str] = []
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **kw: True)
+    for name in KERNEL_ENTRY_POINTS:
+        def counted(*args, _name=name, _run=getattr(select, name), **kwargs):
+            calls.append(_name)
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(select, name, counted)
+    tokens = torch.arange(64).view(2, 32) * 7 % VOCAB
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 32)}
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, VOCAB).train()
+        if compiled:
+            torch._dynamo.reset()
+            compile_layers(model, backend="aot_eager")
+        calls.clear()
+        results.append(_loss_and_grads(model, batch) + (sorted(set(calls)),))
+    (loss, grads, ran), (compiled_loss, compiled_grads, compiled_ran) = results
+    assert compiled_ran == ran and "moe_experts" in ran and len(ran) == 3 + (alibi and kind != "global")
+    assert abs(compiled_loss - loss) < 1e-6
+    for name, grad in grads.items():
+        assert torch.allclose(compiled_grads[name], grad, rtol=0, atol=1e-5), name
+
+
 # ALiBi and a top-2 MoE layer with capacity, on the tiny GPT-Neo-shaped model of conftest.
 TRAIN_EXTRA = {"model.mlp_layers": '[[["dense", "moe"], 1]]',
                "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.5}",

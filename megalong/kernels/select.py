@@ -47,8 +47,16 @@ def use_kernels(*tensors: torch.Tensor, dropout: float = 0.0) -> bool:
             and triton_available())
 
 
+def _eager(fn):
+    """Entry points that launch Triton kernels run eagerly inside a torch.compile'd layer
+    (`train.compile`): dynamo stops its graph before them and resumes after, instead of tracing the
+    launches (the kernels are fused already; tracing them is what fails, e.g. under the interpreter)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 # ---- attention kinds on the kernels -----------------------------------------------------------
 
+@_eager
 def local_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`LocalAttention.attend` on the windowed kernel: one call per dilation group (with the global
     tokens' keys), and one for the global tokens' rows (their own projections, full causal)."""
@@ -71,6 +79,7 @@ def local_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return out
 
 
+@_eager
 def global_alibi_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`GlobalAttention.attend` with ALiBi, without its L x L bias tensor (plain causal attention
     stays on SDPA's flash kernel)."""
@@ -80,6 +89,7 @@ def global_alibi_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return window_attention(q, k, v, attn.scale, None, 1, slopes)[0]
 
 
+@_eager
 def fam_blocks_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_fam: Optional[torch.Tensor], v_fam: Optional[torch.Tensor]) -> torch.Tensor:
     """`FamAttention.blocks` (block tokens over memory blocks, F_{t-1} and their own block) on the
@@ -91,6 +101,7 @@ def fam_blocks_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                slopes)
 
 
+@_eager
 def linear_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
     """`LinearAttention.attend` (normalization elu) on the chunked kernel; None for `efficient`,
     which has no kernel (the caller keeps its torch path)."""
@@ -103,6 +114,7 @@ def linear_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return out.to(v.dtype)
 
 
+@_eager
 def lsh_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
     """`LshAttention.attend` with its chunk attention on the kernel: hashing, sorting and the
     rounds' log-sum-exp combination stay in torch. None when bucket_size is not a power of
@@ -143,6 +155,7 @@ def lsh_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 # ---- MoE on the kernels ------------------------------------------------------------------------
 
+@_eager
 def topk_route(router: Any, x: torch.Tensor) -> Optional[Any]:
     """`TopKRouter.forward` (topk and switch routers) with the fused gating kernel; None for a
     float64 router (`router_dtype: fp64`), which keeps its torch path."""
@@ -171,6 +184,7 @@ def topk_route(router: Any, x: torch.Tensor) -> Optional[Any]:
                    apply_capacity(g.expert_index, o.num_experts, capacity), aux, g.counts)
 
 
+@_eager
 def moe_experts(experts: Any, x: torch.Tensor, dispatch: Any, top_k: int) -> torch.Tensor:
     """Permute, run `Experts` as grouped GEMMs, and combine with the gates: what
     `unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)` computes (single expert-parallel
