@@ -132,13 +132,13 @@ def eager_run(tiny_data, tmp_path_factory):
     return save_dir
 
 
-@pytest.mark.parametrize("layout", [{"parallel.tensor": 2},
+@pytest.mark.parametrize("layout", [{"parallel.tensor": 2}, {"parallel.pipeline": 2},
                                     {"parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true"}],
-                         ids=["tp2", "dp2_distributed_optimizer"])
+                         ids=["tp2", "pp2", "dp2_distributed_optimizer"])
 def test_compiled_training_on_two_processes_matches_eager_one_process(tiny_data, eager_run, tmp_path, layout):
-    """The training CLI with train.compile (inductor) on two gloo processes, tensor-parallel or
-    data-parallel through megatron-core's DDP and distributed optimizer, follows the eager
-    one-process run's losses and gradient norms."""
+    """The training CLI with train.compile (inductor) on two gloo processes, tensor-parallel,
+    pipelined (megatron's schedule), or data-parallel through megatron-core's DDP and distributed
+    optimizer, follows the eager one-process run's losses and gradient norms."""
     run_cli(["train", *tiny_overrides(tiny_data, tmp_path, **TRAIN_EXTRA, **layout,
                                       **{"train.compile": "true"})], nproc=2)
     for key, tol in (("train/loss", 2e-5), ("train/grad_norm", 1e-4)):
