@@ -61,7 +61,7 @@ def timed(step, warmup: int, iters: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def megalong_step(cfg, vocab: int, batch: int, seq: int, device: torch.device, compile: bool = False):
+def megalong_step(cfg, vocab: int, batch: int, seq: int, device: torch.device):
     from megalong.model.gpt import build_model
     from megalong.parallel.distributed import initialize
     from megalong.train.loop import train_step
@@ -70,7 +70,7 @@ def megalong_step(cfg, vocab: int, batch: int, seq: int, device: torch.device, c
     initialize(1)
     torch.manual_seed(0)
     model = build_model(cfg, vocab).to(device).train()
-    if compile:
+    if cfg.train.compile:
         from megalong.model.compile import compile_layers
 
         compile_layers(model)
@@ -79,10 +79,6 @@ def megalong_step(cfg, vocab: int, batch: int, seq: int, device: torch.device, c
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
             "loss_mask": torch.ones(batch, seq, device=device)}
     return lambda: train_step(model, optimizer, [data], 1, cfg.train.lr, cfg, device)
-
-
-def megalong_compiled_step(cfg, vocab: int, batch: int, seq: int, device: torch.device):
-    return megalong_step(cfg, vocab, batch, seq, device, compile=True)
 
 
 def hf_gpt_neo_step(cfg, vocab: int, batch: int, seq: int, device: torch.device):
@@ -122,7 +118,7 @@ def peer_step(compile: bool, flex_local: bool):
 # (name, extra config overrides, step factory)
 ROWS = [
     ("megalong (megatron-core GPTModel, megalong spec)", [], megalong_step),
-    ("megalong, train.compile=true (layers torch.compile'd)", ["train.compile=true"], megalong_compiled_step),
+    ("megalong, train.compile=true (layers torch.compile'd)", ["train.compile=true"], megalong_step),
     ("Hugging Face GPTNeoForCausalLM (eager)", [], hf_gpt_neo_step),
     ("PyTorch GPT, SDPA (eager)", [], peer_step(compile=False, flex_local=False)),
     ("PyTorch GPT, SDPA (torch.compile)", [], peer_step(compile=True, flex_local=False)),

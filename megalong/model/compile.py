@@ -31,13 +31,10 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     # Layers share their forward's code, so each distinct layer (attention kind, MLP or MoE)
     # is one more cache entry of it; past the limit dynamo would quietly run the rest eagerly.
     config.recompile_limit = max(config.recompile_limit, 4 * len(decoder.layers))
-    count = 0
-    for layer in decoder.layers:
-        if isinstance(decoder, ReversibleTransformerBlock):
-            layer.self_attention.compile(backend=backend)
-            layer.mlp.compile(backend=backend)
-            count += 2
-        else:
-            layer.compile(backend=backend)
-            count += 1
-    return count
+    if isinstance(decoder, ReversibleTransformerBlock):
+        modules = [m for layer in decoder.layers for m in (layer.self_attention, layer.mlp)]
+    else:
+        modules = list(decoder.layers)
+    for module in modules:
+        module.compile(backend=backend)
+    return len(modules)
