@@ -8,10 +8,12 @@
 # FILE lists one host per line as `hostname slots=N` (see launch/hostfile.example); DeepSpeed's
 # launcher reaches every host by passwordless ssh (pdsh) and starts N processes there. Without a
 # hostfile, N processes start on this node (--num-gpus, default: the visible GPUs, 1 without any).
-# --zero-stage sets deepspeed.zero_stage. --dry-run prints the resolved command and exits.
+# --zero-stage sets deepspeed.zero_stage. The config is validated once for all the processes
+# (python -m megalong.preflight) before the launcher starts. --dry-run validates, prints the
+# resolved command and exits.
 set -euo pipefail
 
-die() { echo "launch/deepspeed.sh: $*" >&2; exit 2; }
+die() { echo "megalong: launch error: launch/deepspeed.sh: $*" >&2; exit 2; }
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 
 hostfile="" num_gpus="" master_addr="" master_port=29500 zero="" dry_run=0
@@ -24,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --master-port) need "$@"; master_port="$2"; shift 2 ;;
     --zero-stage) need "$@"; zero="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -46,7 +48,7 @@ cmd=("${DEEPSPEED:-deepspeed}")
 if [[ -n "$hostfile" ]]; then
   [[ -f "$hostfile" ]] || die "hostfile not found: $hostfile"
   [[ -z "$num_gpus" ]] || die "--num-gpus and --hostfile exclude each other (slots=N in the hostfile)"
-  n=0
+  n=0 world=0
   while IFS= read -r line || [[ -n "$line" ]]; do
     n=$((n + 1))
     line=${line%%#*}
@@ -54,6 +56,7 @@ if [[ -n "$hostfile" ]]; then
     [[ "$line" =~ ^[[:space:]]*[A-Za-z0-9._-]+[[:space:]]+slots=[1-9][0-9]*[[:space:]]*$ ]] \
       || die "$hostfile:$n: expected 'hostname slots=N', got '$line'"
     [[ -z "$master_addr" ]] && master_addr=$(echo "$line" | awk '{print $1}')
+    world=$((world + ${line##*slots=}))
   done < "$hostfile"
   [[ -n "$master_addr" ]] || die "$hostfile: no hosts"
   cmd+=(--hostfile "$hostfile" --master_addr "$master_addr")
@@ -64,9 +67,11 @@ else
   fi
   [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]] || die "--num-gpus must be a positive integer, got '$num_gpus'"
   cmd+=(--num_gpus "$num_gpus")
+  world=$num_gpus
   [[ -n "$master_addr" ]] && cmd+=(--master_addr "$master_addr")
 fi
 cmd+=(--master_port "$master_port" --no_local_rank --module megalong.cli train "${args[@]}" --set train.engine=deepspeed)
+"${PYTHON:-python}" -m megalong.preflight --world-size "$world" "${args[@]}" --set train.engine=deepspeed >/dev/null || exit 2
 echo "${cmd[*]}"
 [[ $dry_run -eq 1 ]] && exit 0
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -10,10 +10,12 @@
 # from all; PORT: a free port there) and each node's own --node-rank 0..M-1. Everything else is
 # passed to `megalong train`; with train.load: auto, a job started again after a failure resumes
 # from its newest complete checkpoint.
-# --dry-run prints the resolved command and exits.
+# Before torchrun starts, the config is validated once for the N x M processes, with its tokenizer,
+# datasets and output directories (python -m megalong.preflight): an error is one line, not a
+# traceback per process. --dry-run validates, prints the resolved command and exits.
 set -euo pipefail
 
-die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
+die() { echo "megalong: launch error: launch/torchrun.sh: $*" >&2; exit 2; }
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 
 nproc="" nnodes=1 node_rank="" endpoint="" dry_run=0
@@ -25,7 +27,7 @@ while [[ $# -gt 0 ]]; do
     --node-rank) need "$@"; node_rank="$2"; shift 2 ;;
     --rdzv-endpoint) need "$@"; endpoint="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -62,6 +64,10 @@ else
 fi
 cmd+=(--nproc_per_node "$nproc")
 cmd+=(-m megalong.cli train "${args[@]}")
+# Once per job: launch/slurm.sbatch has validated the config already when it sets this.
+if [[ -z "${MEGALONG_PREFLIGHT_DONE:-}" ]]; then
+  "${PYTHON:-python}" -m megalong.preflight --world-size "$((nproc * nnodes))" "${args[@]}" >/dev/null || exit 2
+fi
 echo "${cmd[*]}"
 [[ $dry_run -eq 1 ]] && exit 0
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

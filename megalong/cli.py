@@ -26,12 +26,26 @@ def setup_logging(log_file: Optional[Path] = None) -> None:
         lambda record: "Unknown MLP type" not in record.getMessage())
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from megalong.config import load_config
-    from megalong.parallel.distributed import shutdown, world_size_from_env
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors (a missing, unknown or out-of-range argument) on one line:
+    `megalong: usage error: megalong eval: argument --batch-size: must be an integer >= 1, got '0'`."""
 
-    cfg = load_config(args.configs, args.set or [], world_size=world_size_from_env())
+    def error(self, message: str):
+        from megalong.errors import format_error
+
+        self.exit(2, format_error("usage", f"{self.prog}: {message} (see {self.prog} --help)") + "\n")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megalong.preflight import check_run
+
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = check_run(args.configs, args.set or [], world_size)
+    if args.check_config:
+        print(f"config ok: {world_size} processes")
+        return 0
     setup_logging(Path(cfg.train.save_dir) / "train.log" if cfg.train.save_dir else None)
+    from megalong.parallel.distributed import shutdown
     from megalong.train.loop import train
 
     try:
@@ -50,19 +64,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megalong", description=__doc__)
+    from megalong.argtypes import positive_int
+
+    parser = ArgumentParser(prog="megalong", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from one or more YAML configs (merged in order)")
     p.add_argument("configs", nargs="*", help="YAML files; later ones override earlier ones")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the config, its data, tokenizer and output paths, then stop")
+    p.add_argument("--world-size", type=positive_int, default=None,
+                   help="processes to validate the layout for (default: $WORLD_SIZE or 1)")
+    p.set_defaults(func=cmd_train, interleaved_configs=True)
 
     p = sub.add_parser("demo", help="the embedded default: corpus -> tokenizer -> data -> train -> "
                                     "export -> sample, on this machine, no network")
     p.add_argument("--workdir", default="megalong-demo", help="where everything is written")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the config's)")
     p.add_argument("--config", default=None, help="model/training config (default configs/tiny-cpu.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.set_defaults(func=cmd_demo)
@@ -115,22 +135,37 @@ def quiet_megatron_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Apex.*")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """`megalong train a.yaml --set k=v b.yaml`: config files may come after --set options."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "interleaved_configs", False) and not any(a.startswith("-") for a in extra):
+        args.configs = list(args.configs) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_megatron_warnings()
-    from megalong.config import ConfigError
-    from megalong.data.corpus import CorpusError
-    from megalong.export.hf import ExportError
+    from megalong.errors import MegalongError, describe_os_error, format_error
     from megalong.train.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     if getattr(args, "logging", False):
         setup_logging()
     try:
         return args.func(args)
-    except (ConfigError, CorpusError, CheckpointError, ExportError) as e:
-        kind = {ConfigError: "config", CorpusError: "corpus", CheckpointError: "checkpoint",
-                ExportError: "export"}[type(e)]
-        print(f"megalong: {kind} error: {e}", file=sys.stderr)
+    except MegalongError as e:
+        print(format_error(e.kind, e), file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(format_error("checkpoint", e), file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, quota, read-only or permission: no traceback, the file named
+        message = describe_os_error(e)
+        if message is None:
+            raise
+        print(format_error("output", message), file=sys.stderr)
         return 2
 
 

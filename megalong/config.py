@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,13 +21,17 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from megalong.attention.options import ATTENTION_OPTIONS, ModelShape, OptionError
+from megalong.errors import MegalongError
 from megalong.moe.options import MoEOptions
 
 MLP_KINDS = ("dense", "moe")
+MAX_CONFIG_BYTES = 16 << 20  # a config is a small text file; anything larger is the wrong file
 
 
-class ConfigError(ValueError):
+class ConfigError(MegalongError):
     """A configuration problem, always naming the key it is about."""
+
+    kind = "config"
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +148,12 @@ class TrainConfig:
     progress_bar: bool = True
     # torch.compile each transformer layer (megalong/model/compile.py); the first steps compile
     compile: bool = False
+    # A step whose loss or gradient norm is not finite (NaN/inf): `stop` ends the run with an error
+    # naming the step, before anything is saved after it; `skip` drops the step's update (no
+    # optimizer step, no change of Adam's moments or of MoE router biases), counts and logs it, and
+    # stops the run after `max_skipped_steps` skipped steps in a row.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -286,6 +297,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -346,33 +359,97 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, so a repeated `lr:` would hide the first)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            repeated = key in seen
+        except TypeError:  # an unhashable key: the constructor below reports it
+            continue
+        if repeated:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
 def parse_override(item: str) -> dict:
     """`train.lr=3e-4` -> {"train": {"lr": 0.0003}} (the value is parsed as YAML)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. train.lr=3e-4")
     dotted, value = item.split("=", 1)
-    parsed = yaml.safe_load(value) if value != "" else None
+    parts = dotted.strip().split(".")
+    if any(not part.strip() for part in parts):
+        raise ConfigError(f"override '{item}': expected a dotted key before '=', e.g. train.lr=3e-4")
+    try:
+        parsed = yaml.load(value, _UniqueKeyLoader) if value != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
+    except ConfigError as e:
+        raise ConfigError(f"override '{item}': {e}") from None
     out: dict = {}
     node = out
-    parts = dotted.strip().split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = parsed
     return out
 
 
+def _read_config_text(p: Path) -> str:
+    """The text of a config file; a directory, a binary or huge file, or one that cannot be read
+    is a ConfigError naming it."""
+    if p.is_dir():
+        hint = (f" (a checkpoint? resume it with --set train.load={p})"
+                if (p / "meta.json").is_file() or (p / "latest").is_file() else "")
+        raise ConfigError(f"{p}: is a directory, not a YAML config file{hint}")
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is not a config file (YAML text, "
+                              f"at most {MAX_CONFIG_BYTES >> 20} MiB); is it the right file?")
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (not UTF-8 at byte {e.start}); a config is YAML text") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text file (it holds NUL bytes); a config is YAML text")
+    return text
+
+
 def load_raw(paths: list[str | os.PathLike], overrides: list[str] = ()) -> dict:
     raw: dict = {}
     for path in paths:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        text = _read_config_text(p)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.load(text, _UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, "
+                              f"train:, ...), got {type(loaded).__name__}")
         raw = deep_merge(raw, loaded)
     for item in overrides:
         raw = deep_merge(raw, parse_override(item))
@@ -457,6 +534,9 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
                  "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
                  "rotary_base", "init_std", "layernorm_epsilon"):
         _positive(getattr(m, name), f"model.{name}")
+    if m.position_embedding == "rope" and m.rotary_base < 2:
+        raise ConfigError(f"model.rotary_base: must be > 1 (every rotary frequency would be 1), "
+                          f"got {m.rotary_base}")
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
             raise ConfigError(f"model.{name}: must be in [0, 1), got {getattr(m, name)}")
@@ -499,9 +579,9 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
     if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.position_embedding: rope needs an even head dimension")
     if "fam" in kinds:  # FAM tokens have no position, and pass the MLP once per block
-        if m.position_embedding == "rope":
-            raise ConfigError("model.position_embedding: fam layers do not support rope; use learned, "
-                              "none or ALiBi")
+        if m.position_embedding in ("rope", "axial"):
+            raise ConfigError(f"model.position_embedding: fam layers do not support {m.position_embedding}"
+                              f"; use learned, none or ALiBi")
         if any(k == "fam" and mlp == "moe" for k, mlp in zip(kinds, cfg.mlp_kinds())):
             raise ConfigError("model.mlp_layers: fam layers need a dense MLP, not moe")
 
@@ -509,26 +589,8 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
     if m.position_embedding == "learned" and cfg.seq_length > m.max_position_embeddings:
         raise ConfigError(f"data.seq_length: {cfg.seq_length} exceeds model.max_position_embeddings "
                           f"{m.max_position_embeddings} (learned positions cannot extrapolate)")
-    shares = d.split.split(",")
-    try:
-        nums = [float(s) for s in shares]
-    except ValueError:
-        raise ConfigError(f"data.split: expected comma-separated numbers like '98,2,0', got '{d.split}'") from None
-    if len(nums) != 3 or any(x < 0 for x in nums) or sum(nums) <= 0:
-        raise ConfigError(f"data.split: expected three non-negative shares like '98,2,0', got '{d.split}'")
-    for i, entry in enumerate(d.train):
-        if not entry.path:
-            raise ConfigError(f"data.train[{i}].path: missing")
-        _positive(entry.weight, f"data.train[{i}].weight")
-
-    for name in ("micro_batch_size", "global_batch_size", "train_steps", "lr", "eval_interval",
-                 "eval_iters", "log_interval", "save_interval", "stop_at_step", "lr_decay_steps",
-                 "peak_tflops"):
-        _positive(getattr(t, name), f"train.{name}")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr: {t.min_lr} is larger than train.lr {t.lr}")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    _validate_data(cfg)
+    _validate_train(cfg)
 
     _positive(p.tensor, "parallel.tensor")
     if m.num_attention_heads % p.tensor:
@@ -569,6 +631,56 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
             for suffix in (".bin", ".idx"):
                 if not Path(entry.path + suffix).is_file():
                     raise ConfigError(f"data.train[{i}].path: {entry.path}{suffix} not found")
+
+
+_PLAIN_NUMBER = re.compile(r"[0-9]*\.?[0-9]+|[0-9]+\.")
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    shares = [share.strip() for share in d.split.split(",")]
+    # Plain decimals only (megatron re-reads the string with the pattern [.0-9]+; no nan or 1e3).
+    if len(shares) != 3 or not all(_PLAIN_NUMBER.fullmatch(share) for share in shares):
+        raise ConfigError(f"data.split: expected three comma-separated shares like '98,2,0', got '{d.split}'")
+    if sum(float(share) for share in shares) <= 0:
+        raise ConfigError(f"data.split: the shares add up to 0: '{d.split}'")
+    if d.tokenizer is not None and d.tokenizer.endswith(".json"):
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} looks like a Hugging Face tokenizer.json; "
+                          "training reads a SentencePiece .model (tokenizer.json is for preprocess only)")
+    for i, entry in enumerate(d.train):
+        if not entry.path:
+            raise ConfigError(f"data.train[{i}].path: missing")
+        if entry.path.endswith((".bin", ".idx")):
+            raise ConfigError(f"data.train[{i}].path: give the .bin/.idx prefix without the suffix: "
+                              f"{entry.path[:-4]}, not {entry.path}")
+        _positive(entry.weight, f"data.train[{i}].weight")
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    for name in ("micro_batch_size", "global_batch_size", "train_steps", "lr", "eval_interval",
+                 "eval_iters", "log_interval", "save_interval", "stop_at_step", "lr_decay_steps",
+                 "peak_tflops", "adam_eps", "max_skipped_steps"):
+        _positive(getattr(t, name), f"train.{name}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(t, name)}")
+    for name in ("min_lr", "weight_decay", "grad_clip", "warmup_steps"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}: must be >= 0, got {getattr(t, name)}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} is larger than train.lr {t.lr}")
+    if t.lr * t.weight_decay >= 1:
+        raise ConfigError(f"train.weight_decay: train.lr x train.weight_decay = {t.lr * t.weight_decay:g} "
+                          f">= 1; decoupled weight decay would flip the sign of every weight")
+    if t.lr_decay_steps is not None and t.lr_decay_steps < t.warmup_steps:
+        raise ConfigError(f"train.lr_decay_steps: {t.lr_decay_steps} is shorter than train.warmup_steps "
+                          f"{t.warmup_steps} (decay steps count from step 0, warmup included)")
+    if t.stop_at_step is not None and t.stop_at_step > t.train_steps:
+        raise ConfigError(f"train.stop_at_step: {t.stop_at_step} is past train.train_steps {t.train_steps} "
+                          f"(the run ends at train_steps; raise it to train longer)")
+    if not 0 <= t.seed < 2**31:
+        raise ConfigError(f"train.seed: must be in [0, 2^31), got {t.seed}")
 
 
 def _validate_axial_position(cfg: Config) -> None:
@@ -631,6 +743,10 @@ def _validate_deepspeed(cfg: Config) -> None:
         raise ConfigError("deepspeed.zero_stage: ZeRO-3 is not supported with MoE layers (megalong's "
                           "experts use weights that ZeRO-3 has not gathered in the backward pass); "
                           "use zero_stage 1 or 2")
+    if ds.zero_stage == 3 and cfg.train.nonfinite == "skip":
+        raise ConfigError("train.nonfinite: skip is not supported with deepspeed.zero_stage 3 (DeepSpeed's "
+                          "ZeRO-3 applies an update with a non-finite gradient in fp32 and bf16 and "
+                          "cannot drop it); use nonfinite: stop or zero_stage 1 or 2")
 
 
 def _validate_data_parallel(cfg: Config) -> None:
@@ -697,6 +813,9 @@ def _validate_moe(cfg: Config) -> None:
         _positive(getattr(o, name), f"model.moe.{name}")
     if o.num_shared_experts < 0:
         raise ConfigError(f"model.moe.num_shared_experts: must be >= 0, got {o.num_shared_experts}")
+    for name in ("aux_loss_coeff", "z_loss_coeff"):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"model.moe.{name}: must be >= 0, got {getattr(o, name)}")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

@@ -71,9 +71,11 @@ def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] =
     from megalong.config import load_config
     from megalong.export.hf import export_checkpoint
     from megalong.parallel.distributed import shutdown
+    from megalong.paths import check_writable_dir
     from megalong.train.loop import train
 
     started = time.perf_counter()
+    check_writable_dir(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = Path(config) if config else DEFAULT_CONFIG
     _, tokenizer_prefix, data_prefix = demo_data_paths(workdir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,11 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megalong.argtypes import int_at_least, positive_int
 from megalong.data.datasets import SPLIT_NAMES, parse_split
+from megalong.data.indexed import check_dataset
+from megalong.errors import MegalongError
 
 
-class EvalError(ValueError):
+class EvalError(MegalongError):
     """An evaluation that cannot be run as asked (the message names the argument)."""
+
+    kind = "eval"
 
 
 @dataclass
@@ -48,6 +52,7 @@ def held_out_tokens(prefix: str, split: str, split_name: str = "valid",
     part = convert_split_vector_to_split_matrix(parse_split(split))[SPLIT_NAMES.index(split_name)]
     if part is None:
         raise EvalError(f"--split: data.split '{split}' gives the {split_name} split no documents")
+    check_dataset(prefix, "--data")
     dataset = IndexedDataset(prefix)
     begin, end = int(round(part[0] * len(dataset))), int(round(part[1] * len(dataset)))
     pieces, total = [], 0
@@ -110,21 +115,19 @@ def evaluate_checkpoint(checkpoint: str | Path, seq_lengths: list[int], max_toke
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a step_* directory, or a save_dir (its newest checkpoint)")
-    parser.add_argument("--seq-length", type=int, action="append", required=True,
+    parser.add_argument("--seq-length", type=int_at_least(2), action="append", required=True,
                         help="window length in tokens (repeatable; may exceed the training length)")
-    parser.add_argument("--tokens", type=int, default=32768, help="held-out tokens scored at every length")
+    parser.add_argument("--tokens", type=positive_int, default=32768,
+                        help="held-out tokens scored at every length")
     parser.add_argument("--data", default=None, help=".bin/.idx prefix (default: the training data's)")
     parser.add_argument("--split", default="valid", choices=SPLIT_NAMES, help="which split of data.split")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
 
 
 def run_eval(args: argparse.Namespace) -> Optional[int]:
-    try:
-        results = evaluate_checkpoint(args.checkpoint, args.seq_length, args.tokens, args.data,
-                                      args.split, args.batch_size)
-    except EvalError as e:
-        print(f"megalong: eval error: {e}", file=sys.stderr)
-        return 2
+    """The CLI prints an EvalError as `megalong: eval error: ...`."""
+    results = evaluate_checkpoint(args.checkpoint, args.seq_length, args.tokens, args.data,
+                                  args.split, args.batch_size)
     for r in results:
         print(f"seq_length {r.seq_length}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} "
               f"({r.tokens} tokens)")

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from megalong.argtypes import int_at_least, non_negative_int, number_in
 from megalong.model.gpt import build_model, position_ids_for
 
 
@@ -94,10 +95,11 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a step_* directory, or a save_dir (its newest checkpoint)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the K most likely ids; 0 for all")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=50)
+    parser.add_argument("--temperature", type=number_in(0), default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=non_negative_int, default=40,
+                        help="sample among the K most likely ids; 0 for all")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def run_generate(args: argparse.Namespace) -> Optional[int]:

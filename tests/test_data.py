@@ -21,6 +21,7 @@ from megalong.data.datasets import SAMPLE_KEYS, build_gpt_datasets, collate
 from megalong.data.preprocess import preprocess
 from megalong.data.stdlib_corpus import PILE_SET_NAME, build_stdlib_corpus
 from megalong.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from megalong.errors import DatasetError
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.\nA second line.",
@@ -242,8 +243,7 @@ def test_split_without_documents_is_refused_before_megatron(tiny_data, tmp_path)
         build_gpt_datasets([(1.0, tiny_data.prefix)], "99.9,0.1", 32, 1, tokenizer, (40, 8, 0), None)
     with pytest.raises(ConfigError, match=r"data.split: expected comma-separated numbers"):
         build_gpt_datasets([(1.0, tiny_data.prefix)], "90;10", 32, 1, tokenizer, (40, 8, 0), None)
-    with pytest.raises(ConfigError, match=r"data.train\[1\].path: .*nowhere.bin not found "
-                                          r"\(prefix .*nowhere"):
+    with pytest.raises(DatasetError, match=r"data.train\[1\].path: .*nowhere.bin: file not found"):
         build_gpt_datasets([(1.0, tiny_data.prefix), (1.0, str(tmp_path / "nowhere"))], "90,10,0", 32, 1,
                            tokenizer, (40, 8, 0), None)
     # Not asked for samples, an empty split is fine and not built.

@@ -31,17 +31,36 @@ def _slurm_env(tmp_path: Path, **extra) -> dict:
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_torchrun_dry_run_and_validation():
-    single = _bash("torchrun.sh", "--nproc", "3", "--dry-run", "configs/tiny-cpu.yaml", "--set", "train.lr=1e-3")
+def _data_config(tiny_data, tmp_path: Path) -> str:
+    """A config beside configs/tiny-cpu.yaml that the launchers' pre-flight check accepts for up
+    to 32 processes: the tiny data, and a batch that divides."""
+    path = tmp_path / "data.yaml"
+    path.write_text(f"data: {{tokenizer: {tiny_data.tokenizer}, train: [{tiny_data.prefix}]}}\n"
+                    f"train: {{global_batch_size: 64, micro_batch_size: 2}}\n")
+    return str(path)
+
+
+def test_torchrun_dry_run_and_validation(tiny_data, tmp_path):
+    data = _data_config(tiny_data, tmp_path)
+    single = _bash("torchrun.sh", "--nproc", "2", "--dry-run", "configs/tiny-cpu.yaml", data, "--set", "train.lr=1e-3")
     assert single.returncode == 0, single.stderr
-    assert single.stdout.strip().endswith("-m torch.distributed.run --standalone --nproc_per_node 3 -m "
-                                          "megalong.cli train configs/tiny-cpu.yaml --set train.lr=1e-3")
+    assert single.stdout.strip().endswith("-m torch.distributed.run --standalone --nproc_per_node 2 -m "
+                                          f"megalong.cli train configs/tiny-cpu.yaml {data} --set train.lr=1e-3")
     multi = _bash("torchrun.sh", "--nproc", "8", "--nnodes", "4", "--node-rank", "2", "--rdzv-endpoint",
-                  "node001:29400", "--dry-run", "configs/tiny-cpu.yaml")
+                  "node001:29400", "--dry-run", "configs/tiny-cpu.yaml", data)
     assert multi.returncode == 0, multi.stderr
     assert ("-m torch.distributed.run --nnodes 4 --node_rank 2 --rdzv_backend static --rdzv_endpoint "
-            "node001:29400 --nproc_per_node 8 -m megalong.cli train configs/tiny-cpu.yaml"
+            f"node001:29400 --nproc_per_node 8 -m megalong.cli train configs/tiny-cpu.yaml {data}"
             ) in multi.stdout
+    # The config is validated once, for nproc x nnodes processes, before torchrun would start.
+    proc = _bash("torchrun.sh", "--nproc", "8", "--nnodes", "8", "--node-rank", "0", "--rdzv-endpoint", "h:1",
+                 "--dry-run", "configs/tiny-cpu.yaml", data)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.strip().endswith(
+        "megalong: config error: train.global_batch_size: 64 is not a multiple of train.micro_batch_size "
+        "x data-parallel size = 2 x 64"), proc.stderr
+    proc = _bash("torchrun.sh", "configs/tiny-cpu.yaml", data, "--set", "train.adam_beta2=1")  # no dry run
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert proc.stderr.strip().endswith("megalong: config error: train.adam_beta2: must be in [0, 1), got 1.0")
     for args, message in [
         (["--nproc", "0"], "--nproc must be a positive integer, got '0'"),
         (["--nnodes", "2", "--rdzv-endpoint", "h:1"], "--nnodes 2 needs --node-rank"),
@@ -56,9 +75,10 @@ def test_torchrun_dry_run_and_validation():
     assert proc.returncode == 2 and "config file not found: configs/missing.yaml" in proc.stderr
 
 
-def test_slurm_dry_run_and_validation(tmp_path):
+def test_slurm_dry_run_and_validation(tiny_data, tmp_path):
+    data = _data_config(tiny_data, tmp_path)
     env = _slurm_env(tmp_path, MASTER_PORT="29511", GPUS_PER_NODE="8", RUN_DIR="runs/x")
-    proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", env=env)
+    proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", data, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "job 77: 2 nodes (127.0.0.1 127.0.0.1), 8 processes each, rendezvous 127.0.0.1:29511"
@@ -66,7 +86,7 @@ def test_slurm_dry_run_and_validation(tmp_path):
     assert lines[2] == (
         f"srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 --output runs/x/logs/%j-node%n.log bash -c "
         f"bash {LAUNCH}/torchrun.sh --nproc 8 --nnodes 2 --node-rank $SLURM_NODEID --rdzv-endpoint 127.0.0.1:29511 "
-        f"configs/tiny-cpu.yaml --set train.save_dir=runs/x/checkpoints --set train.load=auto ")
+        f"configs/tiny-cpu.yaml {data} --set train.save_dir=runs/x/checkpoints --set train.load=auto ")
     assert not (tmp_path / "scontrol.log").exists()
     no_job = {k: v for k, v in env.items()}
     no_job["SLURM_JOB_ID"] = ""
@@ -81,20 +101,50 @@ def test_slurm_dry_run_and_validation(tmp_path):
     # sbatch runs a spooled copy of the script; the launcher is found from the submit directory
     proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", env={**env, "SLURM_SUBMIT_DIR": "/nowhere"})
     assert proc.returncode == 2 and "/nowhere/launch/torchrun.sh not found: submit from the repository root" in proc.stderr
-    proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", env={**env, "SLURM_SUBMIT_DIR": str(REPO)})
+    proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", data, env={**env, "SLURM_SUBMIT_DIR": str(REPO)})
     assert proc.returncode == 0 and f"bash -c bash {REPO}/launch/torchrun.sh --nproc 8" in proc.stdout
+    # --nproc instead of GPUS_PER_NODE, refused at once when it is not a positive number
+    proc = _bash("slurm.sbatch", "--dry-run", "--nproc", "2", "configs/tiny-cpu.yaml", data, env=env)
+    assert proc.returncode == 0 and "2 nodes (127.0.0.1 127.0.0.1), 2 processes each" in proc.stdout
+    proc = _bash("slurm.sbatch", "--nproc", "0", "configs/tiny-cpu.yaml", data, env={})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "megalong: launch error: launch/slurm.sbatch: --nproc must be a positive integer, got '0'")
+    # one node: torchrun standalone, without --nnodes/--node-rank/--rdzv-endpoint
+    one = {**env, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "FAKE_SLURM_HOSTS": "127.0.0.1"}
+    proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", data, env=one)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "job 77: 1 node (127.0.0.1), 8 processes each, rendezvous 127.0.0.1:29511"
+    assert lines[2] == (
+        f"srun --nodes 1 --ntasks-per-node 1 --kill-on-bad-exit=1 --output runs/x/logs/%j-node%n.log bash -c "
+        f"bash {LAUNCH}/torchrun.sh --nproc 8 configs/tiny-cpu.yaml {data} "
+        f"--set train.save_dir=runs/x/checkpoints --set train.load=auto ")
+    # the config is validated for nodes x processes before srun starts anything
+    proc = _bash("slurm.sbatch", "--dry-run", "configs/tiny-cpu.yaml", data, "--set", "train.micro_batch_size=3",
+                 env=env)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.strip() == (
+        "megalong: config error: train.global_batch_size: 64 is not a multiple of train.micro_batch_size x "
+        "data-parallel size = 3 x 16")
 
 
-def test_deepspeed_launcher_dry_run_and_validation(tmp_path):
+def test_deepspeed_launcher_dry_run_and_validation(tiny_data, tmp_path):
+    data = _data_config(tiny_data, tmp_path)
     proc = _bash("deepspeed.sh", "--hostfile", "launch/hostfile.example", "--zero-stage", "3", "--dry-run",
-                 "configs/tiny-cpu.yaml")
+                 "configs/tiny-cpu.yaml", data)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == (
         "deepspeed --hostfile launch/hostfile.example --master_addr node001 --master_port 29500 --no_local_rank "
-        "--module megalong.cli train configs/tiny-cpu.yaml --set deepspeed.zero_stage=3 --set train.engine=deepspeed")
-    proc = _bash("deepspeed.sh", "--num-gpus", "2", "--master-port", "29600", "--dry-run", "configs/tiny-cpu.yaml")
+        f"--module megalong.cli train configs/tiny-cpu.yaml {data} --set deepspeed.zero_stage=3 "
+        "--set train.engine=deepspeed")
+    proc = _bash("deepspeed.sh", "--num-gpus", "2", "--master-port", "29600", "--dry-run", "configs/tiny-cpu.yaml", data)
     assert proc.stdout.strip() == ("deepspeed --num_gpus 2 --master_port 29600 --no_local_rank --module "
-                                   "megalong.cli train configs/tiny-cpu.yaml --set train.engine=deepspeed")
+                                   f"megalong.cli train configs/tiny-cpu.yaml {data} --set train.engine=deepspeed")
+    # validated for the 16 slots of the hostfile, with the engine the launcher sets
+    proc = _bash("deepspeed.sh", "--hostfile", "launch/hostfile.example", "--dry-run", "configs/tiny-cpu.yaml", data,
+                 "--set", "train.global_batch_size=48")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "megalong: config error: train.global_batch_size: 48 is not a multiple of train.micro_batch_size x "
+        "data-parallel size = 2 x 16")
     bad = tmp_path / "hosts"
     bad.write_text("# comment\nnode1 slots=4\nnode2 slots=four\n")
     for args, message in [
@@ -158,6 +208,21 @@ def test_slurm_two_nodes_preempted_requeued_and_resumed(tiny_data, tmp_path):
     assert sorted(logs) == ["77-node0.log", "77-node1.log"]
     assert "resumed from" in logs["77-node0.log"]
     _assert_resumed_the_same_curve(save_dir, STEPS)
+
+
+def test_slurm_one_node_job_runs(tiny_data, tmp_path):
+    """`sbatch --nodes 1`: one torchrun, standalone (torchrun.sh refuses a rendezvous endpoint
+    with one node), trains and saves."""
+    env = {**os.environ, **_slurm_env(tmp_path, SLURM_NNODES="1", SLURM_JOB_NODELIST="node1",
+                                      FAKE_SLURM_HOSTS="127.0.0.1")}
+    args = tiny_overrides(tiny_data, tmp_path / "ignored", 3, **{"train.eval_iters": 1})
+    proc = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    logs = {p.name: p.read_text() for p in (tmp_path / "run" / "logs").glob("*.log")}
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, logs)
+    assert sorted(logs) == ["77-node0.log"] and "--standalone" in logs["77-node0.log"]
+    info = ckpt.read_checkpoint_info(tmp_path / "run" / "checkpoints")
+    assert info.meta["step"] == 3 and info.meta["world_size"] == 1
 
 
 def _worker_pid(tag: str, rank: int) -> int | None:

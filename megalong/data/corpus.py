@@ -1,8 +1,9 @@
 """Pile-format corpora: `.jsonl` and `.jsonl.zst` files and globs, read as streams.
 
 Each non-blank line is one JSON record whose `json_key` (default "text") holds a document. A line
-that is not valid UTF-8, not JSON, or lacks the key is a `CorpusError` naming the file and the
-1-based line number, unless the caller asked to skip bad lines (then it is counted). Blank lines
+that is not valid UTF-8, not JSON, lacks the key, or whose text holds a lone surrogate (`"\\ud800"`:
+valid JSON, but not Unicode text, which no tokenizer can encode) is a `CorpusError` naming the
+file and the 1-based line number, unless the caller asked to skip bad lines (then it is counted). Blank lines
 are ignored. Files are never read whole: `.zst` is decompressed chunk by chunk.
 """
 from __future__ import annotations
@@ -10,15 +11,34 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import zstandard
 
+from megalong.errors import MegalongError
 
-class CorpusError(ValueError):
+
+class CorpusError(MegalongError):
     """A corpus file that is missing or a line that cannot be read; names the file and line."""
+
+    kind = "corpus"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str, raw: bytes) -> str | None:
+    """Where `text` (decoded from the JSON line `raw`) holds a lone surrogate, which only a
+    `\\uXXXX` escape can produce; None when it holds none."""
+    if b"\\u" not in raw:
+        return None
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return f"a lone surrogate \\u{ord(found.group()):04x} at character {found.start()} (valid JSON, not Unicode text)"
 
 
 class Document(str):
@@ -68,6 +88,9 @@ def expand_inputs(inputs: Iterable[str] | str, missing: Optional[list[str]] = No
                 raise CorpusError(f"{pattern}: no file matches this pattern")
             missing.append(pattern)
         for path in matches:
+            if os.path.isdir(path) and missing is None:
+                raise CorpusError(f"{path}: is a directory; give its files or a glob such as "
+                                  f"'{os.path.join(path, '*.jsonl.zst')}'")
             if not os.path.isfile(path):
                 if missing is None:
                     raise CorpusError(f"{path}: file not found")
@@ -213,6 +236,9 @@ def parse_line(line: RawLine, json_key: str) -> str:
     value = record[json_key]
     if not isinstance(value, str):
         raise CorpusError(f"{where}: '{json_key}' is not a string but {type(value).__name__}")
+    problem = lone_surrogate(value, line.data)
+    if problem is not None:
+        raise CorpusError(f"{where}: '{json_key}' holds {problem}")
     return value
 
 

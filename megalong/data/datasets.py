@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megalong.config import ConfigError
+from megalong.data.indexed import check_dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -50,10 +51,7 @@ def _check_prefix_files(data_prefixes: Sequence[tuple[float, str]]) -> None:
         if not weight > 0:
             raise ConfigError(f"data.train[{i}].weight: expected a positive weight, got {weight} "
                               f"for {prefix}")
-        for suffix in (".bin", ".idx"):
-            if not Path(f"{prefix}{suffix}").is_file():
-                raise ConfigError(f"data.train[{i}].path: {prefix}{suffix} not found "
-                                  f"(prefix {prefix}; run `megalong preprocess` to make it)")
+        check_dataset(str(prefix), f"data.train[{i}].path")
 
 
 def split_sizes(prefix: str, split: str) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from megalong.argtypes import non_negative_int, positive_int
 from megalong.config import ConfigError
 from megalong.data.indexed import expand_prefixes, merge, read_index
 
@@ -78,8 +79,9 @@ def add_data_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prefix", help="a .bin/.idx prefix")
     p.add_argument("--tokenizer-model", default=None,
                    help="to decode samples (default: the one recorded by preprocess)")
-    p.add_argument("--samples", type=int, default=1, help="documents to show (spread over the dataset)")
-    p.add_argument("--sample-tokens", type=int, default=200, help="tokens shown per sample")
+    p.add_argument("--samples", type=non_negative_int, default=1,
+                   help="documents to show (spread over the dataset)")
+    p.add_argument("--sample-tokens", type=positive_int, default=200, help="tokens shown per sample")
     p.set_defaults(func=run_inspect)
     p = sub.add_parser("merge", help="concatenate .bin/.idx datasets into one")
     p.add_argument("--input", nargs="+", required=True, help="prefixes or globs of prefixes, in order")

@@ -19,9 +19,11 @@ is tokenized in pieces (`encode_long`), so a single huge document costs a few ti
 size, not the dozens of bytes per token of a Python list.
 
 Bad input (`on_bad`="stop" or "skip"): a line that is not UTF-8 or not JSON, lacks a key or
-`meta.pile_set_name` when one is needed, a truncated `.zst`, a missing file: "stop" raises a
-CorpusError naming the file and line (the shards finished before are kept), "skip" counts it and
-goes on (a truncated `.zst` keeps its documents before the damage). Empty documents follow
+`meta.pile_set_name` when one is needed, a text with a lone surrogate (valid JSON, not Unicode), a
+truncated `.zst`, a missing file, a file without any document (empty): "stop" raises a
+CorpusError naming the file and line (the shards finished before are kept; the file being read
+leaves nothing, no shard and no done record), "skip" counts it and goes on (a truncated `.zst`
+keeps its documents before the damage; an empty file gets no shard). Empty documents follow
 `empty_docs`: "keep" (a document of just the end-of-document token), "skip" (counted) or
 "stop".
 """
@@ -46,9 +48,11 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import zstandard
 
+from megalong.argtypes import int_at_least, number_in, positive_int
 from megalong.config import ConfigError
-from megalong.data.corpus import CorpusError, expand_inputs, iter_blocks
+from megalong.data.corpus import CorpusError, expand_inputs, iter_blocks, lone_surrogate
 from megalong.data.indexed import ShardWriter, read_header, token_dtype
+from megalong.paths import check_output_prefix
 
 log = logging.getLogger("megalong")
 
@@ -221,6 +225,9 @@ def _parse(data: bytes, line_number: int, where: str) -> tuple[str, str]:
         if not isinstance(value, str):
             raise _Skip("bad", f"{where}: line {line_number}: '{key}' is not a string but "
                                f"{type(value).__name__}")
+        problem = lone_surrogate(value, data)
+        if problem is not None:
+            raise _Skip("bad", f"{where}: line {line_number}: '{key}' holds {problem}")
         values.append(value)
     text = values[0] if len(values) == 1 else s.join_keys.join(values)
     if _worker["fix"] is not None:
@@ -471,8 +478,12 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str | Path, tokenizer
     on_bad = on_bad or ("skip" if skip_bad_lines else "stop")
     json_keys = (json_key,) if isinstance(json_key, str) else tuple(json_key)
     _check_options(workers, on_bad, empty_docs, normalize, json_keys, max_doc_chars)
+    if Path(tokenizer_model).is_dir():
+        raise ConfigError(f"tokenizer_model (--tokenizer-model): {tokenizer_model} is a directory, "
+                          f"not a tokenizer file (.model or tokenizer.json)")
     if not Path(tokenizer_model).is_file():
         raise ConfigError(f"tokenizer_model (--tokenizer-model): {tokenizer_model} not found")
+    check_output_prefix(output_prefix, "output_prefix (--output-prefix)")
     missing: list[str] = []
     files = expand_inputs(inputs, missing=missing if on_bad == "skip" else None)
     stats = PreprocessStats()
@@ -492,11 +503,13 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str | Path, tokenizer
         empty_docs=empty_docs, dtype=np.dtype(token_dtype(tokenizer.vocab_size)).name)
     bases = shard_bases(files, str(output_prefix))
     todo = []
+    kept_documents = 0
     for path, base in zip(files, bases):
         record = _verified(base, path, settings, on_bad) if resume else None
         if record is not None:
             stats.files_skipped += 1
             stats.outputs.extend(record["outputs"])
+            kept_documents += sum(info["documents"] for info in record["outputs"].values())
             log.info("preprocess: %s is done already (%s), kept", path, ", ".join(record["outputs"]))
         else:
             todo.append((path, base))
@@ -527,6 +540,14 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str | Path, tokenizer
             elif kind == "bad":
                 shard.stats.count_bad(tag[2])
                 log.warning("preprocess: %s (the documents before it are kept)", tag[2])
+            elif kind == "end" and _no_document_lines(shard.stats):
+                message = f"{path}: empty: the file holds no documents"
+                if on_bad == "stop":
+                    raise CorpusError(message)
+                stats.count_bad(message)
+                log.warning("preprocess: %s, skipped", message)
+                shard.abort()
+                shard = None
             elif kind == "end":
                 record = shard.commit()
                 for key in ("bad_lines", "empty_documents", "filtered"):
@@ -569,12 +590,17 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str | Path, tokenizer
             pool.terminate()
             pool.join()
     stats.seconds = time.perf_counter() - started
-    if stats.documents == 0 and stats.files_skipped == 0:
+    if stats.documents == 0 and kept_documents == 0:
         raise CorpusError(f"{', '.join(files)}: no documents under {'/'.join(json_keys)} "
                           f"({stats.bad_lines} bad lines skipped)")
     log.info("preprocess: %s -> %s", stats, ", ".join(f"{p}.bin/.idx" for p in stats.outputs[:8])
              + (f" and {len(stats.outputs) - 8} more" if len(stats.outputs) > 8 else ""))
     return stats
+
+
+def _no_document_lines(s: PreprocessStats) -> bool:
+    """A file that held no document at all, not even a bad, empty or filtered one."""
+    return s.documents == s.bad_lines == s.empty_documents == s.filtered == 0
 
 
 def _log_progress(shard: _Shard, stats: PreprocessStats, elapsed: float, done_size: int,
@@ -601,7 +627,7 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-key", nargs="+", default=["text"],
                         help="the key(s) holding the document text; several are joined with --join-keys")
     parser.add_argument("--join-keys", default="\n\n", help="separator between several keys' texts")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
+    parser.add_argument("--workers", type=positive_int, default=max(1, min(8, (os.cpu_count() or 2))),
                         help="tokenizer processes (default: the CPU count, at most 8)")
     parser.add_argument("--no-append-eod", action="store_true", help="do not end documents with EOD")
     parser.add_argument("--eod-token", default=None,
@@ -621,9 +647,10 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
                         help="NFKC normalisation, or ftfy.fix_text (needs ftfy installed)")
     parser.add_argument("--no-resume", action="store_true",
                         help="redo every shard, also those recorded as done")
-    parser.add_argument("--max-doc-chars", type=int, default=1_000_000,
+    parser.add_argument("--max-doc-chars", type=int_at_least(1000), default=1_000_000,
                         help="longer documents are tokenized in pieces of about this many characters")
-    parser.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--log-interval", type=number_in(0, low_open=True), default=10.0,
+                        help="seconds between progress lines")
 
 
 def run_preprocess(args: argparse.Namespace) -> int:

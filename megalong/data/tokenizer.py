@@ -25,8 +25,11 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from megalong.argtypes import int_at_least, positive_int
 from megalong.config import ConfigError
 from megalong.data.corpus import CorpusError, Document, ReadStats, expand_inputs, iter_documents
+from megalong.errors import TokenizerError
+from megalong.paths import check_output_prefix, writing
 
 log = logging.getLogger("megalong")
 
@@ -96,6 +99,7 @@ def train_sentencepiece(inputs: Iterable[str] | str, model_prefix: str | Path, v
     if vocab_size < 260:
         raise ConfigError(f"vocab_size (--vocab-size): {vocab_size} is too small; byte fallback alone "
                           f"needs 256 pieces plus the special ones (at least 260)")
+    prefix = check_output_prefix(model_prefix, "model_prefix (--model-prefix)")
     files = expand_inputs(inputs)
     started = time.perf_counter()
     docs, stats = sample_documents(files, sample_docs, json_key, max_doc_chars, seed, skip_bad_lines)
@@ -105,13 +109,12 @@ def train_sentencepiece(inputs: Iterable[str] | str, model_prefix: str | Path, v
     if stats.bad_lines:
         log.warning("tokenizer: skipped %d bad lines, e.g. %s", stats.bad_lines, stats.examples[0])
     settings = trainer_settings(vocab_size, model_type, max_sentence_bytes=4 * max_doc_chars + 16)
-    prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="megalong-spm-") as tmp:
         # One line per sentence: the newlines inside documents become sentence breaks ("\n" is
         # a user-defined piece, so it needs no statistics).
         sample_file = Path(tmp) / "sample.txt"
-        with open(sample_file, "w", encoding="utf-8") as f:
+        with writing(sample_file), open(sample_file, "w", encoding="utf-8") as f:
             for doc in docs:
                 for line in doc.split("\n"):
                     if line.strip():
@@ -122,9 +125,10 @@ def train_sentencepiece(inputs: Iterable[str] | str, model_prefix: str | Path, v
         del docs
         try:
             _train(sample_file, prefix, settings)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
             if "required_chars" not in str(e):
-                raise
+                raise TokenizerError(f"{prefix}.model: SentencePiece could not train or write the "
+                                     f"tokenizer: {e}") from None
             # More distinct characters than a small vocabulary holds: keep the most frequent ones
             # within half the pieces left after bytes and specials; the rest use byte fallback.
             keep = max(1, (vocab_size - 260) // 2)
@@ -142,7 +146,8 @@ def train_sentencepiece(inputs: Iterable[str] | str, model_prefix: str | Path, v
               "documents_read": stats.documents, "memory_bound_chars": sample_docs * max_doc_chars,
               "json_key": json_key,
               "max_doc_chars": max_doc_chars, "seed": seed, "skipped_bad_lines": stats.bad_lines}
-    Path(f"{prefix}.settings.json").write_text(json.dumps(record, indent=1))
+    with writing(f"{prefix}.settings.json"):
+        Path(f"{prefix}.settings.json").write_text(json.dumps(record, indent=1))
     tokenizer = SentencePieceTokenizer(model)
     broken = sum(tokenizer.decode(tokenizer.encode(doc)) != doc for doc in check)
     if broken:
@@ -160,13 +165,22 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_path: str | Path):
         model_path = str(model_path)
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        data = _read_tokenizer_file(model_path)
+        if data.lstrip()[:1] == b"{":
+            raise TokenizerError(f"{model_path}: a JSON file (a Hugging Face tokenizer.json?), not a "
+                                 f"SentencePiece .model")
         self.model_path = model_path
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
-        self._digest = hashlib.sha1(Path(model_path).read_bytes()).hexdigest()[:16]
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError) as e:
+            reason = re.sub(r"^INTERNAL: |src/\S+ ", "", _first_line(e))
+            if "ParseFromArray" in reason:
+                reason = "it cannot be parsed: truncated or another kind of file"
+            raise TokenizerError(f"{model_path}: not a SentencePiece .model ({reason})") from None
+        self._digest = hashlib.sha1(data).hexdigest()[:16]
         if self._sp.eos_id() < 0:
-            raise ValueError(f"{model_path}: the SentencePiece model has no end-of-sequence piece (eos_id)")
+            raise TokenizerError(f"{model_path}: the SentencePiece model has no end-of-sequence piece (eos_id)")
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(str(text))
@@ -266,11 +280,16 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         path = str(path)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        data = _read_tokenizer_file(path)
         self.model_path = path
-        self._tok = Tokenizer.from_file(path)
-        self._digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+        try:
+            self._tok = Tokenizer.from_str(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json (not UTF-8 text; a "
+                                 f"SentencePiece .model?)") from None
+        except Exception as e:  # tokenizers raises a bare Exception for any parse error
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
+        self._digest = hashlib.sha1(data).hexdigest()[:16]
         names = [eod_token] if eod_token else list(self.EOD_CANDIDATES)
         ids = [self._tok.token_to_id(n) for n in names]
         self._eod = next((i for i in ids if i is not None), None)
@@ -306,6 +325,24 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _read_tokenizer_file(path: str) -> bytes:
+    """The bytes of a tokenizer file; missing, a directory or unreadable is a TokenizerError."""
+    p = Path(path)
+    if p.is_dir():
+        raise TokenizerError(f"{path}: is a directory, not a tokenizer file")
+    if not p.is_file():
+        raise TokenizerError(f"{path}: file not found")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def load_tokenizer(path: str | Path, eod_token: str | None = None):
@@ -366,21 +403,23 @@ _WORDS = re.compile(r" *[^ ]+| +")
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.jsonl.zst files or globs")
     parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model, .vocab, .settings.json")
-    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--vocab-size", type=int_at_least(260), required=True,
+                        help="pieces (at least 260: byte fallback needs 256 plus the special ones)")
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    parser.add_argument("--sample-docs", type=int, default=50_000,
+    parser.add_argument("--sample-docs", type=positive_int, default=50_000,
                         help="documents sampled uniformly across all files (default 50000)")
-    parser.add_argument("--max-doc-chars", type=int, default=20_000,
+    parser.add_argument("--max-doc-chars", type=positive_int, default=20_000,
                         help="each sampled document is cut to this many characters (bounds memory)")
     parser.add_argument("--json-key", default="text", help="the key holding the document text")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip and count lines that are not UTF-8/JSON or lack the key, "
-                             "instead of stopping")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document sample")
+    parser.add_argument("--on-bad-input", choices=("stop", "skip"), default=None,
+                        help="a line that is not UTF-8/JSON/Unicode or lacks the key: stop with the "
+                             "file and line (default) or skip and count it")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="the same as --on-bad-input skip")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the document sample")
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:
+    skip = args.on_bad_input == "skip" or (args.on_bad_input is None and args.skip_bad_lines)
     train_sentencepiece(args.input, args.model_prefix, args.vocab_size, args.model_type,
-                        args.sample_docs, args.json_key, args.max_doc_chars, args.seed,
-                        args.skip_bad_lines)
+                        args.sample_docs, args.json_key, args.max_doc_chars, args.seed, skip)
     return 0

@@ -11,13 +11,17 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from megalong.errors import MegalongError
+from megalong.paths import check_writable_dir
 from megalong.train.checkpoint import load_merged_state
 
 log = logging.getLogger("megalong")
 
 
-class ExportError(ValueError):
+class ExportError(MegalongError):
     """A checkpoint that cannot be expressed in the requested Hugging Face format."""
+
+    kind = "export"
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -31,6 +35,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from megalong.export.mixtral import mixtral_refusal
     from megalong.export.tokenizer import export_tokenizer
 
+    out = Path(out_dir).resolve()
+    _check_replaceable(out)  # before the checkpoint is read: a bad OUT_DIR costs nothing
+    if not out.exists():
+        check_writable_dir(out, "out_dir")
+    check_writable_dir(out.parent, "out_dir")
     info, state = load_merged_state(checkpoint)
     tokenizer_model = info.path / "tokenizer.model"
     tokenizer = SentencePieceTokenizer(tokenizer_model)
@@ -40,8 +49,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"{info.path} cannot be exported: not as GPTNeoForCausalLM ({not_neo}), "
                           f"nor MixtralForCausalLM ({not_mixtral}), nor MegalongForCausalLM ({not_megalong})")
 
-    out = Path(out_dir).resolve()
-    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

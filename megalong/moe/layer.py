@@ -126,8 +126,9 @@ def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return torch.stack([l.float() for l in losses]).sum() if losses else None
 
 
-def update_router_biases(model: nn.Module) -> None:
-    """Aux-loss-free balancing: move every router's expert bias after an optimizer step."""
+def update_router_biases(model: nn.Module, applied=None) -> None:
+    """Aux-loss-free balancing: move every router's expert bias after an optimizer step.
+    `applied` (a 0-dim tensor, 0.0 for a step whose update was dropped) scales the move."""
     from megatron.core import parallel_state
 
     group = None
@@ -135,7 +136,7 @@ def update_router_biases(model: nn.Module) -> None:
         group = parallel_state.get_data_parallel_group()
     for m in model.modules():
         if isinstance(m, MoELayer) and m.options.bias_update_rate and hasattr(m.router, "update_bias"):
-            m.router.update_bias(group)
+            m.router.update_bias(group, applied)
 
 
 def moe_stats(model: nn.Module) -> list[tuple[int, RoutingStats]]:

@@ -81,15 +81,19 @@ class TopKRouter(nn.Module):
 
 
     @torch.no_grad()
-    def update_bias(self, data_parallel_group=None) -> None:
+    def update_bias(self, data_parallel_group=None, applied=None) -> None:
         """After an optimizer step: b_i += rate * sign(mean load - load_i), with the loads of the
-        step summed over the data-parallel group so that every replica moves the same way."""
+        step summed over the data-parallel group so that every replica moves the same way;
+        times `applied` (0.0: the step's update was dropped, the bias stays) when given."""
         load = self.step_load if self.step_load is not None else torch.zeros_like(self.expert_bias)
         if data_parallel_group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(load, group=data_parallel_group)
-        self.expert_bias += self.options.bias_update_rate * torch.sign(load.mean() - load)
+        move = self.options.bias_update_rate * torch.sign(load.mean() - load)
+        if applied is not None:
+            move = move * applied.to(move.device, move.dtype)
+        self.expert_bias += move
         self.step_load = None
 
 

@@ -9,7 +9,8 @@ learning-rate schedule and the AdamW parameter groups are the megatron engine's,
 give the same losses (tests/test_deepspeed.py).
 
 Supported: any tensor-parallel size, data parallelism, MoE layers with parallel.expert: 1 at ZeRO-1
-and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights). Refused
+and ZeRO-2, fp32 and bf16, train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer
+drops a step with a non-finite gradient norm itself; ZeRO-3 applies it, so skip is refused there) (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights). Refused
 by the config validator: pipeline stages, expert parallelism, ZeRO-3 with MoE layers (the backward
 pass met expert weights ZeRO-3 had not gathered). bf16 has not been run yet. The model is built whole on every process
 before ZeRO-3 partitions it (deepspeed.zero.Init is not used), so ZeRO-3 saves memory during
@@ -32,7 +33,6 @@ the ZeRO-3 shards, for `megalong export`/`generate`), RNG states, config, tokeni
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -51,9 +51,11 @@ from megalong.model.gpt import build_model, model_flops_per_token  # noqa: E402
 from megalong.model.tp_shard import partition_dims  # noqa: E402
 from megalong.moe.layer import moe_aux_loss, update_router_biases  # noqa: E402
 from megalong.parallel.distributed import ParallelLayout, initialize  # noqa: E402
+from megalong.preflight import check_train_inputs  # noqa: E402
 from megalong.train import checkpoint as ckpt  # noqa: E402
 from megalong.train.batches import fetch, micro_batch_indices  # noqa: E402
 from megalong.train.metrics import Throughput, format_duration, memory_gib  # noqa: E402
+from megalong.train.nonfinite import NonFiniteGuard  # noqa: E402
 from megalong.train.optim import build_optimizer  # noqa: E402
 from megalong.train.schedule import learning_rate  # noqa: E402
 
@@ -183,6 +185,7 @@ def train(cfg: Config):
     t = cfg.train
     layout = initialize(cfg.parallel.tensor, cfg.parallel.backend)
     validate(cfg, world_size=layout.world_size)
+    check_train_inputs(cfg)
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -217,6 +220,7 @@ def train(cfg: Config):
         reporter.line(f"resumed from {resume} at step {start_step}")
 
     result = TrainResult()
+    guard = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, resume)
     engine.train()
     for step in range(start_step, end_step):
         lr = learning_rate(step, t)
@@ -230,16 +234,24 @@ def train(cfg: Config):
             engine.backward(loss + aux if aux is not None else loss)  # scaled by 1/n_micro inside
             engine.step()  # the optimizer steps at the last micro-batch only
             lm_total += loss.detach() / n_micro
-        update_router_biases(engine.module)
+        # ZeRO-1/2 drop a step whose gradient norm is not finite (was_step_applied is then False)
+        applied = engine.was_step_applied()
+        update_router_biases(engine.module, torch.tensor(float(applied)))
         throughput.step_done()
         done = step + 1
         loss_value = float(_mean_over_data_parallel(lm_total))
         norm = engine.get_global_grad_norm()
         norm_value = float(norm) if norm is not None else float("nan")
         result.losses[done], result.grad_norms[done] = loss_value, norm_value
-        reporter.scalars(done, {"train/loss": loss_value, "train/grad_norm": norm_value, "train/lr": lr})
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {done}")
+        record = {"train/loss": loss_value, "train/grad_norm": norm_value, "train/lr": lr}
+        try:
+            skipped = guard.record(done, loss_value, norm_value, applied)
+        finally:  # the metrics of the step that stops the run are written too
+            if t.nonfinite == "skip":
+                record["train/skipped_steps"] = guard.skipped_total
+            reporter.scalars(done, record)
+        if skipped is not None:
+            reporter.line(skipped)
         if done % t.log_interval == 0 or done == end_step:
             tokens_per_s, mfu = throughput.window()
             result.tokens_per_second = tokens_per_s
@@ -253,7 +265,12 @@ def train(cfg: Config):
             reporter.line(f"step {done}: held-out loss {result.valid_losses[done]:.4f}")
             reporter.scalars(done, {"valid/loss": result.valid_losses[done]})
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
-            save_checkpoint(t.save_dir, done, cfg, engine, layout, cfg.data.tokenizer, tokenizer.vocab_size)
+            if guard.may_save:
+                guard.last_checkpoint = save_checkpoint(t.save_dir, done, cfg, engine, layout,
+                                                        cfg.data.tokenizer, tokenizer.vocab_size)
+            else:
+                reporter.line(f"step {done}: no checkpoint written: the last {guard.streak} steps were "
+                              f"skipped (train.nonfinite: skip)")
 
     if valid_set is not None:
         result.final_valid_loss = evaluate(engine, valid_set, cfg, layout)

@@ -19,8 +19,10 @@ from megalong.moe.layer import moe_aux_loss, update_router_biases
 from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train import checkpoint as ckpt
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
+from megalong.preflight import check_train_inputs
 from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
 from megalong.train import megatron_dp
+from megalong.train.nonfinite import NonFiniteGuard
 from megalong.train.optim import build_optimizer, clip_gradients, reduce_tied_embedding_gradients
 from megalong.train.pipeline import pipeline_forward_backward, pipeline_moe_stats
 from megalong.train.schedule import learning_rate
@@ -65,20 +67,32 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _step_one_replica(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.Tensor:
-    """Clip and step when there is one data-parallel rank (no gradient exchange but TP/PP's)."""
+def _step_one_replica(optimizer: torch.optim.Optimizer, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip and step when there is one data-parallel rank (no gradient exchange but TP/PP's).
+    Returns (grad norm, 1.0 if its update was applied else 0.0) as device tensors.
+
+    With train.nonfinite: skip, a step whose gradient norm (the same on every rank: it is reduced
+    over the TP, EP and PP groups) is not finite is dropped on the device, without a host sync:
+    the fused AdamW kernel skips the update, weight decay and the step count when `found_inf` is
+    set, as it does for torch's GradScaler. (Otherwise the run stops at the next check.)"""
     norm = clip_gradients([p for g in optimizer.param_groups for p in g["params"]], cfg.train.grad_clip)
+    applied = torch.isfinite(norm).float()
+    if cfg.train.nonfinite == "skip":
+        if not optimizer.defaults.get("fused"):
+            raise RuntimeError("train.nonfinite: skip needs the fused AdamW of build_optimizer")
+        optimizer.grad_scale, optimizer.found_inf = None, 1.0 - applied
     optimizer.step()
-    return norm
+    return norm, applied
 
 
 def train_step(model: torch.nn.Module, optimizer, micro_batches: Iterable[dict[str, torch.Tensor]],
                n_micro: int, lr: float, cfg: Config, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over `n_micro` accumulated micro-batches. `model` is megatron-core's DDP
     (with `optimizer` its optimizer) when there are several data-parallel ranks.
 
-    Returns (LM loss, MoE auxiliary loss, grad norm); the gradient is that of their sum."""
+    Returns (LM loss, MoE auxiliary loss, grad norm, applied); the gradient is that of the sum of
+    the losses; `applied` is 0.0 when a non-finite step's update was dropped (train.nonfinite)."""
     lm_total = torch.zeros((), device=device)
     aux_total = torch.zeros((), device=device)
 
@@ -97,19 +111,20 @@ def train_step(model: torch.nn.Module, optimizer, micro_batches: Iterable[dict[s
         optimizer.zero_grad(set_to_none=True)
         for batch in micro_batches:
             backward(batch)
-        norm = _step_one_replica(optimizer, cfg)
+        norm, applied = _step_one_replica(optimizer, cfg)
     else:
         megatron_dp.zero_gradients([model], optimizer)
         megatron_dp.accumulate([model], micro_batches, n_micro, backward)
         megatron_dp.finalize_gradients([model])
-        norm = megatron_dp.step(optimizer, lr)
-    update_router_biases(model)
-    return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm
+        norm, applied = megatron_dp.step(optimizer, lr)
+    update_router_biases(model, applied)
+    return _mean_over_data_parallel(lm_total), _mean_over_data_parallel(aux_total), norm, applied
 
 
 def pipeline_train_step(chunks: torch.nn.ModuleList, optimizer,
                         micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int, lr: float,
-                        cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        cfg: Config, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """train_step with pipeline stages: megatron's schedule runs forward and backward (and, with
     megatron-core DDP, reduces the gradients over data-parallel ranks and tied embeddings through
     the hooks megatron_dp.pipeline_hooks set), then the step."""
@@ -121,13 +136,13 @@ def pipeline_train_step(chunks: torch.nn.ModuleList, optimizer,
     lm, aux = pipeline_forward_backward(list(chunks), micro_batches, n_micro,
                                         lambda: _autocast(cfg, device))
     if megatron:
-        norm = megatron_dp.step(optimizer, lr)
+        norm, applied = megatron_dp.step(optimizer, lr)
     else:
         _set_lr(optimizer, lr)
         reduce_tied_embedding_gradients(list(chunks))
-        norm = _step_one_replica(optimizer, cfg)
-    update_router_biases(chunks)
-    return _mean_over_data_parallel(lm), _mean_over_data_parallel(aux), norm
+        norm, applied = _step_one_replica(optimizer, cfg)
+    update_router_biases(chunks, applied)
+    return _mean_over_data_parallel(lm), _mean_over_data_parallel(aux), norm, applied
 
 
 @torch.no_grad()
@@ -226,12 +241,7 @@ def train(cfg: Config) -> TrainResult:
     layout = initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,
                         virtual_stages=p.virtual_stages)
     validate(cfg, world_size=layout.world_size)
-    if t.tensorboard_dir:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("train.tensorboard_dir: the tensorboard package is not installed "
-                              "(pip install tensorboard)") from None
+    check_train_inputs(cfg)  # tokenizer, datasets and output directories, before any model is built
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -286,7 +296,30 @@ def train(cfg: Config) -> TrainResult:
 
     moe_layers = "moe" in cfg.mlp_kinds()
     result = TrainResult()
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    guard = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, resume)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    window: list[list[float]] = []  # host values of the steps since the last log line
+
+    def check_pending() -> None:
+        """One host sync for the steps not checked yet: their metrics, and the non-finite check."""
+        if not pending:
+            return
+        values = torch.stack([torch.stack([l, a, n.to(l.device), ok.to(l.device)])
+                              for _, l, a, n, ok in pending]).tolist()
+        for (s, *_), (l, a, n, ok) in zip(pending, values):
+            result.losses[s], result.grad_norms[s] = l, n
+            record = {"train/loss": l, "train/grad_norm": n, "train/lr": learning_rate(s - 1, t)}
+            try:
+                message = guard.record(s, l, n, bool(ok))
+            finally:  # the metrics of the step that stops the run are written too
+                if t.nonfinite == "skip":
+                    record["train/skipped_steps"] = guard.skipped_total
+                reporter.scalars(s, {**record, "train/moe_aux_loss": a} if moe_layers else record)
+            if message is not None:
+                reporter.line(message)
+        window.extend(values)
+        pending.clear()
+
     model.train()
     for step in range(start_step, end_step):
         lr = learning_rate(step, t)
@@ -294,21 +327,15 @@ def train(cfg: Config) -> TrainResult:
                                       layout.data_parallel, layout.data_rank)
         batches = (fetch(train_set, idx, layout.device) for idx in indices)
         step_fn = pipeline_train_step if layout.pipeline_parallel > 1 else train_step
-        loss, aux, norm = step_fn(model, optimizer, batches, n_micro, lr, cfg, layout.device)
+        pending.append((step + 1, *step_fn(model, optimizer, batches, n_micro, lr, cfg, layout.device)))
         throughput.step_done()
         done = step + 1
-        pending.append((done, loss, aux, norm))
 
         if done % t.log_interval == 0 or done == end_step:
-            values = torch.stack([torch.stack([l, a, n]) for _, l, a, n in pending]).tolist()  # one sync
-            for (s, *_), (l, a, n) in zip(pending, values):
-                result.losses[s], result.grad_norms[s] = l, n
-                record = {"train/loss": l, "train/grad_norm": n, "train/lr": learning_rate(s - 1, t)}
-                reporter.scalars(s, {**record, "train/moe_aux_loss": a} if moe_layers else record)
+            check_pending()
+            values = [v for v in window if math.isfinite(v[0])] or list(window)  # skipped steps left out
             window_loss = sum(v[0] for v in values) / len(values)
-            pending.clear()
-            if not math.isfinite(window_loss):
-                raise FloatingPointError(f"loss is {window_loss} at step {done}")
+            window.clear()
             tokens_per_s, mfu = throughput.window()
             result.tokens_per_second = tokens_per_s
             reporter.line(f"step {done}/{end_step} | loss {window_loss:.4f} | lr {lr:.3e} | "
@@ -322,13 +349,19 @@ def train(cfg: Config) -> TrainResult:
         reporter.advance({"loss": f"{result.losses[max(result.losses)]:.3f}"} if result.losses else {})
 
         if valid_set is not None and done % t.eval_interval == 0 and done != end_step:
+            check_pending()
             result.valid_losses[done] = evaluate(model, valid_set, cfg, layout)
             reporter.line(f"step {done}: held-out loss {result.valid_losses[done]:.4f} "
                           f"(perplexity {math.exp(result.valid_losses[done]):.2f})")
             reporter.scalars(done, {"valid/loss": result.valid_losses[done]})
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
-            ckpt.save_checkpoint(t.save_dir, done, cfg, core, optimizer, layout,
-                                 cfg.data.tokenizer, tokenizer.vocab_size)
+            check_pending()
+            if guard.may_save:
+                guard.last_checkpoint = ckpt.save_checkpoint(t.save_dir, done, cfg, core, optimizer, layout,
+                                                             cfg.data.tokenizer, tokenizer.vocab_size)
+            else:
+                reporter.line(f"step {done}: no checkpoint written: the last {guard.streak} steps were "
+                              f"skipped (train.nonfinite: skip)")
 
     if valid_set is not None:
         result.final_valid_loss = evaluate(model, valid_set, cfg, layout)

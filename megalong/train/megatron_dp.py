@@ -17,6 +17,7 @@ re-splits it for any layout): `adam_state` gathers the shards of the distributed
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -105,14 +106,35 @@ def finalize_gradients(ddp_chunks: list[torch.nn.Module]) -> None:
     finalize_model_grads(ddp_chunks)
 
 
-def step(optimizer, lr: float) -> torch.Tensor:
-    """Clip to `train.grad_clip` and step; returns the gradient norm before clipping."""
+def step(optimizer, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip to `train.grad_clip` and step; returns (the gradient norm before clipping, 1.0 if the
+    update was applied else 0.0).
+
+    megatron-core's ChainedOptimizer.step, with one addition: a step whose gradient norm is not
+    finite is dropped. Its mixed-precision optimizers drop a step whose gradients hold inf/NaN
+    (`prepare_grads`), its float32 optimizer would apply it and turn every weight into NaN. The
+    norm is reduced over the model-parallel ranks and the gradients over the data-parallel ranks,
+    so every rank takes the same decision; it is a host float already (megatron synchronises to
+    compute it), so the check costs nothing more."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ok, norm, _ = optimizer.step()
-    if not ok:  # float32 weights have no loss scaler that could skip a step
-        raise RuntimeError("megatron-core's optimizer skipped the step")
-    return torch.as_tensor(float(norm) if norm is not None else 0.0)
+    if optimizer.prepare_grads():  # found inf/NaN (mixed precision; its loss scale is updated)
+        return torch.tensor(float("nan")), torch.tensor(0.0)
+    norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(norm):
+        return torch.tensor(norm), torch.tensor(0.0)
+    for sub in _sub_optimizers(optimizer):
+        if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0:
+            continue
+        params = sub.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=sub.config.clip_grad, total_norm=norm,
+                                         use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    if not optimizer.step_with_ready_grads():
+        raise RuntimeError("megatron-core's optimizer did not apply the step")
+    return torch.tensor(norm), torch.tensor(1.0)
 
 
 def pipeline_hooks(ddp_chunks: list[torch.nn.Module]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from megalong.paths import writing
 
 log = logging.getLogger("megalong")
 
@@ -88,9 +91,11 @@ class Reporter:
             self.bar.set_postfix(postfix, refresh=False)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        """One line of metrics.jsonl (NaN and inf written as null: strict JSON has neither)."""
         if self.metrics_file is not None:
-            with open(self.metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
+            with writing(self.metrics_file), open(self.metrics_file, "a") as f:
+                f.write(json.dumps({"step": step, **finite}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)

@@ -15,7 +15,8 @@ def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the `no_weight_decay` exceptions."""
+    """AdamW with the `no_weight_decay` exceptions. Fused on CUDA, and everywhere with
+    train.nonfinite: skip (its `found_inf` drops a step's update on the device)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -23,7 +24,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
         (no_decay if no_weight_decay(param, name) else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
+    fused = all(p.is_cuda for p in decay + no_decay) or t.nonfinite == "skip"
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              fused=fused or None)
 
