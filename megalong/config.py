@@ -579,9 +579,9 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
     if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.position_embedding: rope needs an even head dimension")
     if "fam" in kinds:  # FAM tokens have no position, and pass the MLP once per block
-        if m.position_embedding in ("rope", "axial"):
-            raise ConfigError(f"model.position_embedding: fam layers do not support {m.position_embedding}"
-                              f"; use learned, none or ALiBi")
+        if m.position_embedding == "rope":  # rotates q and k; FAM tokens have no position to rotate by
+            raise ConfigError("model.position_embedding: fam layers do not support rope; use learned, "
+                              "axial, none or ALiBi")
         if any(k == "fam" and mlp == "moe" for k, mlp in zip(kinds, cfg.mlp_kinds())):
             raise ConfigError("model.mlp_layers: fam layers need a dense MLP, not moe")
 

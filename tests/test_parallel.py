@@ -110,9 +110,11 @@ def test_tp2_and_dp2_match_one_process(tiny_data, tmp_path):
         _assert_close(_optimizer_state(tmp_path / other), reference_adam, WEIGHT_TOL, other + " adam")
 
 
-def test_torchrun_launcher_dry_run_prints_the_command():
-    proc = run_cli(["train", "configs/tiny-cpu.yaml", "--dry-run"], nproc=3, launcher="torchrun.sh")
-    assert "torch.distributed.run --standalone --nproc_per_node 3 -m megalong.cli train configs/tiny-cpu.yaml" \
+def test_torchrun_launcher_dry_run_prints_the_command(tiny_data):
+    data = ["--set", f"data.tokenizer={tiny_data.tokenizer}", "--set", f"data.train=[{tiny_data.prefix}]",
+            "--set", "train.micro_batch_size=8"]  # the launcher validates the config for 2 processes
+    proc = run_cli(["train", "configs/tiny-cpu.yaml", *data, "--dry-run"], nproc=2, launcher="torchrun.sh")
+    assert "torch.distributed.run --standalone --nproc_per_node 2 -m megalong.cli train configs/tiny-cpu.yaml" \
         in proc.stdout
 
 
