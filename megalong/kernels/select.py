@@ -189,7 +189,8 @@ def moe_experts(experts: Any, x: torch.Tensor, dispatch: Any, top_k: int) -> tor
     """Permute, run `Experts` as grouped GEMMs, and combine with the gates: what
     `unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)` computes (single expert-parallel
     rank; top_k: the most experts a token goes to)."""
-    from megalong.kernels.moe import combine_rows, grouped_experts, permute_rows, rows_of_tokens
+    from megalong.kernels.grouped_gemm import grouped_experts
+    from megalong.kernels.moe import combine_rows, permute_rows, rows_of_tokens
 
     T = x.shape[0]
     rows = rows_of_tokens(dispatch.token, T, top_k)
