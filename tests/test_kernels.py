@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -512,6 +513,95 @@ def test_grouped_gemm_tiles_fit_tensor_cores_and_shared_memory(arch, limit):
             for rows, inner, cols, t in ((f.block_r, f.block_k, f.block_m, f), (g.block_k, g.block_r, g.block_m, g)):
                 assert inner % 16 == 0 and cols % 16 == 0
                 assert t.num_stages * (rows * inner + inner * cols) * dtype.itemsize <= limit
+
+
+class _FarMemory:
+    """Stands in for the interpreter's memory access: loads and stores inside `tensors` run, those
+    elsewhere are recorded (byte addresses) instead, loads returning zeros. Lets a kernel compute
+    the addresses of a tensor past 2^31 elements without allocating it."""
+
+    def __init__(self, memory, tensors):
+        self.memory = memory
+        self.ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+        self.loads, self.stores = [], []
+
+    def __getattr__(self, name):
+        return getattr(self.memory, name)
+
+    def _inside(self, addresses):
+        return any(((addresses >= lo) & (addresses < hi)).all() for lo, hi in self.ranges)
+
+    def load(self, ptrs, mask, other, dtype):
+        if self._inside(ptrs[mask]):
+            return self.memory.load(ptrs, mask, other, dtype)
+        self.loads.append(ptrs[mask].astype("int64"))
+        return other.copy()
+
+    def store(self, ptrs, value, mask):
+        if self._inside(ptrs[mask]):
+            return self.memory.store(ptrs, value, mask)
+        self.stores.append(ptrs[mask].astype("int64"))
+
+
+@pytest.fixture
+def far_memory(monkeypatch):
+    from triton.runtime import interpreter
+
+    memory = interpreter._interpreter
+
+    def install(*tensors):
+        far = _FarMemory(memory, tensors)
+        monkeypatch.setattr(interpreter, "_interpreter", far)
+        return far
+    return install
+
+
+def _addresses(base: torch.Tensor, element_size: int, rows, row_len: int, cols) -> set:
+    """Byte addresses of [rows x cols] of a row-major tensor at `base` with rows of row_len."""
+    return {base.data_ptr() + element_size * (r * row_len + c) for r in rows for c in cols}
+
+
+BIG_ROW = 2**20 + 3  # BIG_ROW * 2048 > 2^31: an int32 row offset would wrap
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="replaces the CPU interpreter's memory access")
+def test_moe_kernels_index_rows_past_2_31_elements(far_memory):
+    """Row offsets of [rows, hidden] tensors are int64 in the MoE kernels: each kernel addresses
+    row BIG_ROW of a 2048-wide tensor (> 2^31 elements) exactly. The gating kernel's [T, E] tensor
+    is left out: it would pass 2^31 elements only at 33M tokens with 64 experts."""
+    H, bf16 = 2048, torch.bfloat16
+    x, y = torch.zeros(1, H, dtype=bf16), torch.zeros(1, H, dtype=bf16)
+    src = torch.tensor([BIG_ROW])
+    far = far_memory(src, y)
+    moe._gather_rows[(1,)](x, src, x, y, 1, H, HAS_SCALE=False, BLOCK_R=16, BLOCK_H=256)
+    assert set(np.concatenate(far.loads).tolist()) == _addresses(x, 2, [BIG_ROW], H, range(H))
+
+    rows, out = torch.tensor([[BIG_ROW, -1]], dtype=torch.int32), torch.zeros(1, H, dtype=bf16)
+    far = far_memory(rows, out)
+    moe._combine_rows[(1,)](y, rows, y, out, 1, H, K=2, HAS_W=False, BLOCK_T=16, BLOCK_H=256)
+    assert set(np.concatenate(far.loads).tolist()) == _addresses(y, 2, [BIG_ROW], H, range(H))
+
+    Kd, M, t = H, 32, gg.forward_tiles(0, bf16, H, 32)
+    w = torch.zeros(1, Kd, M, dtype=bf16)
+    offs = torch.tensor([0, BIG_ROW + t.block_r], dtype=torch.int32)
+    expert, start = torch.tensor([0], dtype=torch.int32), torch.tensor([BIG_ROW], dtype=torch.int32)
+    far = far_memory(w, offs, expert, start)
+    gg._grouped_mm_kernel[(1, 1)](x, w, y, offs, expert, start, BIG_ROW + t.block_r, Kd, M, Kd * M, M, 1,
+                                  BLOCK_R=t.block_r, BLOCK_M=t.block_m, BLOCK_K=t.block_k,
+                                  DOT_PRECISION="ieee")
+    tile_rows = range(BIG_ROW, BIG_ROW + t.block_r)
+    assert set(np.concatenate(far.loads).tolist()) == _addresses(x, 2, tile_rows, Kd, range(Kd))
+    assert set(np.concatenate(far.stores).tolist()) == _addresses(y, 2, tile_rows, M, range(t.block_m))
+
+    t = gg.wgrad_tiles(0, bf16, Kd, M)
+    dw = torch.zeros(1, t.block_k, t.block_m)
+    offs = torch.tensor([BIG_ROW, BIG_ROW + t.block_r], dtype=torch.int32)
+    far = far_memory(offs, dw)
+    gg._grouped_wgrad_kernel[(1, 1, 1)](x, y, dw, offs, Kd, M, BLOCK_R=t.block_r, BLOCK_K=t.block_k,
+                                        BLOCK_M=t.block_m, DOT_PRECISION="ieee")
+    rows = range(BIG_ROW, BIG_ROW + t.block_r)
+    want = _addresses(x, 2, rows, Kd, range(t.block_k)) | _addresses(y, 2, rows, M, range(t.block_m))
+    assert set(np.concatenate(far.loads).tolist()) == want
 
 
 # ---- selection ---------------------------------------------------------------------------------
