@@ -11,7 +11,8 @@ give the same losses (tests/test_deepspeed.py).
 Supported: any tensor-parallel size, data parallelism, MoE layers with parallel.expert: 1 at ZeRO-1
 and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights). Refused
 by the config validator: pipeline stages, expert parallelism, ZeRO-3 with MoE layers (the backward
-pass met expert weights ZeRO-3 had not gathered). bf16 has not been run yet. The model is built whole on every process
+pass met expert weights ZeRO-3 had not gathered). bf16 ran on the CPU at ZeRO-1 and ZeRO-2, DP=2
+(tests/test_bf16.py: ZeRO-2 beside fp32). The model is built whole on every process
 before ZeRO-3 partitions it (deepspeed.zero.Init is not used), so ZeRO-3 saves memory during
 training but not while building.
 
