@@ -132,6 +132,10 @@ class TrainConfig:
     save_dir: Optional[str] = None
     save_interval: Optional[int] = None  # default: only at the end
     load: Optional[str] = None  # checkpoint directory to resume from ("auto": save_dir)
+    # A fresh run (no train.load) refuses a save_dir holding checkpoints unless this is true; then
+    # they are deleted when the run starts (megalong/train/save_dir.py)
+    overwrite: bool = False
+    keep_last: Optional[int] = None  # keep only the newest N checkpoints (and the one resumed from)
     tensorboard_dir: Optional[str] = None
     # megatron: megalong's own step (torch or megatron-core DDP); deepspeed: DeepSpeed's engine
     # with ZeRO (the `deepspeed:` section, megalong/train/deepspeed_engine.py)
@@ -525,6 +529,7 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
                  "eval_iters", "log_interval", "save_interval", "stop_at_step", "lr_decay_steps",
                  "peak_tflops"):
         _positive(getattr(t, name), f"train.{name}")
+    _positive(t.keep_last, "train.keep_last")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: {t.min_lr} is larger than train.lr {t.lr}")
     if t.warmup_steps < 0:

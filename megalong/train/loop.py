@@ -226,6 +226,7 @@ def train(cfg: Config) -> TrainResult:
     layout = initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,
                         virtual_stages=p.virtual_stages)
     validate(cfg, world_size=layout.world_size)
+    ckpt.prepare_save_dir(cfg, layout.rank)  # before any work: never replace another run's checkpoints
     if t.tensorboard_dir:
         try:
             import tensorboard  # noqa: F401
@@ -328,7 +329,7 @@ def train(cfg: Config) -> TrainResult:
             reporter.scalars(done, {"valid/loss": result.valid_losses[done]})
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
             ckpt.save_checkpoint(t.save_dir, done, cfg, core, optimizer, layout,
-                                 cfg.data.tokenizer, tokenizer.vocab_size)
+                                 cfg.data.tokenizer, tokenizer.vocab_size, resume)
 
     if valid_set is not None:
         result.final_valid_loss = evaluate(model, valid_set, cfg, layout)
@@ -338,7 +339,7 @@ def train(cfg: Config) -> TrainResult:
                       f"{math.exp(result.final_valid_loss):.2f} after {end_step} steps")
     if t.save_dir:
         result.checkpoint = ckpt.save_checkpoint(t.save_dir, end_step, cfg, core, optimizer, layout,
-                                                 cfg.data.tokenizer, tokenizer.vocab_size)
+                                                 cfg.data.tokenizer, tokenizer.vocab_size, resume)
         reporter.line(f"saved {result.checkpoint}")
     reporter.close()
     return result
