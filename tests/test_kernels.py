@@ -482,6 +482,23 @@ def test_moe_experts_under_autocast_equal_torch_path(launches):
         assert a.dtype == torch.float32 and _rel(a, b) < BF16_REL
 
 
+def test_topk_route_under_autocast_stays_in_router_dtype():
+    """Under bf16 autocast the kernel router, like TopKRouter, computes float32 logits: its
+    routing equals the torch router's under autocast and without it."""
+    from megalong.moe.router import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(24, _moe_options(num_experts=4, top_k=2, z_loss_coeff=0.1)).to(DEVICE)
+    x = _rand(23, 24, seed=3)
+    plain = router(x)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, want = select.topk_route(router, x), router(x)
+    for routing in (want, plain):
+        assert torch.equal(got.expert_index, routing.expert_index)
+        assert (got.gates - routing.gates).abs().max().item() < OUT_TOL
+        assert abs(got.aux_loss.item() - routing.aux_loss.item()) < OUT_TOL
+
+
 def test_grouped_mm_backend_and_dtype_choices():
     big = dict(n=768, m=3072)
     assert gg.grouped_mm_backend(torch.bfloat16, arch=90, **big) == "torch_grouped_mm"
