@@ -6,8 +6,11 @@ Each line prints the median time of `--iters` timed steps (CUDA events) after wa
 
     python bench/attention_kernels.py                  # everything
     python bench/attention_kernels.py --only window --lengths 8192
+    python bench/attention_kernels.py --only window --check-args   # no GPU: the rows it would run
 
-Needs CUDA (it exits with a message otherwise). No figures from it are recorded until it has been
+Needs CUDA (it exits with a message otherwise), except `--check-args`, which checks the arguments
+and the imports, prints the rows the same arguments would time and exits (bench/gpu_check.sh
+--dry-run). No figures from it are recorded until it has been
 run on the lent GPU (see bench/RESULTS.md for how).
 """
 from __future__ import annotations
@@ -105,17 +108,61 @@ def report(name: str, L: int, ms: float, baseline: Optional[float] = None) -> No
     print(f"{name:<44} L={L:<6} {ms:8.3f} ms{ratio}", flush=True)
 
 
+PARTS = ("window", "causal", "linear")
+
+
+def planned_rows(parts: list[str], lengths: list[int], windows: list[int]) -> list[str]:
+    """The rows `main` times for these arguments, in order (for --check-args)."""
+    rows = []
+    for L in lengths:
+        if "window" in parts:
+            for window in windows:
+                for alibi in (False, True):
+                    tag = f"window {window}{' + ALiBi' if alibi else ''}"
+                    rows += [f"FlexAttention {tag} L={L}", f"megalong {tag} L={L}"]
+        if "causal" in parts:
+            rows += [f"SDPA causal L={L}", f"megalong causal L={L}", f"megalong causal + ALiBi L={L}"]
+    if "linear" in parts:
+        for L in sorted({4096, *lengths}):
+            rows += [f"SDPA causal L={L}", f"megalong linear (Triton) L={L}", f"megalong linear (torch) L={L}"]
+    return rows
+
+
+def check_args(parts: list[str], args: argparse.Namespace) -> int:
+    """Without a GPU: the imports the rows need resolve; print the rows."""
+    import torch.nn.attention.flex_attention  # noqa: F401
+
+    import megalong.attention.alibi  # noqa: F401
+    import megalong.kernels.linear_attention  # noqa: F401
+    import megalong.kernels.window_attention  # noqa: F401
+
+    rows = planned_rows(parts, args.lengths, args.windows)
+    print(f"bench/attention_kernels.py would time {len(rows)} rows ({args.iters} iterations each):")
+    for row in rows:
+        print(f"  {row}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["window", "causal", "linear"], action="append")
+    parser.add_argument("--only", choices=PARTS, action="append")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--windows", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--check-args", action="store_true",
+                        help="check the arguments and imports, print the rows, exit (no GPU needed)")
     args = parser.parse_args(argv)
+    for name in ("lengths", "windows"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name}: every value must be >= 1")
+    if args.iters < 1:
+        parser.error("--iters: must be >= 1")
+    parts = args.only or list(PARTS)
+    if args.check_args:
+        return check_args(parts, args)
     if not torch.cuda.is_available():
         print("bench/attention_kernels.py needs CUDA: run it on the lent GPU", file=sys.stderr)
         return 2
-    parts = args.only or ["window", "causal", "linear"]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {HEADS} heads x {HEAD_DIM}, "
           "bf16, batch 1, forward + backward, median ms")
     for L in args.lengths:

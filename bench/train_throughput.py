@@ -22,7 +22,9 @@ date and device.
 --small shrinks the shape (4 layers, hidden 64, 4 heads, vocab 512, window 32, batch 2 x 128,
 float32) and, with --device cpu, only checks that every row runs: CPU timings are not speeds, and
 there is no peak memory. FlexAttention has no backward on the CPU, so row 6 fails there.
-`--only SUBSTRING` runs only the rows whose name contains it.
+`--only SUBSTRING` runs only the rows whose name contains it. `--check-args` (no GPU needed) loads
+the config with the same arguments, checks the rows' imports, prints the header and the rows that
+would run, and exits (bench/gpu_check.sh --dry-run).
 """
 from __future__ import annotations
 
@@ -127,6 +129,21 @@ ROWS = [
 ]
 
 
+def check_rows(rows, make_cfg) -> None:
+    """--check-args: every row's config loads and the modules its step needs import."""
+    import peer_gpt  # noqa: F401  (bench/ is sys.path[0])
+    import torch.nn.attention.flex_attention  # noqa: F401
+    import transformers  # noqa: F401
+
+    import megalong.model.compile  # noqa: F401
+    import megalong.train.loop  # noqa: F401
+
+    for name, extra, _ in rows:
+        make_cfg(extra)
+        print(f"  would run: {name}")
+    print(f"bench/train_throughput.py: {len(rows)} rows")
+
+
 def main() -> None:
     from megalong.config import load_config
     from megalong.model.gpt import model_flops_per_token
@@ -141,6 +158,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps; default 5 (1 with --small)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps; default 20 (2 with --small)")
     parser.add_argument("--only", default=None, help="run only the rows whose name contains this")
+    parser.add_argument("--check-args", action="store_true",
+                        help="load the config, check the imports, print the rows that would run, exit")
     args = parser.parse_args()
     batch = args.batch or (2 if args.small else 8)
     seq = args.seq or (128 if args.small else 2048)
@@ -148,7 +167,7 @@ def main() -> None:
     iters = args.iters or (2 if args.small else 20)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available() and not args.check_args:
         raise SystemExit("bench/train_throughput.py: no CUDA GPU here (--device cpu --small checks the script)")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -163,16 +182,19 @@ def main() -> None:
     flops = model_flops_per_token(cfg, vocab)
     tokens = batch * seq
     m = cfg.model
-    print(f"{torch.cuda.get_device_name(device) if cuda else 'cpu (timings are not speeds)'} | "
+    gpu_name = torch.cuda.get_device_name(device) if cuda and torch.cuda.is_available() else "no GPU"
+    print(f"{gpu_name if cuda else 'cpu (timings are not speeds)'} | "
           f"torch {torch.__version__} | {args.config}{' --small' if args.small else ''} | layers {m.num_layers}, "
           f"hidden {m.hidden_size}, heads {m.num_attention_heads}, vocab {vocab}, "
           f"window {cfg.attention_options('local').window} | batch {batch} x {seq} | "
           f"{'bf16 autocast' if cfg.train.precision == 'bf16' else cfg.train.precision} (peers: "
           f"{'bf16 autocast' if cuda else 'fp32'}), {'fused ' if cuda else ''}AdamW | "
           f"{flops / 1e6:.1f} MFLOP/token", flush=True)
-    for name, extra, make in ROWS:
-        if args.only and args.only not in name:
-            continue
+    rows = [row for row in ROWS if not args.only or args.only in row[0]]
+    if args.check_args:
+        check_rows(rows, make_cfg)
+        return
+    for name, extra, make in rows:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect or merge .bin/.idx datasets")
     add_data_args(p.add_subparsers(dest="data_command", required=True))
 
+    from megalong.train.convert import add_checkpoint_args
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools (convert the old .pt format)")
+    add_checkpoint_args(p.add_subparsers(dest="checkpoint_command", required=True))
+
     from megalong.export.hf import add_export_args, run_export
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face folder")
@@ -148,7 +153,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -
 def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_megatron_warnings()
     from megalong.errors import MegalongError, describe_os_error, format_error
-    from megalong.train.checkpoint import CheckpointError
 
     args = parse_args(build_parser(), argv)
     if getattr(args, "logging", False):
@@ -157,9 +161,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except MegalongError as e:
         print(format_error(e.kind, e), file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(format_error("checkpoint", e), file=sys.stderr)
         return 2
     except OSError as e:  # disk full, quota, read-only or permission: no traceback, the file named
         message = describe_os_error(e)

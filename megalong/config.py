@@ -137,6 +137,10 @@ class TrainConfig:
     save_dir: Optional[str] = None
     save_interval: Optional[int] = None  # default: only at the end
     load: Optional[str] = None  # checkpoint directory to resume from ("auto": save_dir)
+    # A fresh run (no train.load) refuses a save_dir holding checkpoints unless this is true; then
+    # they are deleted when the run starts (megalong/train/save_dir.py)
+    overwrite: bool = False
+    keep_last: Optional[int] = None  # keep only the newest N checkpoints (and the one resumed from)
     tensorboard_dir: Optional[str] = None
     # megatron: megalong's own step (torch or megatron-core DDP); deepspeed: DeepSpeed's engine
     # with ZeRO (the `deepspeed:` section, megalong/train/deepspeed_engine.py)
@@ -660,7 +664,7 @@ def _validate_train(cfg: Config) -> None:
     t = cfg.train
     for name in ("micro_batch_size", "global_batch_size", "train_steps", "lr", "eval_interval",
                  "eval_iters", "log_interval", "save_interval", "stop_at_step", "lr_decay_steps",
-                 "peak_tflops", "adam_eps", "max_skipped_steps"):
+                 "peak_tflops", "adam_eps", "max_skipped_steps", "keep_last"):
         _positive(getattr(t, name), f"train.{name}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:

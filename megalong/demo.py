@@ -84,7 +84,8 @@ def run_demo(workdir: Path, steps: Optional[int] = None, config: Optional[str] =
 
     # Validate the run's config before any work, with the data paths it will have.
     data_overrides = [f"data.tokenizer={tokenizer_prefix}.model", f"data.train=[{data_prefix}]",
-                      f"train.save_dir={save_dir}", "train.load=null", *overrides]
+                      f"train.save_dir={save_dir}", "train.load=null",
+                      "train.overwrite=true", *overrides]  # a demo run again replaces its checkpoints
     if steps is not None:
         data_overrides.append(f"train.train_steps={steps}")
     load_config([config_path], data_overrides, check_paths=False)

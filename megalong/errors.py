@@ -29,6 +29,13 @@ class DatasetError(MegalongError):
     kind = "dataset"
 
 
+class CheckpointError(MegalongError):
+    """A checkpoint that is missing, incomplete, corrupt, or from another configuration, or a
+    save_dir a run must not write into (names the file or directory)."""
+
+    kind = "checkpoint"
+
+
 class OutputError(MegalongError):
     """An output path that cannot be written: under a file, not writable, disk full."""
 

@@ -23,11 +23,15 @@ def load_for_inference(checkpoint: str | Path):
     The model carries `tokenizer_vocab_size`, which `generate` uses to keep padded ids out."""
     from megatron.core import parallel_state
 
-    from megalong.data.tokenizer import SentencePieceTokenizer
     from megalong.parallel.distributed import initialize
-    from megalong.train.checkpoint import CheckpointError, load_merged_state, single_process_config
+    from megalong.train.checkpoint import (CheckpointError, read_checkpoint_info, single_process_config,
+                                           whole_model_state)
+    from megalong.train.checkpoint_files import checkpoint_tokenizer
+    from megalong.train.model_state import load_weights
 
-    info, state = load_merged_state(checkpoint)
+    info = read_checkpoint_info(checkpoint)
+    tokenizer = checkpoint_tokenizer(info.path)
+    state = whole_model_state(info)
     cfg = single_process_config(info.config)
     if (parallel_state.model_parallel_is_initialized()
             and parallel_state.get_tensor_model_parallel_world_size() != 1):
@@ -36,8 +40,7 @@ def load_for_inference(checkpoint: str | Path):
                               f"{parallel_state.get_tensor_model_parallel_world_size()}; shut it down first")
     initialize(1)
     model = build_model(cfg, info.meta["tokenizer_vocab_size"])
-    model.load_state_dict(state)
-    tokenizer = SentencePieceTokenizer(info.path / "tokenizer.model")
+    load_weights(model, state, str(info.path))
     model.tokenizer_vocab_size = tokenizer.vocab_size
     return model.eval(), cfg, tokenizer
 

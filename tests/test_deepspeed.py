@@ -1,5 +1,6 @@
 """DeepSpeed engine: ZeRO-1/2/3 on two gloo processes give the one-process (megatron engine) losses
-and weights; the config validator refuses the combinations it does not support."""
+and weights, and resume exactly from their checkpoints; the config validator refuses the
+combinations it does not support."""
 from __future__ import annotations
 
 import json
@@ -65,6 +66,13 @@ def test_zero_stages_match_one_process(tiny_data, tmp_path):
     models = {"moe": MOE, "dense": DENSE}
     jobs = [_overrides(tiny_data, tmp_path / name, **models[ref], **{"train.engine": "deepspeed", **extra})
             for name, (ref, extra) in runs.items()]
+    # Stopped at step 3 and resumed (DeepSpeed's own files, read through megalong's weights-only guard).
+    resumed = {"zero1": "zero1_resumed", "zero3": "zero3_resumed"}
+    for name, target in resumed.items():
+        ref, extra = runs[name]
+        for stage in ({"train.stop_at_step": 3}, {"train.load": "auto"}):
+            jobs.append(_overrides(tiny_data, tmp_path / target, **models[ref],
+                                   **{"train.engine": "deepspeed", **extra, **stage}))
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -79,6 +87,8 @@ def test_zero_stages_match_one_process(tiny_data, tmp_path):
         singles[ref] = read_metrics(tmp_path / ref)
         assert sorted(singles[ref]) == list(range(1, STEPS + 1)) and singles[ref][STEPS] < singles[ref][1]
         references[ref] = load_merged_state(tmp_path / ref)[1]
+    for name, target in resumed.items():
+        assert read_metrics(tmp_path / target) == read_metrics(tmp_path / name), name  # exactly
     for name, (ref, _) in runs.items():
         single, reference = singles[ref], references[ref]
         losses = read_metrics(tmp_path / name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import torch
+from safetensors.torch import load_file
 
 from conftest import read_metrics, run_cli, tiny_overrides
 from megalong.train.checkpoint import load_merged_state
@@ -56,9 +57,9 @@ def _assert_norms_close(save_dir, reference_dir, name):
 
 
 def _optimizer_state(path):
-    from megalong.train.checkpoint import _merged, read_checkpoint_info
+    from megalong.train.checkpoint import merged_state, read_checkpoint_info
 
-    return _merged(read_checkpoint_info(path), "optim")
+    return merged_state(read_checkpoint_info(path), "optim")
 
 
 def _assert_close(merged, reference, tol, label):
@@ -146,8 +147,9 @@ def test_expert_parallel_matches_one_process(tiny_data, tmp_path):
     for other in ("ep2", "ep2dp2", "ep2tp2"):
         info, merged = load_merged_state(tmp_path / other)
         assert info.meta["expert_parallel"] == 2
-        assert sorted(p.name for p in info.path.glob("experts_*.pt")) == ["experts_ep00.pt", "experts_ep01.pt"]
-        model_files = [torch.load(f, weights_only=False) for f in info.path.glob("model_tp*.pt")]
+        assert sorted(p.name for p in info.path.glob("experts_*")) == ["experts_ep00.safetensors",
+                                                                        "experts_ep01.safetensors"]
+        model_files = [load_file(f) for f in info.path.glob("model_tp*.safetensors")]
         assert not any(".experts." in k for f in model_files for k in f)  # each expert saved once
         assert merged["decoder.layers.0.mlp.experts.w1"].shape[0] == 4
         for name, tensor in reference.items():

@@ -13,7 +13,8 @@ from typing import Optional
 
 from megalong.errors import MegalongError
 from megalong.paths import check_writable_dir
-from megalong.train.checkpoint import load_merged_state
+from megalong.train.checkpoint import read_checkpoint_info, whole_model_state
+from megalong.train.checkpoint_files import TOKENIZER, checkpoint_tokenizer
 
 log = logging.getLogger("megalong")
 
@@ -30,7 +31,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     Written into a temporary folder beside OUT_DIR and renamed when complete: a refused or failed
     export leaves nothing behind. An existing OUT_DIR is replaced only if it is a previous export."""
-    from megalong.data.tokenizer import SentencePieceTokenizer
     from megalong.export.gpt_neo import gpt_neo_refusal
     from megalong.export.mixtral import mixtral_refusal
     from megalong.export.tokenizer import export_tokenizer
@@ -40,15 +40,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if not out.exists():
         check_writable_dir(out, "out_dir")
     check_writable_dir(out.parent, "out_dir")
-    info, state = load_merged_state(checkpoint)
-    tokenizer_model = info.path / "tokenizer.model"
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    info = read_checkpoint_info(checkpoint)
+    tokenizer_model = info.path / TOKENIZER
+    tokenizer = checkpoint_tokenizer(info.path)
     not_neo, not_mixtral = gpt_neo_refusal(info.config), mixtral_refusal(info.config)
     not_megalong = megalong_refusal(info.config)
     if not_neo and not_mixtral and not_megalong:
         raise ExportError(f"{info.path} cannot be exported: not as GPTNeoForCausalLM ({not_neo}), "
                           f"nor MixtralForCausalLM ({not_mixtral}), nor MegalongForCausalLM ({not_megalong})")
 
+    state = whole_model_state(info)  # every file read and checked before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

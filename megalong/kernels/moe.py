@@ -5,14 +5,15 @@
   over [tokens, experts]; the backward is elementwise torch.
 - `permute_rows` / `combine_rows`: gather each expert's rows, and put the rows back as each
   token's gate-weighted sum of its (at most k) rows, without atomics.
-- `grouped_mm`: rows grouped by expert (counts per expert) times per-expert weights [E, n, m]:
-  `torch._grouped_mm` on CUDA in bf16 where torch has it, else a Triton grouped GEMM (forward,
-  input gradient as the same kernel on transposed weights, weight gradient per expert).
+- The experts' grouped GEMM is in `megalong/kernels/grouped_gemm.py`.
+
+No kernel here has a `tl.dot`. Offsets that scale with the number of tokens are int64, so
+[tokens, hidden] tensors past 2^31 elements index correctly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -54,12 +55,13 @@ def _gating_fwd(LOGITS, BIAS, PROBS, GATES, INDEX, COUNTS, T, E,
     rmask = rows < T
     cmask = cols < E
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(LOGITS + rows[:, None] * E + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    row_offs = rows.to(tl.int64)
+    x = tl.load(LOGITS + row_offs[:, None] * E + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
     x = tl.where(rmask[:, None], x, 0.0)  # padded rows: a harmless uniform row, never stored
     x = tl.where(cmask[None, :], x, float("-inf"))
     e = tl.exp(x - tl.max(x, 1)[:, None])
     p = e / tl.sum(e, 1)[:, None]
-    tl.store(PROBS + rows[:, None] * E + cols[None, :], p, mask=mask)
+    tl.store(PROBS + row_offs[:, None] * E + cols[None, :], p, mask=mask)
     sel = p
     if HAS_BIAS:
         sel += tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
@@ -77,8 +79,8 @@ def _gating_fwd(LOGITS, BIAS, PROBS, GATES, INDEX, COUNTS, T, E,
     if RENORM:
         top = top / tl.sum(tl.where(kmask[None, :], top, 0.0), 1)[:, None]
     out_mask = rmask[:, None] & kmask[None, :]
-    tl.store(GATES + rows[:, None] * K + kcols[None, :], top, mask=out_mask)
-    tl.store(INDEX + rows[:, None] * K + kcols[None, :], index.to(tl.int64), mask=out_mask)
+    tl.store(GATES + row_offs[:, None] * K + kcols[None, :], top, mask=out_mask)
+    tl.store(INDEX + row_offs[:, None] * K + kcols[None, :], index.to(tl.int64), mask=out_mask)
 
 
 class _Gating(torch.autograd.Function):
@@ -147,6 +149,7 @@ def _gather_rows(X, SRC, SCALE, Y, N, H, HAS_SCALE: tl.constexpr,
     """Y[n] = X[SRC[n]] (* SCALE[n])."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
+    row_offs = rows.to(tl.int64)
     src = tl.load(SRC + rows, mask=rmask, other=0).to(tl.int64)
     if HAS_SCALE:
         scale = tl.load(SCALE + rows, mask=rmask, other=0.0)
@@ -156,7 +159,7 @@ def _gather_rows(X, SRC, SCALE, Y, N, H, HAS_SCALE: tl.constexpr,
         x = tl.load(X + src[:, None] * H + cols[None, :], mask=mask, other=0.0)
         if HAS_SCALE:
             x = (x.to(tl.float32) * scale[:, None]).to(x.dtype)
-        tl.store(Y + rows[:, None].to(tl.int64) * H + cols[None, :], x, mask=mask)
+        tl.store(Y + row_offs[:, None] * H + cols[None, :], x, mask=mask)
 
 
 @triton.jit
@@ -165,12 +168,13 @@ def _combine_rows(Y, ROWS, W, OUT, T, H, K: tl.constexpr, HAS_W: tl.constexpr,
     """OUT[t] = sum_j W[row_j] * Y[row_j] over the token's rows ROWS[t, j] >= 0 (float32 sum)."""
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
+    tok_offs = toks.to(tl.int64)
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         cmask = cols < H
         acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
         for j in tl.static_range(K):
-            row = tl.load(ROWS + toks * K + j, mask=tmask, other=-1)
+            row = tl.load(ROWS + tok_offs * K + j, mask=tmask, other=-1)
             has = row >= 0
             row = tl.where(has, row, 0).to(tl.int64)
             y = tl.load(Y + row[:, None] * H + cols[None, :], mask=has[:, None] & cmask[None, :],
@@ -178,7 +182,7 @@ def _combine_rows(Y, ROWS, W, OUT, T, H, K: tl.constexpr, HAS_W: tl.constexpr,
             if HAS_W:
                 y *= tl.load(W + row, mask=has, other=0.0)[:, None]
             acc += y
-        tl.store(OUT + toks[:, None].to(tl.int64) * H + cols[None, :], acc.to(OUT.dtype.element_ty),
+        tl.store(OUT + tok_offs[:, None] * H + cols[None, :], acc.to(OUT.dtype.element_ty),
                  mask=tmask[:, None] & cmask[None, :])
 
 
@@ -246,135 +250,3 @@ def permute_rows(x: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> to
 def combine_rows(y: torch.Tensor, gate: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """[N, h] -> [T, h], token t = sum of gate[n] * y[n] over its rows (`dispatch.unpermute`)."""
     return _Combine.apply(y, gate, token, rows)
-
-
-# ---- grouped GEMM ------------------------------------------------------------------------------
-
-@triton.jit
-def _grouped_mm_kernel(X, W, Y, OFFS, TILE_EXPERT, TILE_START, N, Kd, M, swe, swk, swm,
-                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y[rows of e] = X[rows of e] @ W[e]; one program per (row tile of one expert, column tile).
-    X [N, Kd], Y [N, M] contiguous; W indexed by strides (a transposed view works)."""
-    tile = tl.program_id(0)
-    e = tl.load(TILE_EXPERT + tile)
-    start = tl.load(TILE_START + tile)
-    end = tl.load(OFFS + e + 1)  # tiles past the last expert have start == end: nothing to do
-    rows = start + tl.arange(0, BLOCK_R)
-    rmask = rows < end
-    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cmask = cols < M
-    acc = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
-    W += e.to(tl.int64) * swe
-    for k0 in range(0, Kd, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < Kd
-        x = tl.load(X + rows[:, None].to(tl.int64) * Kd + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(W + ks[:, None] * swk + cols[None, :] * swm, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.dot(x, w)
-    tl.store(Y + rows[:, None].to(tl.int64) * M + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _grouped_wgrad_kernel(X, DY, DW, OFFS, Kd, M,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """DW[e] = X[rows of e]^T @ DY[rows of e] (zero for an expert without rows); float32 out."""
-    e = tl.program_id(0)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    kmask = ks < Kd
-    cmask = cols < M
-    start = tl.load(OFFS + e)
-    end = tl.load(OFFS + e + 1)
-    acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rmask = rows < end
-        x = tl.load(X + rows[:, None].to(tl.int64) * Kd + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        dy = tl.load(DY + rows[:, None].to(tl.int64) * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.dot(tl.trans(x), dy)
-    tl.store(DW + e.to(tl.int64) * Kd * M + ks[:, None] * M + cols[None, :], acc,
-             mask=kmask[:, None] & cmask[None, :])
-
-
-_TILES = dict(BLOCK_R=64, BLOCK_M=64, BLOCK_K=32)
-
-
-def _tile_table(offs: torch.Tensor, N: int, E: int, block_r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row tiles of every expert, without a host sync: a fixed-size table of cdiv(N, block_r) + E
-    tiles, the unused ones given an empty row range."""
-    counts = offs[1:] - offs[:-1]
-    tiles = (counts + block_r - 1) // block_r
-    ends = torch.cumsum(tiles, 0)
-    n_tiles = triton.cdiv(N, block_r) + E
-    t = torch.arange(n_tiles, device=offs.device)
-    expert = torch.searchsorted(ends, t, right=True).clamp(max=E - 1)
-    within = t - (ends - tiles)[expert]
-    start = torch.where(t < ends[-1], offs[expert] + within * block_r, offs[expert + 1])
-    return expert.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
-
-
-def _triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    N, Kd = x.shape
-    E, _, M = w.shape
-    y = torch.empty(N, M, device=x.device, dtype=x.dtype)
-    expert, start = _tile_table(offs, N, E, _TILES["BLOCK_R"])
-    grid = (len(expert), triton.cdiv(M, _TILES["BLOCK_M"]))
-    _grouped_mm_kernel[grid](x.contiguous(), w, y, offs, expert, start, N, Kd, M,
-                             w.stride(0), w.stride(1), w.stride(2), num_warps=4, **_TILES)
-    return y
-
-
-class _GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, offs):
-        ctx.save_for_backward(x, w, offs)
-        return _triton_grouped_mm(x, w, offs)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = _triton_grouped_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            E, Kd, M = w.shape
-            dw = torch.empty(E, Kd, M, device=w.device, dtype=torch.float32)
-            grid = (E, triton.cdiv(Kd, 32), triton.cdiv(M, 64))
-            _grouped_wgrad_kernel[grid](x.contiguous(), dy, dw, offs, Kd, M, BLOCK_R=32, BLOCK_K=32,
-                                        BLOCK_M=64, num_warps=4)
-            dw = dw.to(w.dtype)
-        return dx, dw, None
-
-
-def _torch_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and w.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and w.shape[2] % 8 == 0
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
-               backend: str = "auto") -> torch.Tensor:
-    """x [N, n] rows sorted by expert, w [E, n, m], tokens_per_expert [E] -> [N, m].
-    backend: auto (torch._grouped_mm where usable, else Triton), torch, triton."""
-    offs = torch.zeros(len(tokens_per_expert) + 1, dtype=torch.int32, device=x.device)
-    offs[1:] = torch.cumsum(tokens_per_expert.to(x.device), 0)
-    if backend == "torch" or (backend == "auto" and _torch_grouped_mm_ok(x, w)):
-        return torch._grouped_mm(x, w, offs=offs[1:].contiguous())
-    return _GroupedMM.apply(x, w, offs)
-
-
-def reference_grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """A loop over experts."""
-    parts = x.split(tokens_per_expert.tolist())
-    return torch.cat([part @ w[e] for e, part in enumerate(parts)], dim=0)
-
-
-def grouped_experts(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor,
-                    w2: torch.Tensor, w3: Optional[torch.Tensor], activation: Callable,
-                    backend: str = "auto") -> torch.Tensor:
-    """`Experts.forward` with grouped GEMMs: act(x W1[e]) (* x W3[e]) @ W2[e] per expert's rows."""
-    h = activation(grouped_mm(x, w1, tokens_per_expert, backend))
-    if w3 is not None:
-        h = h * grouped_mm(x, w3, tokens_per_expert, backend)
-    return grouped_mm(h, w2, tokens_per_expert, backend)

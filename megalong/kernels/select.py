@@ -158,15 +158,22 @@ def lsh_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 @_eager
 def topk_route(router: Any, x: torch.Tensor) -> Optional[Any]:
     """`TopKRouter.forward` (topk and switch routers) with the fused gating kernel; None for a
-    float64 router (`router_dtype: fp64`), which keeps its torch path."""
+    float64 router (`router_dtype: fp64`), which keeps its torch path. Like the router, it runs
+    with autocast off (float32 logits also under `train.precision: bf16`)."""
+    from megalong.moe.router import in_router_dtype
+
+    if router.dtype != torch.float32:
+        return None
+    return in_router_dtype(_topk_route)(router, x)
+
+
+def _topk_route(router: Any, x: torch.Tensor) -> Any:
     import torch.nn.functional as F
 
     from megalong.kernels.moe import topk_gating
     from megalong.moe.losses import router_z_loss
     from megalong.moe.router import Routing, apply_capacity, expert_capacity
 
-    if router.dtype != torch.float32:
-        return None
     o = router.options
     logits = F.linear(x.float(), router.weight.float())
     bias = router.expert_bias.float() if o.bias_update_rate else None
@@ -189,7 +196,8 @@ def moe_experts(experts: Any, x: torch.Tensor, dispatch: Any, top_k: int) -> tor
     """Permute, run `Experts` as grouped GEMMs, and combine with the gates: what
     `unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)` computes (single expert-parallel
     rank; top_k: the most experts a token goes to)."""
-    from megalong.kernels.moe import combine_rows, grouped_experts, permute_rows, rows_of_tokens
+    from megalong.kernels.grouped_gemm import grouped_experts
+    from megalong.kernels.moe import combine_rows, permute_rows, rows_of_tokens
 
     T = x.shape[0]
     rows = rows_of_tokens(dispatch.token, T, top_k)

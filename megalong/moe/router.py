@@ -1,6 +1,7 @@
 """Routers: which experts each token goes to, with what weight, and the auxiliary loss."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +21,19 @@ class Routing:
     kept: torch.Tensor  # [T, k] False where the expert was over capacity (token passes residual only)
     aux_loss: torch.Tensor  # weighted auxiliary loss (balance + z-loss)
     load: torch.Tensor  # [E] assignments per expert before capacity
+
+
+def in_router_dtype(forward):
+    """Run a router's forward with autocast off, so that it computes in its `router_dtype` (fp32 or
+    fp64) also under `train.precision: bf16`: autocast would otherwise run its `F.linear` (the
+    logits) in bf16 whatever the dtype its inputs were cast to."""
+
+    @functools.wraps(forward)
+    def run(self, x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x, *args, **kwargs)
+
+    return run
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: Optional[float]) -> Optional[int]:
@@ -58,6 +72,7 @@ class TopKRouter(nn.Module):
         # DDP overwrites every buffer with rank 0's at each forward.
         self.step_load: Optional[torch.Tensor] = None
 
+    @in_router_dtype
     def forward(self, x: torch.Tensor) -> Routing:
         o = self.options
         logits = F.linear(x.to(self.dtype), self.weight.to(self.dtype))
@@ -111,6 +126,7 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(options.num_experts, hidden_size))  # zero init, as in the paper
         self.w_noise = nn.Parameter(torch.zeros(options.num_experts, hidden_size))
 
+    @in_router_dtype
     def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Routing:
         o, k = self.options, self.top_k
         x = x.to(self.dtype)
@@ -157,6 +173,7 @@ class ExpertChoiceRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(options.num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
 
+    @in_router_dtype
     def forward(self, x: torch.Tensor) -> Routing:
         o = self.options
         T, E = x.shape[0], o.num_experts

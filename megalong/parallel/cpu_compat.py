@@ -2,7 +2,20 @@
 
 Everything here is applied only when CUDA is absent, so GPU runs use megatron-core unchanged.
 
-Two kinds of help:
+Three kinds of help:
+
+* `autocast_parallel_linears_on_cpu()`: mixed precision (`train.precision: bf16`, CPU autocast).
+  megatron's parallel linear layers compute through two custom autograd Functions in
+  `megatron.core.tensor_parallel.layers` (`LinearWithGradAccumulationAndAsyncCommunication`,
+  `LinearWithFrozenWeight`) whose `forward`/`backward` are wrapped in
+  `torch.amp.custom_fwd/custom_bwd(device_type="cuda")`: the backward re-enters the forward's
+  *CUDA* autocast state only. Under CPU autocast the forward's matmul runs in bf16 (so the
+  incoming gradient is bf16) while the backward runs without autocast on the saved fp32 weight:
+  `grad_output.matmul(weight)` raises "expected m1 and m2 to have the same dtype". Without CUDA
+  the two Functions' wrappers are rebuilt around the same undecorated methods (their
+  `__wrapped__`) for `device_type="cpu"`, so the backward runs under the forward's CPU autocast,
+  as it runs under the forward's CUDA autocast on a GPU. Process-wide, idempotent; called when a
+  model is built (megalong/model/gpt.py).
 
 * `keep_rotary_embedding_on_cpu(rotary)`: megatron's RoPE moves its inverse frequencies to
   `torch.cuda.current_device()` on its first forward; without CUDA, compute them where they are.
@@ -21,6 +34,11 @@ Two kinds of help:
   the CPU by the mode). `torch.cuda.is_available()` stays False, so megatron's own CPU branches
   are still taken. The training loop calls it when the layout has pipeline stages or more than
   one data-parallel rank.
+
+Private megatron-core API touched: `tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication`
+and `LinearWithFrozenWeight` (their `forward`/`backward` and the `__wrapped__` of their decorators),
+`models.common.embeddings.rotary_pos_embedding.RotaryEmbedding.get_emb` (replaced per object),
+`tensor_parallel.random._get_all_rng_states/_set_all_rng_states` (`enable_cpu_recompute`).
 """
 from __future__ import annotations
 
@@ -32,6 +50,29 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ENABLED: "_CudaArgsToCpu | None" = None
+
+
+def _megatron_linear_functions() -> tuple[type, ...]:
+    from megatron.core.tensor_parallel import layers
+
+    return (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight)
+
+
+def autocast_parallel_linears_on_cpu() -> bool:
+    """Let megatron's parallel linear layers' backward run under the forward's CPU autocast (see
+    the module's docstring). Returns whether the patch is active (False where CUDA is available)."""
+    if torch.cuda.is_available():
+        return False
+    for function in _megatron_linear_functions():
+        if getattr(function, "_megalong_cpu_autocast", False):
+            continue
+        # `custom_fwd/custom_bwd` keep the undecorated method as `__wrapped__` (functools.wraps).
+        forward = getattr(function.forward, "__wrapped__", function.forward)
+        backward = getattr(function.backward, "__wrapped__", function.backward)
+        function.forward = staticmethod(torch.amp.custom_fwd(forward, device_type="cpu"))
+        function.backward = staticmethod(torch.amp.custom_bwd(backward, device_type="cpu"))
+        function._megalong_cpu_autocast = True
+    return True
 
 
 def _rotary_emb_in_place(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:

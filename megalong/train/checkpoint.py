@@ -1,58 +1,63 @@
 """Checkpoints: one directory per step, written under a temporary name and renamed when complete.
+No file of a checkpoint is a pickle: loading one never runs code.
 
-    <save_dir>/latest                 name of the newest complete checkpoint (replaced atomically)
+    <save_dir>/latest                     name of the newest complete checkpoint (replaced atomically)
     <save_dir>/step_00000100/
-        config.yaml                   the resolved config of the run
-        meta.json                     step, parallel layout, vocab sizes, TP partition dims
-        model_tp00.pt ...             weights of each tensor-parallel rank (model_tp00_pp01.pt ...
-                                      with pipeline stages), under the whole model's names (global
-                                      layer numbers), without the experts when they are split over
-                                      expert-parallel ranks
-        experts_ep00.pt ...           with expert parallelism: each expert-parallel rank's experts
-        optim_tp00.pt ...             Adam state, split and named like the weights
-        optim_experts_ep00.pt ...     (and like the experts)
-        rng_rank000.pt ...            RNG states of every process
-        tokenizer.model               the SentencePiece model the run trained with
+        config.yaml                       the resolved config of the run
+        meta.json                         format_version, step, parallel layout, vocab sizes, TP
+                                          partition dims, the optimizer's param-group
+                                          hyper-parameters; written last: marks completeness
+        model_tp00.safetensors ...        weights of each tensor-parallel rank (model_tp00_pp01...
+                                          with pipeline stages), under the whole model's names
+                                          (global layer numbers), without the experts when they
+                                          are split over expert-parallel ranks
+        experts_ep00.safetensors ...      with expert parallelism: each expert-parallel rank's experts
+        optim_tp00.safetensors ...        Adam's exp_avg, exp_avg_sq and step per parameter
+                                          ("<name>/exp_avg"), split and named like the weights
+        optim_experts_ep00.safetensors    (and like the experts)
+        rng_rank000.safetensors ...       every process's RNG states: torch's (and CUDA's) as uint8
+                                          tensors, Python's and numpy's as JSON in its metadata
+        tokenizer.model                   the SentencePiece model the run trained with
 
-Loading merges the parts into the one-process state and takes the loading rank's slice, so a
-checkpoint saved at one layout (tensor x pipeline x expert x data) loads at any other, with its
-optimizer state. (This costs one whole copy of the model and its Adam state per process while
-loading.) With `train.checkpoint_format: megatron` the model and optimizer files are replaced by
-`dist/`, megatron-core's distributed checkpoint, from which each rank reads only its slice
-(megalong/train/dist_checkpoint.py); meta.json's "format" says which a checkpoint holds.
+The data position and the learning-rate schedule follow from the step. Loading merges the parts
+into the one-process state and takes the loading rank's slice, so a checkpoint saved at one layout
+(tensor x pipeline x expert x data) loads at any other, with its optimizer state (this costs one
+whole copy of the model and its Adam state per process while loading). With
+`train.checkpoint_format: megatron` the model and optimizer files are replaced by `dist/`,
+megatron-core's distributed checkpoint, from which each rank reads only its slice
+(megalong/train/dist_checkpoint.py; its pickled files are read through
+megalong/train/library_loads.py); meta.json's "format" says which a checkpoint holds.
 
 A process killed while saving leaves only `.step_XXXX.tmp`, never a half-written `step_XXXX`,
-and `latest` keeps naming the previous complete checkpoint.
+and `latest` keeps naming the previous complete checkpoint. Checkpoints of the old pickled .pt
+format are refused with the command that converts them (megalong/train/convert.py).
 """
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
 from megalong.config import Config, ConfigError, config_from_dict
-from megalong.model.tp_shard import merge_tensor_parallel, partition_dims, split_tensor_parallel
+from megalong.model.tp_shard import merge_tensor_parallel
 from megalong.parallel.distributed import ParallelLayout
-
-LATEST = "latest"
-META = "meta.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, or from another configuration."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+from megalong.train.checkpoint_files import (  # noqa: F401  (CheckpointError: the public name)
+    CONFIG, FORMAT_VERSION, META, TOKENIZER, CheckpointError, json_safe_groups, load_rng, read_config,
+    read_meta, read_tensors, save_rng, write_tensors, write_text_atomically)
+from megalong.train.model_state import (  # noqa: F401  (is_expert_key, partition_dims_global: public)
+    OUTPUT_LAYER, TIED_EMBEDDING, chunks_of, first_holder, gathered, global_state, global_names,
+    is_expert_key, load_weights, loading_dims, optimizer_dims, optimizer_state, param_names,
+    partition_dims_global, rank_slice, set_optimizer_state)
+from megalong.train.save_dir import (  # noqa: F401  (re-exported: the checkpoint API)
+    LATEST, find_latest, prepare_save_dir, remove_old_checkpoints, resolve_checkpoint, resume_path,
+    step_dir_name)
+from megalong.train import save_dir as save_dirs
 
 
 def _barrier() -> None:
@@ -60,119 +65,56 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _chunks(model) -> list[torch.nn.Module]:
-    """A rank's model chunks: one module, or the list of its virtual pipeline stages."""
-    if isinstance(model, (list, tuple, torch.nn.ModuleList)):
-        return list(model)
-    return [model]
-
-
-def _global_state(model, tied: bool) -> dict[str, torch.Tensor]:
-    """This rank's weights under the whole model's names (global layer numbers). The last
-    stage's copy of tied embeddings is left out: the one-process model has no such entry."""
-    from megalong.model.gpt import layer_offset, to_global_names
-
-    state: dict[str, torch.Tensor] = {}
-    for chunk in _chunks(model):
-        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
-        state.update(to_global_names(chunk.state_dict(), offset))
-    if tied and "embedding.word_embeddings.weight" not in state:
-        state.pop("output_layer.weight", None)
-    return state
-
-
-def _param_names(model) -> dict[torch.nn.Parameter, str]:
-    from megalong.model.gpt import layer_offset, _shift_layer
-
-    names = {}
-    for chunk in _chunks(model):
-        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
-        for name, param in chunk.named_parameters():
-            names.setdefault(param, _shift_layer(name, offset))
-    return names
-
-
-OPTIM_SEP = "/"  # optimizer entries are named "<parameter name>/<state key>"
-
-
-def _optimizer_state(model, optimizer: torch.optim.Optimizer, tied: bool) -> dict[str, torch.Tensor]:
-    """Adam's per-parameter state under the parameters' global names, so that it can be merged
-    and re-split for another layout like the weights."""
-    from megalong.train.megatron_dp import adam_state
-
-    whole = adam_state(optimizer)  # gathered from the shards of megatron's distributed optimizer
-    state = {}
-    for param, name in _param_names(model).items():
-        if tied and name == "output_layer.weight":
-            continue  # the same state as the first stage's embedding
-        for key, value in whole.get(param, {}).items():
-            state[f"{name}{OPTIM_SEP}{key}"] = value
-    return state
-
-
-def _set_optimizer_state(model, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
-    from megalong.train.megatron_dp import load_adam_state
-
-    by_name: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        name, entry = key.rsplit(OPTIM_SEP, 1)
-        by_name.setdefault(name, {})[entry] = value
-    by_param = {}
-    for param, name in _param_names(model).items():
-        if name == "output_layer.weight" and name not in by_name:
-            name = "embedding.word_embeddings.weight"  # tied: the last stage's copy
-        if name in by_name:
-            by_param[param] = by_name[name]
-    load_adam_state(optimizer, by_param)
-
-
 def _part_suffix(tp: int, pp: int, pipeline: int) -> str:
     return f"tp{tp:02d}" + (f"_pp{pp:02d}" if pipeline > 1 else "")
 
 
-def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
-                    optimizer: torch.optim.Optimizer, layout: ParallelLayout,
-                    tokenizer_path: str, tokenizer_vocab_size: int) -> Path:
-    """Save on every rank (collective); returns the final directory. `model` is a module or a
-    pipeline rank's list of model chunks."""
-    save_dir = Path(save_dir)
+def rng_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rng_rank{rank:03d}.safetensors"
+
+
+def begin_checkpoint(save_dir: Path, step: int, rank: int) -> tuple[Path, Path]:
+    """(temporary directory to write into, final directory); collective."""
     final = save_dir / step_dir_name(step)
     tmp = save_dir / f".{final.name}.tmp"
-    if layout.rank == 0:
+    if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    return tmp, final
 
+
+def finish_checkpoint(tmp: Path, final: Path, cfg: Config, tokenizer_path: str, meta: dict,
+                      resumed_from: Optional[Path]) -> None:
+    """Rank 0, after every rank wrote its files: config, tokenizer, meta.json (last), the rename,
+    `latest`, and `train.keep_last`'s cleanup."""
+    (tmp / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+    (tmp / META).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
+    if final.exists():  # a run resumed from an earlier step writes this step again
+        save_dirs.remove_checkpoint(final)
+    tmp.rename(final)
+    write_text_atomically(final.parent / LATEST, final.name + "\n")
+    if cfg.train.keep_last:
+        remove_old_checkpoints(final.parent, cfg.train.keep_last, final, resumed_from)
+
+
+def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
+                    optimizer: torch.optim.Optimizer, layout: ParallelLayout,
+                    tokenizer_path: str, tokenizer_vocab_size: int,
+                    resumed_from: Optional[Path] = None) -> Path:
+    """Save on every rank (collective); returns the final directory. `model` is a module or a
+    pipeline rank's list of model chunks; `resumed_from` is never deleted by `train.keep_last`."""
+    tmp, final = begin_checkpoint(Path(save_dir), step, layout.rank)
     tp, pp, ep = layout.tensor_rank, layout.pipeline_rank, layout.expert_rank
     split_experts = layout.expert_parallel > 1
     tied = cfg.model.tie_embeddings
     part = _part_suffix(tp, pp, layout.pipeline_parallel)
     expert_part = f"ep{ep:02d}" + (f"_pp{pp:02d}" if layout.pipeline_parallel > 1 else "")
-    state = _global_state(model, tied)
-    optim = _optimizer_state(model, optimizer, tied)
+    state = global_state(model, tied)
+    optim = optimizer_state(model, optimizer, tied)
     megatron_format = cfg.train.checkpoint_format == "megatron"
 
     def dense(entries):
@@ -186,19 +128,17 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
 
         save_distributed(tmp / DIST_DIR, cfg, model, optimizer, layout, step)
     # Otherwise every part is written once, by the first process that holds it.
-    elif _first_holder(("model", tp, pp)):
-        torch.save(dense(state), tmp / f"model_{part}.pt")
-        torch.save({"state": dense(optim), "groups": _groups(optimizer)}, tmp / f"optim_{part}.pt")
-    if not megatron_format and split_experts and _first_holder(("experts", ep, pp)):
-        torch.save(experts(state), tmp / f"experts_{expert_part}.pt")
-        torch.save({"state": experts(optim)}, tmp / f"optim_experts_{expert_part}.pt")
-    torch.save(_rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
-    dims = _gathered(partition_dims_global(model))
+    elif first_holder(("model", tp, pp)):
+        write_tensors(tmp / f"model_{part}.safetensors", dense(state))
+        write_tensors(tmp / f"optim_{part}.safetensors", dense(optim))
+    if not megatron_format and split_experts and first_holder(("experts", ep, pp)):
+        write_tensors(tmp / f"experts_{expert_part}.safetensors", experts(state))
+        write_tensors(tmp / f"optim_experts_{expert_part}.safetensors", experts(optim))
+    save_rng(rng_file(tmp, layout.rank))
+    dims = gathered(partition_dims_global(model))
     _barrier()
 
     if layout.rank == 0:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         meta = {
             "step": step,
             "format": cfg.train.checkpoint_format,
@@ -210,82 +150,11 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
             "tokenizer_vocab_size": tokenizer_vocab_size,
             "gated_mlp": cfg.model.activation == "swiglu",
             "partition_dims": dims,
+            "optimizer_param_groups": json_safe_groups(optimizer.param_groups),
         }
-        (tmp / META).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_text_atomically(save_dir / LATEST, final.name + "\n")
+        finish_checkpoint(tmp, final, cfg, tokenizer_path, meta, resumed_from)
     _barrier()
     return final
-
-
-def partition_dims_global(model) -> dict[str, int | None]:
-    """partition_dims of every chunk, under global layer names."""
-    from megalong.model.gpt import layer_offset, to_global_names
-
-    dims = {}
-    for chunk in _chunks(model):
-        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
-        dims.update(to_global_names(partition_dims(chunk), offset))
-    return dims
-
-
-def _gathered(dims: dict) -> dict:
-    """The union of every rank's dict (each pipeline stage knows only its own layers)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dims
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, dims)
-    out = {}
-    for part in parts:
-        out.update(part)
-    return out
-
-
-def _groups(optimizer: torch.optim.Optimizer) -> list[dict]:
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-
-
-def is_expert_key(name: str) -> bool:
-    """State-dict keys of expert weights (split over expert-parallel ranks along dim 0)."""
-    return ".mlp.experts.w" in name
-
-
-def _first_holder(key: tuple) -> bool:
-    """Whether this process is the lowest rank holding `key` (all ranks call this together)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return True
-    keys = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, key)
-    return keys.index(key) == dist.get_rank()
-
-
-def _load(path: Path, device) -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
-
-
-def find_latest(save_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint under save_dir, or None."""
-    save_dir = Path(save_dir)
-    pointer = save_dir / LATEST
-    if pointer.is_file():
-        candidate = save_dir / pointer.read_text().strip()
-        if (candidate / META).is_file():
-            return candidate
-    complete = sorted(p for p in save_dir.glob("step_*") if (p / META).is_file())
-    return complete[-1] if complete else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or a save_dir whose newest complete checkpoint is taken."""
-    path = Path(path)
-    if (path / META).is_file():
-        return path
-    found = find_latest(path) if path.is_dir() else None
-    if found is None:
-        raise CheckpointError(f"no complete checkpoint at {path} (expected {META} in a step_* directory)")
-    return found
 
 
 @dataclass
@@ -296,9 +165,11 @@ class CheckpointInfo:
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """The step directory `path` names (or the newest in a save_dir), its meta.json and config,
+    both checked."""
     path = resolve_checkpoint(path)
-    raw = yaml.safe_load((path / "config.yaml").read_text())
-    return CheckpointInfo(path=path, config=config_from_dict(raw), meta=json.loads((path / META).read_text()))
+    meta = read_meta(path)
+    return CheckpointInfo(path=path, config=read_config(path), meta=meta)
 
 
 def check_compatible(saved: Config, current: Config, path: Path) -> None:
@@ -311,45 +182,41 @@ def check_compatible(saved: Config, current: Config, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} was trained with another model config: {details}")
 
 
-def _merged(info: CheckpointInfo, prefix: str, device="cpu") -> dict[str, torch.Tensor]:
+def merged_state(info: CheckpointInfo, prefix: str = "model", device="cpu") -> dict[str, torch.Tensor]:
     """Entries of the `model` (weights) or `optim` (Adam state) files merged into what one process
     holds: TP shards concatenated along their split dimension, experts over EP ranks along dim 0,
     and the pipeline stages' (globally named) entries united."""
     meta = info.meta
-    tp, pp, ep = meta["tensor_parallel"], meta.get("pipeline_parallel", 1), meta.get("expert_parallel", 1)
+    tp, pp, ep = meta["tensor_parallel"], meta["pipeline_parallel"], meta["expert_parallel"]
     dims = dict(meta["partition_dims"])
     if prefix == "optim":
-        dims = {f"{n}{OPTIM_SEP}{k}": d for n, d in dims.items() for k in ("exp_avg", "exp_avg_sq")}
-
-    def read(name: str) -> dict:
-        data = _load(info.path / name, device)
-        return data["state"] if prefix == "optim" else data
+        dims = optimizer_dims(dims)
 
     merged: dict[str, torch.Tensor] = {}
-    for stage in range(pp):
-        shards = [read(f"{prefix}_{_part_suffix(t, stage, pp)}.pt") for t in range(tp)]
-        if ep > 1:  # experts are whole on every TP rank and split over EP ranks along dim 0
-            stage_tag = f"_pp{stage:02d}" if pp > 1 else ""
-            name = "experts" if prefix == "model" else "optim_experts"
-            per_rank = [read(f"{name}_ep{e:02d}{stage_tag}.pt") for e in range(ep)]
-            experts = {k: (torch.cat([part[k] for part in per_rank], dim=0) if per_rank[0][k].ndim
-                           else per_rank[0][k]) for k in per_rank[0]}
-            for shard in shards:
-                shard.update(experts)
-        merged.update(merge_tensor_parallel(shards, dims, meta["gated_mlp"]))
+    try:
+        for stage in range(pp):
+            shards = [read_tensors(info.path / f"{prefix}_{_part_suffix(t, stage, pp)}.safetensors", device)
+                      for t in range(tp)]
+            if ep > 1:  # experts are whole on every TP rank and split over EP ranks along dim 0
+                stage_tag = f"_pp{stage:02d}" if pp > 1 else ""
+                name = "experts" if prefix == "model" else "optim_experts"
+                per_rank = [read_tensors(info.path / f"{name}_ep{e:02d}{stage_tag}.safetensors", device)
+                            for e in range(ep)]
+                experts = {k: (torch.cat([part[k] for part in per_rank], dim=0) if per_rank[0][k].ndim
+                               else per_rank[0][k]) for k in per_rank[0]}
+                for shard in shards:
+                    shard.update(experts)
+            merged.update(merge_tensor_parallel(shards, dims, meta["gated_mlp"]))
+    except (KeyError, RuntimeError, IndexError) as e:  # parts that do not fit together
+        raise CheckpointError(f"{info.path}: its {prefix} files do not fit together "
+                              f"({type(e).__name__}: {e})") from None
     return merged
 
 
-def _this_rank(full: dict[str, torch.Tensor], dims: dict, cfg: Config, layout: ParallelLayout,
-               wanted: set[str]) -> dict[str, torch.Tensor]:
-    """This rank's slice of a merged state: its TP slice, its experts."""
-    out = split_tensor_parallel({k: v for k, v in full.items() if k in wanted}, dims,
-                                layout.tensor_parallel, layout.tensor_rank, cfg.model.activation == "swiglu")
-    if layout.expert_parallel > 1:
-        for k, v in out.items():
-            if is_expert_key(k) and v.ndim:
-                out[k] = v.chunk(layout.expert_parallel, dim=0)[layout.expert_rank].clone()
-    return out
+def _missing(full: dict, wanted: set[str], path: Path) -> None:
+    absent = sorted(wanted - full.keys())
+    if absent:
+        raise CheckpointError(f"{path}: the model's {absent[:5]} are not in the checkpoint")
 
 
 def load_checkpoint(path: str | Path, cfg: Config, model, optimizer: Optional[torch.optim.Optimizer],
@@ -358,58 +225,64 @@ def load_checkpoint(path: str | Path, cfg: Config, model, optimizer: Optional[to
 
     The checkpoint may come from any tensor/pipeline/expert/data-parallel layout: it is merged to
     the one-process state and this rank's part is taken (weights and Adam state alike)."""
-    from megalong.model.gpt import layer_offset, to_global_names
-
     info = read_checkpoint_info(path)
     check_compatible(info.config, cfg, info.path)
-    dims = partition_dims_global(model)
+    if info.meta.get("engine") == "deepspeed":
+        raise CheckpointError(f"checkpoint {info.path} was written by the DeepSpeed engine; resume it "
+                              "with train.engine: deepspeed (or export it)")
     tied = cfg.model.tie_embeddings
-    if tied and "output_layer.weight" in dims:  # the last stage's copy is split like the original
-        dims.setdefault("embedding.word_embeddings.weight", dims["output_layer.weight"])
+    dims = loading_dims(model, tied)
     if info.meta.get("format") == "megatron":
         from megalong.train.dist_checkpoint import DIST_DIR, load_distributed
 
         load_distributed(info.path / DIST_DIR, cfg, model, optimizer, layout)
-        _load_rng(info, layout)
+        restore_rng(info, layout)
         return int(info.meta["step"])
-    full = _merged(info, "model", layout.device)
-    for chunk in _chunks(model):
-        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
-        local_to_global = {k: g for k, g in zip(chunk.state_dict(),
-                                                to_global_names(dict.fromkeys(chunk.state_dict()), offset))}
-        sources = {g if not (tied and g == "output_layer.weight" and g not in full)
-                   else "embedding.word_embeddings.weight" for g in local_to_global.values()}
-        mine = _this_rank(full, dims, cfg, layout, sources)
-        state = {}
-        for local, g in local_to_global.items():
-            if tied and g == "output_layer.weight" and g not in full:
-                g = "embedding.word_embeddings.weight"
-            state[local] = mine[g]
-        chunk.load_state_dict(state, strict=True)
+    full = merged_state(info, "model", layout.device)
+    for chunk in chunks_of(model):
+        local_names = list(chunk.state_dict())
+        sources = {}
+        for local, name in zip(local_names, global_names(chunk, local_names)):
+            if tied and name == OUTPUT_LAYER and name not in full:
+                name = TIED_EMBEDDING  # the last stage's copy of the tied embedding
+            if not local.endswith("_extra_state"):
+                sources[local] = name
+        _missing(full, set(sources.values()), info.path)
+        mine = rank_slice(full, dims, cfg, layout, set(sources.values()))
+        load_weights(chunk, {local: mine[name] for local, name in sources.items()}, str(info.path))
     if optimizer is not None:
-        full_optim = _merged(info, "optim", layout.device)
-        optim_dims = {f"{n}{OPTIM_SEP}{k}": d for n, d in dims.items() for k in ("exp_avg", "exp_avg_sq")}
-        names = set(_param_names(model).values()) | {"embedding.word_embeddings.weight"}
-        wanted = {k for k in full_optim if k.rsplit(OPTIM_SEP, 1)[0] in names}
-        _set_optimizer_state(model, optimizer, _this_rank(full_optim, optim_dims, cfg, layout, wanted))
-    _load_rng(info, layout)
+        full_optim = merged_state(info, "optim", layout.device)
+        names = set(param_names(model).values()) | {TIED_EMBEDDING}
+        wanted = {k for k in full_optim if k.rsplit("/", 1)[0] in names}
+        set_optimizer_state(model, optimizer, rank_slice(full_optim, optimizer_dims(dims), cfg, layout, wanted))
+    restore_rng(info, layout)
     return int(info.meta["step"])
 
 
-def _load_rng(info: CheckpointInfo, layout: ParallelLayout) -> None:
-    rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
-    if rng_file.is_file() and info.meta["world_size"] == layout.world_size:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+def restore_rng(info: CheckpointInfo, layout: ParallelLayout) -> None:
+    """Every process's RNG states, when the checkpoint has as many processes (else they stay as
+    seeded: a run at another layout cannot repeat the same random numbers anyway)."""
+    if info.meta["world_size"] == layout.world_size:
+        load_rng(rng_file(info.path, layout.rank))
 
 
 def load_merged_state(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
     """The model's state dict as a single one-process model would hold it, from any layout."""
     info = read_checkpoint_info(path)
+    return info, whole_model_state(info)
+
+
+def whole_model_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The one-process model's weights, each parameter meta.json names present."""
     if info.meta.get("format") == "megatron":
         from megalong.train.dist_checkpoint import DIST_DIR, load_merged
 
-        return info, load_merged(info.path / DIST_DIR, info.meta["partition_dims"])
-    return info, _merged(info, "model")
+        state = load_merged(info.path / DIST_DIR, info.meta["partition_dims"])
+    else:
+        state = merged_state(info, "model")
+    expected = set(info.meta["partition_dims"]) - ({OUTPUT_LAYER} if info.config.model.tie_embeddings else set())
+    _missing(state, expected, info.path)
+    return state
 
 
 def single_process_config(cfg: Config) -> Config:

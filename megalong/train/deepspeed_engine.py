@@ -9,10 +9,12 @@ learning-rate schedule and the AdamW parameter groups are the megatron engine's,
 give the same losses (tests/test_deepspeed.py).
 
 Supported: any tensor-parallel size, data parallelism, MoE layers with parallel.expert: 1 at ZeRO-1
-and ZeRO-2, fp32 and bf16, train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer
-drops a step with a non-finite gradient norm itself; ZeRO-3 applies it, so skip is refused there) (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights). Refused
-by the config validator: pipeline stages, expert parallelism, ZeRO-3 with MoE layers (the backward
-pass met expert weights ZeRO-3 had not gathered). bf16 has not been run yet. The model is built whole on every process
+and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights),
+train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer drops a step with a
+non-finite gradient norm itself; ZeRO-3 applies it, so skip is refused there). Refused by the
+config validator: pipeline stages, expert parallelism, ZeRO-3 with MoE layers (the backward
+pass met expert weights ZeRO-3 had not gathered). bf16 ran on the CPU at ZeRO-1 and ZeRO-2, DP=2
+(tests/test_bf16.py: ZeRO-2 beside fp32). The model is built whole on every process
 before ZeRO-3 partitions it (deepspeed.zero.Init is not used), so ZeRO-3 saves memory during
 training but not while building.
 
@@ -26,21 +28,22 @@ is compiled: install with `DS_BUILD_OPS=0` (the default) and nothing is built.
 
 Checkpoints (`<save_dir>/step_XXXXXXXX/`, written under a temporary name and renamed when
 complete, like the megatron engine's): `deepspeed/` (DeepSpeed's own files: module, ZeRO shards of
-the optimizer state), `model_tpXX.pt` (whole weights of each tensor-parallel rank, gathered from
-the ZeRO-3 shards, for `megalong export`/`generate`), RNG states, config, tokenizer and meta.json
-(with `"engine": "deepspeed"`). Resuming needs the same ZeRO stage and layout.
+the optimizer state), `model_tpXX.safetensors` (whole weights of each tensor-parallel rank,
+gathered from the ZeRO-3 shards, for `megalong export`/`generate`), RNG states, config, tokenizer
+and meta.json (with `"engine": "deepspeed"`). Resuming needs the same ZeRO stage and layout.
+DeepSpeed's own files are pickles, which DeepSpeed 0.19.8 reads with `torch.load(weights_only=
+False)`: megalong lets it read them only inside megalong/train/library_loads.py's
+`pickles_without_code()` (weights_only forced, DeepSpeed's four classes allowed), so they never
+run code either.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core import parallel_state
 
 if not torch.cuda.is_available():
@@ -102,42 +105,71 @@ def _gathered(engine, params):
 
 
 def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, engine, layout: ParallelLayout,
-                    tokenizer_path: str, tokenizer_vocab_size: int) -> Path:
+                    tokenizer_path: str, tokenizer_vocab_size: int,
+                    resumed_from: Path | None = None) -> Path:
     """Save on every rank (collective); returns the final step directory."""
-    save_dir = Path(save_dir)
-    final = save_dir / ckpt.step_dir_name(step)
-    tmp = save_dir / f".{final.name}.tmp"
-    if layout.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
+    tmp, final = ckpt.begin_checkpoint(Path(save_dir), step, layout.rank)
     engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
     module = engine.module
     with _gathered(engine, module.parameters()):
-        state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                 for k, v in module.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
         dims = partition_dims(module)
     if layout.data_rank == 0:  # one copy per tensor-parallel rank
-        torch.save(state, tmp / f"model_tp{layout.tensor_rank:02d}.pt")
-    torch.save(ckpt._rng_state(), tmp / f"rng_rank{layout.rank:03d}.pt")
+        ckpt.write_tensors(tmp / f"model_tp{layout.tensor_rank:02d}.safetensors", state)
+    ckpt.save_rng(ckpt.rng_file(tmp, layout.rank))
     dist.barrier()
     if layout.rank == 0:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        meta = {"step": step, "engine": "deepspeed", "zero_stage": cfg.deepspeed.zero_stage,
+        meta = {"step": step, "format": "megalong", "engine": "deepspeed",
+                "zero_stage": cfg.deepspeed.zero_stage,
                 "tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel,
                 "expert_parallel": 1, "pipeline_parallel": 1, "world_size": layout.world_size,
                 "tokenizer_vocab_size": tokenizer_vocab_size,
                 "gated_mlp": cfg.model.activation == "swiglu", "partition_dims": dims}
-        (tmp / ckpt.META).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        ckpt._write_text_atomically(save_dir / ckpt.LATEST, final.name + "\n")
+        ckpt.finish_checkpoint(tmp, final, cfg, tokenizer_path, meta, resumed_from)
     dist.barrier()
     return final
+
+
+def _deepspeed_files(engine, layout: ParallelLayout) -> list[str]:
+    """The files (glob patterns) DeepSpeed 0.19.8 reads on this rank: its model states, and the
+    ZeRO optimizer states of every data-parallel rank (`bf16_` prefixed in its bf16 mode)."""
+    tp = f"mp_rank_{layout.tensor_rank:02d}"
+    model = (f"zero_pp_rank_{layout.data_rank}_{tp}_model_states.pt" if engine.zero_optimization_stage() == 3
+             else f"{tp}_model_states.pt")
+    return [model, *(f"*zero_pp_rank_{d}_{tp}_optim_states.pt" for d in range(layout.data_parallel))]
+
+
+def _load_engine_files(engine, step_dir: Path, layout: ParallelLayout) -> None:
+    """DeepSpeed's own files, read through megalong/train/library_loads.py: weights_only=True with
+    DeepSpeed's few classes allowed; a file it cannot read is a CheckpointError naming it."""
+    from megalong.train.library_loads import deepspeed_safe_globals, describe_load_error, pickles_without_code
+
+    directory = step_dir / DEEPSPEED_TAG
+    for name in _deepspeed_files(engine, layout):
+        if not list(directory.glob(name)):
+            raise ckpt.CheckpointError(f"{directory / name.lstrip('*')}: missing (the checkpoint is incomplete)")
+    reader = engine.checkpoint_engine
+    read = reader.load
+
+    def load_naming_the_file(path, map_location=None):
+        if not os.path.isfile(path):
+            raise ckpt.CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+        try:
+            return read(path, map_location=map_location)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+            raise ckpt.CheckpointError(f"{path}: {describe_load_error(e)}") from None
+
+    reader.load = load_naming_the_file
+    try:
+        with pickles_without_code(deepspeed_safe_globals()):
+            engine.load_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as e:  # DeepSpeed asserts on files that do not fit (another layout, ...)
+        raise ckpt.CheckpointError(f"{directory}: DeepSpeed cannot load it "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    finally:
+        del reader.load  # the engine's own method again
 
 
 def load_checkpoint(path: Path, cfg: Config, engine, layout: ParallelLayout) -> int:
@@ -148,14 +180,13 @@ def load_checkpoint(path: Path, cfg: Config, engine, layout: ParallelLayout) -> 
     if meta.get("engine") != "deepspeed":
         raise ckpt.CheckpointError(f"checkpoint {info.path} was written by the megatron engine; "
                                    f"resume it with train.engine: megatron")
-    for key, now in (("zero_stage", cfg.deepspeed.zero_stage), ("data_parallel", layout.data_parallel)):
+    for key, now in (("zero_stage", cfg.deepspeed.zero_stage), ("data_parallel", layout.data_parallel),
+                     ("tensor_parallel", layout.tensor_parallel)):
         if meta[key] != now:
             raise ckpt.CheckpointError(f"checkpoint {info.path} has {key}={meta[key]} but this run has "
                                        f"{now}; DeepSpeed resumes only at the same ZeRO stage and layout")
-    engine.load_checkpoint(str(info.path), tag=DEEPSPEED_TAG)
-    rng_file = info.path / f"rng_rank{layout.rank:03d}.pt"
-    if rng_file.is_file() and meta["world_size"] == layout.world_size:
-        ckpt._set_rng_state(torch.load(rng_file, weights_only=False))
+    _load_engine_files(engine, info.path, layout)
+    ckpt.restore_rng(info, layout)
     return int(meta["step"])
 
 
@@ -180,12 +211,13 @@ def train(cfg: Config):
     import deepspeed
 
     from megalong.data.tokenizer import SentencePieceTokenizer
-    from megalong.train.loop import TrainResult, _build_datasets, _resume_path, evaluate, lm_loss, open_reporter
+    from megalong.train.loop import TrainResult, _build_datasets, evaluate, lm_loss, open_reporter
 
     t = cfg.train
     layout = initialize(cfg.parallel.tensor, cfg.parallel.backend)
     validate(cfg, world_size=layout.world_size)
     check_train_inputs(cfg)
+    ckpt.prepare_save_dir(cfg, layout.rank)  # train.overwrite: true deletes them, after every check
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -200,7 +232,7 @@ def train(cfg: Config):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMpu(),
                                            config=deepspeed_config(cfg, layout.data_parallel))
     start_step = 0
-    resume = _resume_path(cfg)
+    resume = ckpt.resume_path(cfg)
     if resume is not None:
         start_step = load_checkpoint(resume, cfg, engine, layout)
     else:
@@ -267,7 +299,7 @@ def train(cfg: Config):
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
             if guard.may_save:
                 guard.last_checkpoint = save_checkpoint(t.save_dir, done, cfg, engine, layout,
-                                                        cfg.data.tokenizer, tokenizer.vocab_size)
+                                                        cfg.data.tokenizer, tokenizer.vocab_size, resume)
             else:
                 reporter.line(f"step {done}: no checkpoint written: the last {guard.streak} steps were "
                               f"skipped (train.nonfinite: skip)")
@@ -279,7 +311,7 @@ def train(cfg: Config):
         reporter.line(f"held-out loss {result.final_valid_loss:.4f} after {end_step} steps")
     if t.save_dir:
         result.checkpoint = save_checkpoint(t.save_dir, end_step, cfg, engine, layout,
-                                            cfg.data.tokenizer, tokenizer.vocab_size)
+                                            cfg.data.tokenizer, tokenizer.vocab_size, resume)
         reporter.line(f"saved {result.checkpoint}")
     reporter.close()
     return result

@@ -26,6 +26,11 @@ Adam's `exp_avg`/`exp_avg_sq` are sharded exactly like their parameters
 whole per parameter through megalong/train/megatron_dp.py (`adam_state`, `load_adam_state`), so
 megatron-core's optimizer (data-parallel runs, sharded with `parallel.distributed_optimizer`) is
 saved and loaded like a torch AdamW.
+
+Reading never runs code: megatron's files are checked first (`verify_dist_dir`: common.pt with
+`weights_only=True`, `.metadata` through an allow-list unpickler, every data file present and as
+long as the metadata says), and megatron-core's own reads run inside
+megalong/train/library_loads.py's `pickles_without_code()`.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ import torch.distributed as dist
 from megalong.config import Config
 from megalong.parallel.cpu_compat import cuda_on_cpu_temporarily
 from megalong.parallel.distributed import ParallelLayout
+from megalong.train.checkpoint_files import CheckpointError, read_json
+from megalong.train.library_loads import describe_load_error, pickles_without_code, read_dcp_metadata
+from megalong.train.model_state import (chunks_of, global_names, global_state, is_expert_key, loading_dims,
+                                        param_names, partition_dims_global)
 
 DIST_DIR = "dist"  # megatron's files (metadata.json, common.pt, __*.distcp) in a step directory
 OPTIM_PREFIX = "optimizer."
@@ -52,8 +61,6 @@ def _checkpointing():
 def _sharding(name: str, local: torch.Tensor, dims: dict, gated: bool,
               layout: ParallelLayout) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """The tensor to store (a view of `local`) and its (axis, rank, fragments) offsets."""
-    from megalong.train.checkpoint import is_expert_key
-
     offsets = []
     dim = dims.get(name)
     data = local
@@ -106,12 +113,10 @@ def _sharded(entries: dict[str, tuple[torch.Tensor, list]]) -> dict:
 
 
 def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
-    from megalong.train.checkpoint import _global_state, partition_dims_global
-
     dims = partition_dims_global(model)
     gated = cfg.model.activation == "swiglu"
     out = {}
-    for name, tensor in _global_state(model, cfg.model.tie_embeddings).items():
+    for name, tensor in global_state(model, cfg.model.tie_embeddings).items():
         if not isinstance(tensor, torch.Tensor):
             continue  # megatron's `_extra_state` placeholders (None without Transformer Engine)
         out[name] = _sharding(name, tensor, dims, gated, layout)
@@ -120,14 +125,13 @@ def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torc
 
 def _optimizer(model, optimizer, cfg: Config,
                layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
-    from megalong.train.checkpoint import _param_names, partition_dims_global
     from megalong.train.megatron_dp import adam_state
 
     dims = partition_dims_global(model)
     gated = cfg.model.activation == "swiglu"
     whole = adam_state(optimizer)  # collective for megatron's distributed optimizer
     out = {}
-    for param, name in _param_names(model).items():
+    for param, name in param_names(model).items():
         if cfg.model.tie_embeddings and name == "output_layer.weight":
             continue  # the same state as the first stage's embedding
         for key, value in whole.get(param, {}).items():
@@ -167,19 +171,68 @@ def save_distributed(directory: Path, cfg: Config, model, optimizer,
         _checkpointing().save(state, str(directory))
 
 
+def verify_dist_dir(directory: Path) -> dict:
+    """Check megatron's files before megatron reads them, so that a missing, truncated or foreign
+    file is a CheckpointError naming it; returns common.pt's "megalong" entry. Its two pickled
+    files are read without running code: common.pt with weights_only=True, .metadata through
+    megalong/train/library_loads.py's RestrictedUnpickler."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: missing (the checkpoint is incomplete)")
+    if not isinstance(read_json(directory / "metadata.json"), dict):
+        raise CheckpointError(f"{directory / 'metadata.json'}: expected a JSON object")
+    common_file = directory / "common.pt"
+    if not common_file.is_file():
+        raise CheckpointError(f"{common_file}: missing (the checkpoint is incomplete)")
+    try:
+        common = torch.load(common_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise CheckpointError(f"{common_file}: {describe_load_error(e)}") from None
+    ours = common.get("megalong") if isinstance(common, dict) else None
+    if not isinstance(ours, dict) or not isinstance(ours.get("gated_mlp"), bool):
+        raise CheckpointError(f"{common_file}: expected megalong's entry {{'megalong': {{'step': ..., "
+                              f"'gated_mlp': ...}}}}, got {common!r:.200}")
+    metadata_file = directory / ".metadata"
+    metadata = read_dcp_metadata(metadata_file)
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict) or not hasattr(metadata, "state_dict_metadata"):
+        raise CheckpointError(f"{metadata_file}: not a torch.distributed.checkpoint metadata file")
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        name, end = str(getattr(info, "relative_path", "")), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        needed[name] = max(needed.get(name, 0), end)
+    for name, end in sorted(needed.items()):
+        path = directory / name
+        if Path(name).name != name or not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+        if path.stat().st_size < end:
+            raise CheckpointError(f"{path}: truncated ({path.stat().st_size} bytes; its metadata "
+                                  f"needs {end})")
+    return ours
+
+
+def _megatron(call, directory: Path, *args):
+    """A megatron-core dist_checkpointing call on `directory`, its pickles read without code and
+    its failures a CheckpointError."""
+    try:
+        with pickles_without_code():
+            return call(*args, str(directory))
+    except CheckpointError:
+        raise
+    except Exception as e:  # megatron-core and torch.distributed.checkpoint raise many kinds
+        raise CheckpointError(f"{directory}: megatron-core cannot read it: {describe_load_error(e)}") from None
+
+
 def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: ParallelLayout) -> None:
     """Read this rank's slices of weights (and Adam state) into `model` (and `optimizer`, a torch
     or megatron-core optimizer, or None). Collective: every rank of the job calls it."""
-    from megalong.model.gpt import layer_offset, to_global_names
-    from megalong.train.checkpoint import _chunks, _param_names, partition_dims_global
     from megalong.train.megatron_dp import load_adam_state
+    from megalong.train.model_state import load_weights
 
+    verify_dist_dir(directory)
     tied = cfg.model.tie_embeddings
-    dims = partition_dims_global(model)
-    if tied and "output_layer.weight" in dims:  # the last stage's copy is split like the original
-        dims.setdefault("embedding.word_embeddings.weight", dims["output_layer.weight"])
+    dims = loading_dims(model, tied)
     gated = cfg.model.activation == "swiglu"
-    stored = set(_checkpointing().load_tensors_metadata(str(directory)))
+    stored = set(_megatron(_checkpointing().load_tensors_metadata, directory))
 
     def source(name: str) -> str:  # the last stage's tied output layer reads the embedding
         return "embedding.word_embeddings.weight" if tied and name == "output_layer.weight" else name
@@ -187,22 +240,18 @@ def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: Par
     # (checkpoint key, local tensor to fill, its stored view and offsets)
     wanted: list[tuple[str, torch.Tensor, tuple]] = []
     targets = []
-    fixed: dict[int, dict] = {}
-    for chunk in _chunks(model):
-        offset = layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
+    for chunk in chunks_of(model):
         local_state = chunk.state_dict(keep_vars=True)
-        global_names = to_global_names(dict.fromkeys(local_state), offset)
-        for (local, tensor), name in zip(local_state.items(), global_names):
+        for (local, tensor), name in zip(local_state.items(), global_names(chunk, local_state)):
             if not isinstance(tensor, torch.Tensor):
-                fixed.setdefault(id(chunk), {})[local] = tensor  # `_extra_state`: kept as built
-                continue
+                continue  # `_extra_state`: kept as built
             key = source(name)
             template = torch.empty_like(tensor.detach())
             wanted.append((key, template, _sharding(key, template, dims, gated, layout)))
             targets.append((chunk, local))
     optim_targets = []
     if optimizer is not None:
-        for param, name in _param_names(model).items():
+        for param, name in param_names(model).items():
             key = source(name)
             for entry in (*ADAM_KEYS, "step"):
                 full_key = f"{OPTIM_PREFIX}{key}.{entry}"
@@ -221,19 +270,17 @@ def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: Par
     missing = sorted({k for held in _everyone([k for k, _, _ in wanted[:len(targets)] if k not in stored])
                       for k in held})
     if missing:
-        from megalong.train.checkpoint import CheckpointError
-
         raise CheckpointError(f"{directory}: the model's {missing[:5]} are not in the checkpoint")
     tensors = _sharded_tensors([(k, view, offsets) for k, _, (view, offsets) in wanted])
     request = {f"{i}": tensor for i, tensor in enumerate(tensors)}
-    loaded = _checkpointing().load(request, str(directory))  # (unlike save, no CUDA on its path)
+    loaded = _megatron(_checkpointing().load, directory, request)  # (unlike save, no CUDA on its path)
     values = [loaded[f"{i}"].reshape(template.shape) for i, (_, template, _) in enumerate(wanted)]
 
-    per_chunk: dict[int, dict] = {k: dict(v) for k, v in fixed.items()}
+    per_chunk: dict[int, dict] = {}
     for (chunk, local), value in zip(targets, values[:len(targets)]):
         per_chunk.setdefault(id(chunk), {})[local] = value
-    for chunk in _chunks(model):
-        chunk.load_state_dict(per_chunk[id(chunk)], strict=True)
+    for chunk in chunks_of(model):
+        load_weights(chunk, per_chunk.get(id(chunk), {}), str(directory))
     adam: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for (param, entry), value in zip(optim_targets, values[len(targets):]):
         adam.setdefault(param, {})[entry] = value.reshape(()) if entry == "step" else value
@@ -247,8 +294,8 @@ def load_merged(directory: Path, dims: dict[str, int | None],
     state as `optimizer.<name>.<exp_avg|exp_avg_sq|step>`); `dims` are the saved model's partition
     dims (to unfold gated fc1 tensors). Collective where a process group is initialized."""
     ckpt = _checkpointing()
-    gated = ckpt.load_common_state_dict(str(directory))["megalong"]["gated_mlp"]
-    metadata = ckpt.load_tensors_metadata(str(directory))
+    gated = verify_dist_dir(directory)["gated_mlp"]
+    metadata = _megatron(ckpt.load_tensors_metadata, directory)
     keys = sorted(k for k in metadata if k.startswith(OPTIM_PREFIX) == optimizer)
     own_group = not dist.is_initialized()  # megatron's load gathers metadata over a group
     if own_group:
@@ -256,7 +303,7 @@ def load_merged(directory: Path, dims: dict[str, int | None],
     try:
         tensors = _sharded_tensors([(k, torch.empty(metadata[k].global_shape, dtype=metadata[k].dtype), [])
                                     for k in keys])
-        loaded = ckpt.load(dict(zip(keys, tensors)), str(directory))  # and the common entries
+        loaded = _megatron(ckpt.load, directory, dict(zip(keys, tensors)))  # and the common entries
         out = {k: loaded[k] for k in keys}
     finally:
         if own_group:

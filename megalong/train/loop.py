@@ -180,15 +180,6 @@ def _build_datasets(cfg: Config, tokenizer):
                               num_samples, cache)
 
 
-def _resume_path(cfg: Config) -> Optional[Path]:
-    load = cfg.train.load
-    if not load:
-        return None
-    if load == "auto":
-        return ckpt.find_latest(cfg.train.save_dir) if cfg.train.save_dir else None
-    return ckpt.resolve_checkpoint(load)
-
-
 def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     kinds = cfg.layer_kinds()
@@ -241,7 +232,8 @@ def train(cfg: Config) -> TrainResult:
     layout = initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,
                         virtual_stages=p.virtual_stages)
     validate(cfg, world_size=layout.world_size)
-    check_train_inputs(cfg)  # tokenizer, datasets and output directories, before any model is built
+    check_train_inputs(cfg)  # tokenizer, datasets, output directories, another run's checkpoints
+    ckpt.prepare_save_dir(cfg, layout.rank)  # train.overwrite: true deletes them, after every check
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -267,7 +259,7 @@ def train(cfg: Config) -> TrainResult:
     core = chunks[0] if layout.pipeline_parallel == 1 else torch.nn.ModuleList(chunks)
     model = run_chunks[0] if layout.pipeline_parallel == 1 else torch.nn.ModuleList(run_chunks)
     start_step = 0
-    resume = _resume_path(cfg)
+    resume = ckpt.resume_path(cfg)
     if resume is not None:
         start_step = ckpt.load_checkpoint(resume, cfg, core, optimizer, layout)
     else:
@@ -358,7 +350,7 @@ def train(cfg: Config) -> TrainResult:
             check_pending()
             if guard.may_save:
                 guard.last_checkpoint = ckpt.save_checkpoint(t.save_dir, done, cfg, core, optimizer, layout,
-                                                             cfg.data.tokenizer, tokenizer.vocab_size)
+                                                             cfg.data.tokenizer, tokenizer.vocab_size, resume)
             else:
                 reporter.line(f"step {done}: no checkpoint written: the last {guard.streak} steps were "
                               f"skipped (train.nonfinite: skip)")
@@ -371,7 +363,7 @@ def train(cfg: Config) -> TrainResult:
                       f"{math.exp(result.final_valid_loss):.2f} after {end_step} steps")
     if t.save_dir:
         result.checkpoint = ckpt.save_checkpoint(t.save_dir, end_step, cfg, core, optimizer, layout,
-                                                 cfg.data.tokenizer, tokenizer.vocab_size)
+                                                 cfg.data.tokenizer, tokenizer.vocab_size, resume)
         reporter.line(f"saved {result.checkpoint}")
     reporter.close()
     return result
