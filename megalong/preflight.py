@@ -1,7 +1,8 @@
 """Checks of a training run's inputs and outputs before any model, data or process group is built,
 beyond what `config.validate` can see in the config alone: the tokenizer parses, every dataset's
-.bin/.idx pair is whole, every output directory can be written, and `train.save_dir` holds no
-other run's checkpoints that the run would replace (megalong/train/save_dir.py).
+.bin/.idx pair is whole, every output directory can be written, `train.save_dir` holds no other
+run's checkpoints that the run would replace (megalong/train/save_dir.py), and the dataset index
+cache holds no pickle (megalong/data/index_cache.py).
 
 `python -m megalong.preflight [--world-size N] CONFIG.yaml ... [--set KEY=VALUE ...]` runs the
 config validation and these checks without importing torch or megatron-core, and prints the one
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 
 from megalong.config import Config, ConfigError, load_config
 from megalong.errors import MegalongError, TokenizerError, format_error
+from megalong.data.index_cache import check_index_cache, index_cache_root
 from megalong.paths import check_writable_dir
 from megalong.train.save_dir import replaced_checkpoints
 
@@ -35,6 +37,7 @@ def check_train_inputs(cfg: Config) -> None:
         if path:
             check_writable_dir(path, key)
     replaced_checkpoints(cfg)  # another run's checkpoints there: refused unless train.overwrite
+    check_index_cache(index_cache_root(cfg), recursive=True)  # numpy would unpickle a stranger's
     if t.tensorboard_dir:
         try:
             import tensorboard  # noqa: F401

@@ -2,9 +2,9 @@
 print: `megalong: <kind> error: <message>` naming the key, option, file or line, exit status 2, no
 Python traceback, and (where a case says so) nothing lost or left behind.
 
-Most cases call `megalong.cli.main(argv)` in this process (fast: one import of megatron-core for
-all of them); the launcher cases run the scripts in `launch/` as subprocesses, with `--dry-run`
-where the error must come before anything starts.
+Most cases call `megalong.cli.main(argv)` in this process through tests/cli_cases.py's run_case
+(fast: one import of megatron-core for all of them); the launcher cases run the scripts in
+`launch/` as subprocesses, with `--dry-run` where the error must come before anything starts.
 
 To add a case, append a `Case` to CASES: `argv` is the command line after `megalong` (or after the
 launcher script), with `{tmp}` (the case's own empty directory), `{tok}` (a SentencePiece model),
@@ -16,8 +16,11 @@ left on disk.
 from __future__ import annotations
 
 import errno
+import io
+import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -29,6 +32,7 @@ from typing import Callable, Optional
 
 import pytest
 
+from cli_cases import error_line, run_case
 from conftest import REPO, TinyData, free_port, tiny_overrides
 from megalong.data.corpus import write_jsonl_zst
 
@@ -188,6 +192,14 @@ def small_corpus(bad_line: str | None = None, n: int = 40) -> str:
     return lines(*docs)
 
 
+def _short_npy() -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(1000, dtype=np.int64))
+    return buffer.getvalue()[:-8]
+
+
 SURROGATE = '{"text": "a lone \\ud800 surrogate"}'
 IDX = 9  # bytes of the magic; the version follows (8 bytes), then the dtype code (1 byte)
 
@@ -211,6 +223,76 @@ def skipped_and_counted(env: Env) -> None:
 
 def saved_nothing(env: Env) -> None:
     assert not (env.tmp / "run").exists() or not list((env.tmp / "run").glob("step_*"))
+
+
+# ---- checkpoints and caches from a stranger --------------------------------------------------------
+
+class Payload:
+    """Pickles as a call of os.mkdir(marker): what a stranger's file could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def never_ran(env: Env) -> bool:
+    return not (env.tmp / "pwned").exists()
+
+
+def old_pt_checkpoint_with_code(step_dir: Path) -> None:
+    """The checkpoint as megalong wrote it before format 2 (no format_version, pickled .pt files),
+    its model file a pickle that would create {tmp}/pwned when unpickled."""
+    import torch
+
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta.pop("format_version")
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    (step_dir / "model_tp00.safetensors").unlink()
+    torch.save({"decoder.layers.0.mlp.linear_fc1.weight": Payload(step_dir.parent / "pwned")},
+               step_dir / "model_tp00.pt")
+
+
+def still_old(env: Env) -> bool:
+    d = env.tmp / "ck"
+    return (never_ran(env) and (d / "model_tp00.pt").is_file()
+            and "format_version" not in json.loads((d / "meta.json").read_text()))
+
+
+def previous_run(env: Env) -> None:
+    """{tmp}/run holds another run's complete checkpoint (a copy of the trained one)."""
+    shutil.copytree(env.ckpt, env.tmp / "run" / env.ckpt.name)
+
+
+def previous_run_intact(env: Env) -> bool:
+    step_dir = env.tmp / "run" / env.ckpt.name
+    return (step_dir / "meta.json").is_file() and (step_dir / "model_tp00.safetensors").read_bytes() == \
+        (env.ckpt / "model_tp00.safetensors").read_bytes()
+
+
+def cache_file(name: str, content: Callable[[Env], bytes | object]) -> Callable[[Env], None]:
+    """A file of the dataset index cache {tmp}/run/data_cache/<digest>/ (content: bytes, or an
+    array for numpy.save)."""
+    def setup(env: Env) -> None:
+        import numpy as np
+
+        path = env.tmp / "run" / "data_cache" / "0123456789abcdef" / name
+        path.parent.mkdir(parents=True)
+        value = content(env)
+        if isinstance(value, bytes):
+            path.write_bytes(value)
+        else:
+            np.save(path, value, allow_pickle=True)
+    return setup
+
+
+def object_array(env: Env):
+    import numpy as np
+
+    array = np.empty(2, dtype=object)
+    array[0] = Payload(env.tmp / "pwned")
+    return array
 
 
 CASES: list[Case] = [
@@ -324,12 +406,43 @@ CASES: list[Case] = [
          r"--tokenizer-model\): .* is a directory, not a tokenizer file", write("c.jsonl", small_corpus())),
     Case("inspect-tokenizer-garbage", ["data", "inspect", "{data}", "--tokenizer-model", "{tmp}/bad.model"], "tokenizer",
          r"bad\.model: not a SentencePiece \.model", write("bad.model", os.urandom(32))),
-    Case("export-checkpoint-without-tokenizer", ["export", "{tmp}/ck", "{tmp}/hf"], "tokenizer",
-         r"ck/tokenizer\.model: file not found", checkpoint_copy(lambda d: (d / "tokenizer.model").unlink()),
-         after=nothing_in("ck")),
-    Case("generate-checkpoint-tokenizer-garbage", ["generate", "{tmp}/ck", "--prompt", "x"], "tokenizer",
+    Case("export-checkpoint-without-tokenizer", ["export", "{tmp}/ck", "{tmp}/hf"], "checkpoint",
+         r"ck/tokenizer\.model: missing: the checkpoint has no tokenizer",
+         checkpoint_copy(lambda d: (d / "tokenizer.model").unlink()), after=nothing_in("ck")),
+    Case("generate-checkpoint-tokenizer-garbage", ["generate", "{tmp}/ck", "--prompt", "x"], "checkpoint",
          r"ck/tokenizer\.model: not a SentencePiece \.model",
          checkpoint_copy(lambda d: (d / "tokenizer.model").write_bytes(b"\x08junk"))),
+    # ---- checkpoints (tests/test_checkpoint_trust.py has every file of every format) -----------------
+    Case("export-old-pt-checkpoint-with-code", ["export", "{tmp}/ck", "{tmp}/hf"], "checkpoint",
+         r"ck: written in the old \.pt format .*convert it once with `megalong checkpoint convert .*ck` if you trust",
+         checkpoint_copy(old_pt_checkpoint_with_code), after=lambda env: never_ran(env) and not (env.tmp / "hf").exists()),
+    Case("convert-old-pt-checkpoint-with-code", ["checkpoint", "convert", "{tmp}/ck"], "checkpoint",
+         r"ck/model_tp00\.pt: holds a pickle that loading with weights_only=True refuses \(it would call posix\.mkdir\)",
+         checkpoint_copy(old_pt_checkpoint_with_code), after=still_old),
+    Case("export-checkpoint-without-meta", ["export", "{tmp}/ck", "{tmp}/hf"], "checkpoint",
+         r"ck: no complete checkpoint there \(expected meta\.json", checkpoint_copy(lambda d: (d / "meta.json").unlink())),
+    Case("generate-checkpoint-model-garbage", ["generate", "{tmp}/ck", "--prompt", "x"], "checkpoint",
+         r"ck/model_tp00\.safetensors: not a readable safetensors file",
+         checkpoint_copy(lambda d: (d / "model_tp00.safetensors").write_bytes(b"\x00garbage" * 8))),
+    Case("eval-config-given-as-checkpoint", ["eval", "configs/tiny-cpu.yaml", "--seq-length", "16"], "checkpoint",
+         r"configs/tiny-cpu\.yaml: a file, not a checkpoint directory"),
+    Case("train-load-checkpoint-missing", train({"train.load": "{tmp}/nothing"}), "checkpoint",
+         r"nothing: no such checkpoint directory", after=saved_nothing),
+    Case("train-into-another-runs-checkpoint", train(), "checkpoint",
+         r"run: already holds 1 checkpoint\(s\) of another run \(step_00000002\), which this run would replace; "
+         r"resume them with train\.load: auto", previous_run, after=previous_run_intact),
+    Case("overwrite-checkpoint-only-after-every-check", train({"train.overwrite": "true", "data.train": "[{tmp}/d]"}),
+         "dataset", r"d\.idx: .*truncated", both(previous_run, dataset(truncate("idx", 8))), after=previous_run_intact),
+    # ---- the dataset index cache megatron-core unpickles ------------------------------------------
+    Case("data-cache-pickle", train(), "dataset",
+         r"data_cache/0123456789abcdef/x-document_index\.npy: not a \.npy array file .*numpy would load it as a "
+         r"pickle, which can run code: refused",
+         cache_file("x-document_index.npy", lambda env: pickle.dumps(Payload(env.tmp / "pwned"))), after=never_ran),
+    Case("data-cache-object-array", train({"data.cache_dir": "{tmp}/run/data_cache"}), "dataset",
+         r"x-sample_index\.npy: holds Python objects \(dtype object\), which numpy would unpickle",
+         cache_file("x-sample_index.npy", object_array), after=never_ran),
+    Case("data-cache-truncated", train(), "dataset", r"x-shuffle_index\.npy: 8,120 bytes, but its header \(int64 \(1000,\)\) "
+         r"needs 8,128: truncated", cache_file("x-shuffle_index.npy", lambda env: _short_npy())),
     # ---- .bin/.idx datasets ------------------------------------------------------------------------
     Case("idx-bad-magic", train({"data.train": "[{tmp}/d]"}), "dataset",
          r"data\.train\[0\]\.path: .*d\.idx: not a megatron \.idx file", dataset(patch_bytes(0, b"NOTMAGIC!")),
@@ -454,6 +567,9 @@ CASES: list[Case] = [
     Case("torchrun-missing-tokenizer", lambda env: ["--dry-run", *tiny_overrides(env.data, env.tmp / "run", 2,
                                                                                  **{"data.tokenizer": str(env.tmp / "no.model")})],
          "config", r"data\.tokenizer: file not found: .*no\.model", via="torchrun.sh"),
+    Case("torchrun-into-another-runs-checkpoint", lambda env: ["--dry-run", *tiny_overrides(env.data, env.tmp / "run", 2)],
+         "checkpoint", r"run: already holds 1 checkpoint\(s\) of another run", previous_run, via="torchrun.sh",
+         after=previous_run_intact),
     Case("slurm-nproc-zero", ["--nproc", "0", "configs/tiny-cpu.yaml"], "launch",
          r"launch/slurm\.sbatch: --nproc must be a positive integer, got '0'", via="slurm.sbatch"),
     Case("slurm-config-error", lambda env: ["--dry-run", *tiny_overrides(env.data, env.tmp / "ignored", 2, **{"train.adam_eps": -1})],
@@ -489,27 +605,16 @@ def trained_checkpoint(tiny_data, tmp_path_factory) -> Path:
     return result.checkpoint
 
 
-def _run_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    from megalong.cli import main
-
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.err
-
-
-def _run_launcher(script: str, argv: list[str], extra_env: dict) -> tuple[int, str]:
+def _run_launcher(script: str, argv: list[str], extra_env: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
            "MASTER_PORT": str(free_port()), **extra_env}
     proc = subprocess.run(["bash", str(REPO / "launch" / script), *argv], capture_output=True, text=True,
                           cwd=REPO, timeout=120, env=env)
-    return proc.returncode, proc.stderr
+    return {"argv": [script, *argv], "rc": proc.returncode, "stderr": proc.stderr}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tiny_data, tmp_path, capsys, monkeypatch, request):
+def test_bad_input(case: Case, tiny_data, tmp_path, monkeypatch, request):
     env = Env(tmp_path / "case", tiny_data, str(Path(tiny_data.tokenizer).parent / "docs.jsonl.zst"))
     env.tmp.mkdir()
     argv = case.argv(env) if callable(case.argv) else list(case.argv)
@@ -521,19 +626,17 @@ def test_bad_input(case: Case, tiny_data, tmp_path, capsys, monkeypatch, request
     if case.via == "cli":
         if case.patch is not None:
             case.patch(monkeypatch, env)
-        rc, err = _run_in_process(argv, capsys)
+        result = run_case(argv)
     else:
-        rc, err = _run_launcher(case.via, argv, {k: env.fill(v) for k, v in case.launch_env.items()})
-    assert "Traceback" not in err, err[-3000:]
+        result = _run_launcher(case.via, argv, {k: env.fill(v) for k, v in case.launch_env.items()})
     if case.kind is None:
-        assert rc == 0, err[-3000:]
+        assert result["rc"] == 0 and "Traceback" not in result["stderr"], result["stderr"][-3000:]
     else:
-        errors = [line for line in err.splitlines() if line.startswith("megalong:")]
-        assert rc == 2 and len(errors) == 1, (rc, err[-3000:])
+        line = error_line(result)
         prefix = f"megalong: {case.kind} error: "
-        assert errors[0].startswith(prefix), errors[0]
-        assert re.search(case.message, errors[0][len(prefix):]), errors[0]
-        print(errors[0])  # shown by pytest -rA
+        assert line.startswith(prefix), line
+        assert re.search(case.message, line[len(prefix):]), line
+        print(line)  # shown by pytest -rA
     if case.after is not None:
         result = case.after(env)
         assert result is None or result, f"{case.id}: the after-check failed"
@@ -541,5 +644,6 @@ def test_bad_input(case: Case, tiny_data, tmp_path, capsys, monkeypatch, request
 
 def test_the_table_covers_every_kind():
     kinds = {c.kind for c in CASES}
-    assert {"config", "tokenizer", "dataset", "corpus", "output", "train", "usage", "launch", None} <= kinds
+    assert {"config", "tokenizer", "dataset", "corpus", "output", "train", "usage", "launch", "checkpoint",
+            None} <= kinds
     assert len({c.id for c in CASES}) == len(CASES)

@@ -1,6 +1,7 @@
 """Corpus reading, tokenizer, preprocessing to megatron .bin/.idx, and GPT datasets."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -232,6 +233,38 @@ def test_gpt_datasets_blend_two_prefixes_in_a_plain_process_and_under_gloo(tiny_
         dist.destroy_process_group()
     _check_samples(train2, valid2)
     assert all((train[i]["tokens"] == train2[i]["tokens"]).all() for i in range(10))
+
+
+class _MkdirPayload:
+    """Pickles as a call of os.mkdir(marker)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_an_index_cache_holding_a_pickle_is_refused_before_megatron_reads_it(tiny_data, tmp_path, monkeypatch):
+    """megatron-core loads its index cache with numpy.load(allow_pickle=True), so a pickle under the
+    name of one of its .npy files runs (shown with megalong's check switched off); with the check,
+    the build is refused with the file named and nothing runs."""
+    import megalong.data.datasets as datasets
+
+    tokenizer = SentencePieceTokenizer(tiny_data.tokenizer)
+    blend = [(0.7, tiny_data.prefix), (0.3, tiny_data.prefix)]
+    build = lambda: build_gpt_datasets(blend, "90,10,0", 32, 1, tokenizer, (40, 8, 0), str(tmp_path))  # noqa: E731
+    build()
+    [index] = tmp_path.rglob("*BlendedDataset-train-dataset_index.npy")
+    marker = tmp_path / "pwned"
+    index.write_bytes(pickle.dumps(_MkdirPayload(marker)))
+    with pytest.raises(DatasetError, match=rf"{index.name}: not a \.npy array file .* numpy would load it as a pickle"):
+        build()
+    assert not marker.exists()
+    monkeypatch.setattr(datasets, "check_index_cache", lambda directory: 0)
+    with contextlib.suppress(Exception):
+        build()
+    assert marker.is_dir()  # what the check prevents
 
 
 def test_split_without_documents_is_refused_before_megatron(tiny_data, tmp_path):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megalong.config import ConfigError
+from megalong.data.index_cache import check_index_cache
 from megalong.data.indexed import check_dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -120,7 +121,8 @@ def build_gpt_datasets(data_prefixes: Sequence[tuple[float, str]], split: str, s
                        tokenizer, num_samples: Sequence[int], cache_dir: Optional[str | Path]):
     """(train, valid, test) megatron-core GPTDatasets (BlendedDataset for 2+ prefixes); None for
     a split asked for 0 samples. `data_prefixes` are (weight, .bin/.idx prefix) pairs; the sample
-    index cache goes under `cache_dir` (None: built in memory, not cached)."""
+    index cache goes under `cache_dir` (None: built in memory, not cached); a cache there that
+    megalong did not write is refused before megatron-core reads it (megalong/data/index_cache.py)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -149,6 +151,10 @@ def build_gpt_datasets(data_prefixes: Sequence[tuple[float, str]], split: str, s
     # Splits asked for no samples are not built at all; the others keep megatron's document
     # ranges (those come from the split string, not from this matrix).
     config.split_matrix = [part if n > 0 else None for part, n in zip(config.split_matrix, num_samples)]
+    if cache is not None:
+        check_index_cache(cache)  # megatron-core loads it with numpy.load(allow_pickle=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has checked before rank 0 writes into it
     with _process_group_for_megatron():
         datasets = BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
     return tuple(ds if n > 0 else None for ds, n in zip(datasets, num_samples))

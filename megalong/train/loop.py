@@ -169,9 +169,10 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, layout: ParallelLayou
 
 def _build_datasets(cfg: Config, tokenizer):
     from megalong.data.datasets import build_gpt_datasets
+    from megalong.data.index_cache import index_cache_root
 
     t = cfg.train
-    cache = cfg.data.cache_dir or str(Path(t.save_dir or ".megalong_cache") / "data_cache")
+    cache = index_cache_root(cfg)
     prefixes = [(entry.weight, entry.path) for entry in cfg.data.train]
     num_samples = (t.train_steps * t.global_batch_size, t.eval_iters * t.global_batch_size, 0)
 

@@ -61,6 +61,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a file, not a checkpoint directory (give a step_* directory "
+                              "or the train.save_dir holding them)")
     found = find_latest(path) if path.is_dir() else None
     if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint there (expected {META} in it or in "
