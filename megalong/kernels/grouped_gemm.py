@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
+from megalong.kernels.arch import device_arch
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -112,14 +113,6 @@ def wgrad_tiles(arch: int, dtype: torch.dtype, n: int, m: int) -> GemmTiles:
     if dtype.itemsize == 2:
         return GemmTiles(64, _fit(128, n), _fit(128, m), 8, stages)
     return GemmTiles(32, _fit(128, n), _fit(128 if arch >= 90 else 64, m), 8, stages)
-
-
-def device_arch(device: torch.device) -> int:
-    """Compute capability as one number (90 for sm_90); 0 off CUDA (the interpreter)."""
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 # ---- kernels -----------------------------------------------------------------------------------
