@@ -53,16 +53,18 @@ def make_cfg(config: str, seq: int, variant: list[str], attention: str, window: 
 
 def step_fn(cfg, device: torch.device, batch: int, seq: int):
     from megalong.model.gpt import build_model
-    from megalong.train.loop import train_step
-    from megalong.train.optim import build_optimizer
+    from megalong.parallel.distributed import initialize
+    from megalong.train.torch_engine import TorchEngine
 
     vocab = cfg.model.vocab_size or 50257
+    layout = initialize(1)
     torch.manual_seed(0)
     model = build_model(cfg, vocab).to(device).train()
-    optimizer = build_optimizer(model, cfg.train)
+    engine = TorchEngine([model], cfg, layout)
+    engine.n_micro = 1  # each step is the one micro-batch below
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch, seq, device=device)}
-    return model, lambda: train_step(model, optimizer, [data], 1, cfg.train.lr, cfg, device)
+    return model, lambda: engine.step([data], cfg.train.lr)
 
 
 def measure(cfg, device: torch.device, batch: int, seq: int, iters: int) -> tuple[float, float]:

@@ -66,21 +66,21 @@ def timed(step, warmup: int, iters: int, device: torch.device) -> float:
 def megalong_step(cfg, vocab: int, batch: int, seq: int, device: torch.device):
     from megalong.model.gpt import build_model
     from megalong.parallel.distributed import initialize
-    from megalong.train.loop import train_step
-    from megalong.train.optim import build_optimizer
+    from megalong.train.torch_engine import TorchEngine
 
-    initialize(1)
+    layout = initialize(1)
     torch.manual_seed(0)
     model = build_model(cfg, vocab).to(device).train()
     if cfg.train.compile:
         from megalong.model.compile import compile_layers
 
         compile_layers(model)
-    optimizer = build_optimizer(model, cfg.train)
+    engine = TorchEngine([model], cfg, layout)
+    engine.n_micro = 1  # each step is the one micro-batch below
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
             "loss_mask": torch.ones(batch, seq, device=device)}
-    return lambda: train_step(model, optimizer, [data], 1, cfg.train.lr, cfg, device)
+    return lambda: engine.step([data], cfg.train.lr)
 
 
 def hf_gpt_neo_step(cfg, vocab: int, batch: int, seq: int, device: torch.device):
@@ -136,7 +136,7 @@ def check_rows(rows, make_cfg) -> None:
     import transformers  # noqa: F401
 
     import megalong.model.compile  # noqa: F401
-    import megalong.train.loop  # noqa: F401
+    import megalong.train.torch_engine  # noqa: F401
 
     for name, extra, _ in rows:
         make_cfg(extra)

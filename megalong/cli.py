@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect or merge .bin/.idx datasets")
     add_data_args(p.add_subparsers(dest="data_command", required=True))
 
-    from megalong.train.convert import add_checkpoint_args
+    from megalong.checkpoint.convert import add_checkpoint_args
 
     p = sub.add_parser("checkpoint", help="checkpoint tools (convert the old .pt format)")
     add_checkpoint_args(p.add_subparsers(dest="checkpoint_command", required=True))

@@ -24,10 +24,10 @@ def load_for_inference(checkpoint: str | Path):
     from megatron.core import parallel_state
 
     from megalong.parallel.distributed import initialize
-    from megalong.train.checkpoint import (CheckpointError, read_checkpoint_info, single_process_config,
-                                           whole_model_state)
-    from megalong.train.checkpoint_files import checkpoint_tokenizer
-    from megalong.train.model_state import load_weights
+    from megalong.checkpoint.files import checkpoint_tokenizer
+    from megalong.checkpoint.model_state import load_weights
+    from megalong.checkpoint.step import read_checkpoint_info, single_process_config, whole_model_state
+    from megalong.errors import CheckpointError
 
     info = read_checkpoint_info(checkpoint)
     tokenizer = checkpoint_tokenizer(info.path)

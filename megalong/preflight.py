@@ -1,7 +1,7 @@
 """Checks of a training run's inputs and outputs before any model, data or process group is built,
 beyond what `config.validate` can see in the config alone: the tokenizer parses, every dataset's
 .bin/.idx pair is whole, every output directory can be written, `train.save_dir` holds no other
-run's checkpoints that the run would replace (megalong/train/save_dir.py), and the dataset index
+run's checkpoints that the run would replace (megalong/checkpoint/layout.py), and the dataset index
 cache holds no pickle (megalong/data/index_cache.py).
 
 `python -m megalong.preflight [--world-size N] CONFIG.yaml ... [--set KEY=VALUE ...]` runs the
@@ -21,7 +21,7 @@ from megalong.config import Config, ConfigError, load_config
 from megalong.errors import MegalongError, TokenizerError, format_error
 from megalong.data.index_cache import check_index_cache, index_cache_root
 from megalong.paths import check_writable_dir
-from megalong.train.save_dir import replaced_checkpoints
+from megalong.checkpoint.layout import replaced_checkpoints
 
 
 def check_train_inputs(cfg: Config) -> None:

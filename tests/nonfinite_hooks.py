@@ -8,16 +8,16 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-import megalong.train.loop as loop
+import megalong.train.losses as losses
 import megalong.train.pipeline as pipeline
-from megalong.train import megatron_dp
+from megalong.train.torch_engine import TorchEngine
 
 
 class Recorder:
     def __init__(self, bad_steps, inject_rank: int = 0, calls_per_step: Optional[int] = None):
         self.bad_steps = set(bad_steps)
         self.inject_rank = inject_rank
-        self.calls_per_step = calls_per_step  # for engines without a train_step (DeepSpeed)
+        self.calls_per_step = calls_per_step  # for engines whose step is not recorded (DeepSpeed)
         self.calls = 0
         self.steps_run = 0
         self.step: Optional[int] = None  # the 1-based step being run
@@ -34,11 +34,12 @@ class Recorder:
         return loss
 
 
-def _tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+def _tensors(engine: TorchEngine) -> tuple[dict, dict]:
+    model = torch.nn.ModuleList(engine.chunks)
     names = {p: n for n, p in model.named_parameters()}
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     adam = {names[p]: {k: torch.as_tensor(v).detach().clone() for k, v in state.items()}
-            for p, state in megatron_dp.adam_state(optimizer).items() if p in names}
+            for p, state in engine.adam_state().items() if p in names}
     return weights, adam
 
 
@@ -50,9 +51,9 @@ def _equal(a: dict, b: dict) -> bool:
 
 def install(recorder: Recorder) -> Callable[[], None]:
     """Put the hooks in place; returns the function that takes them out again."""
-    originals = {(loop, "lm_loss"): loop.lm_loss, (pipeline, "masked_mean"): pipeline.masked_mean,
-                 (loop, "train_step"): loop.train_step, (loop, "pipeline_train_step"): loop.pipeline_train_step}
-    lm_loss, masked_mean = loop.lm_loss, pipeline.masked_mean
+    originals = {(losses, "lm_loss"): losses.lm_loss, (pipeline, "masked_mean"): pipeline.masked_mean,
+                 (TorchEngine, "step"): TorchEngine.step}
+    lm_loss, masked_mean = losses.lm_loss, pipeline.masked_mean
 
     def poisoned_lm_loss(model, batch):
         return recorder.poison(lm_loss(model, batch), model.training)
@@ -61,20 +62,20 @@ def install(recorder: Recorder) -> Callable[[], None]:
         return recorder.poison(masked_mean(per_token, loss_mask), True)
 
     def recorded(step_fn):
-        def run(model, optimizer, *args):
+        def run(engine, *args):
             recorder.steps_run += 1
             recorder.step = recorder.steps_run
-            before = _tensors(model, optimizer)
+            before = _tensors(engine)
             try:
-                return step_fn(model, optimizer, *args)
+                return step_fn(engine, *args)
             finally:
-                after = _tensors(model, optimizer)
+                after = _tensors(engine)
                 recorder.unchanged[recorder.step] = (_equal(before[0], after[0]), _equal(before[1], after[1]))
                 recorder.step = None
         return run
 
-    loop.lm_loss, pipeline.masked_mean = poisoned_lm_loss, poisoned_masked_mean
-    loop.train_step, loop.pipeline_train_step = recorded(loop.train_step), recorded(loop.pipeline_train_step)
+    losses.lm_loss, pipeline.masked_mean = poisoned_lm_loss, poisoned_masked_mean
+    TorchEngine.step = recorded(TorchEngine.step)  # the megatron-core DDP engine's step too
 
     def uninstall() -> None:
         for (module, name), value in originals.items():

@@ -17,7 +17,8 @@ from megalong.moe.options import MoEOptions
 from megalong.moe.router import build_router
 from megalong.parallel import cpu_compat
 from megalong.parallel.distributed import initialize, shutdown
-from megalong.train.loop import lm_loss, train
+from megalong.train.losses import lm_loss
+from megalong.train.loop import train
 
 SEQ, VOCAB = 16, 64
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)

@@ -27,9 +27,13 @@ from cli_cases import error_line, run_cases_in_subprocess
 from conftest import REPO, read_metrics, run_cli, tiny_overrides
 from megalong.config import load_config
 from megalong.parallel.distributed import shutdown
-from megalong.train import checkpoint as ckpt
+from megalong.checkpoint import step as ckpt
+from megalong.checkpoint.native import merged_state
+from megalong.checkpoint.files import load_rng, save_rng
+from megalong.errors import CheckpointError
+from megalong.checkpoint.layout import find_latest
 from megalong.train.loop import train
-from megalong.train.save_dir import complete_checkpoints
+from megalong.checkpoint.layout import complete_checkpoints
 
 DROPOUT = {"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1}
 DS = {"train.engine": "deepspeed", "deepspeed.zero_stage": 2, "train.micro_batch_size": 1}
@@ -89,7 +93,7 @@ def _write_old_format(step_dir: Path, model_payload=None) -> None:
     torch.save(model if model_payload is None else {"w": model_payload}, step_dir / "model_tp00.pt")
     groups = [{**g, "betas": tuple(g["betas"])} for g in groups]
     torch.save({"state": load_file(step_dir / "optim_tp00.safetensors"), "groups": groups}, step_dir / "optim_tp00.pt")
-    ckpt.load_rng(step_dir / "rng_rank000.safetensors")
+    load_rng(step_dir / "rng_rank000.safetensors")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
                step_dir / "rng_rank000.pt")
     for name in ("model_tp00", "optim_tp00", "rng_rank000"):
@@ -237,7 +241,7 @@ def test_old_checkpoint_converts_once_and_resumes_exactly(trained, tiny_data, tm
     original = trained / "run" / "step_00000001"
     old = _copy(original, tmp_path, "old")
     _write_old_format(old)
-    with pytest.raises(ckpt.CheckpointError, match="written in the old .pt format.*megalong checkpoint convert"):
+    with pytest.raises(CheckpointError, match="written in the old .pt format.*megalong checkpoint convert"):
         ckpt.load_merged_state(old)
     assert main(["checkpoint", "convert", str(old), str(tmp_path / "copy")]) == 0
     assert sorted(p.name for p in old.glob("*.pt")) == ["model_tp00.pt", "optim_tp00.pt", "rng_rank000.pt"]
@@ -246,8 +250,8 @@ def test_old_checkpoint_converts_once_and_resumes_exactly(trained, tiny_data, tm
     for name, converted in (("in_place", old), ("copy", tmp_path / "copy")):
         info = ckpt.read_checkpoint_info(converted)
         for prefix in ("model", "optim"):
-            mine = ckpt.merged_state(info, prefix)
-            reference = ckpt.merged_state(ckpt.read_checkpoint_info(original), prefix)
+            mine = merged_state(info, prefix)
+            reference = merged_state(ckpt.read_checkpoint_info(original), prefix)
             assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
         resumed = _train(tiny_data, tmp_path / f"resumed_{name}", **{"train.load": str(converted)})
         assert resumed.losses == {2: read_metrics(trained / "run")[2]}
@@ -256,14 +260,14 @@ def test_old_checkpoint_converts_once_and_resumes_exactly(trained, tiny_data, tm
 def test_rng_states_round_trip_exactly(tmp_path):
     torch.manual_seed(3), random.seed(3), np.random.seed(3)
     random.gauss(0, 1), np.random.randn()  # cached second normals: gauss_next, has_gauss
-    ckpt.save_rng(tmp_path / "rng.safetensors")
+    save_rng(tmp_path / "rng.safetensors")
 
     def draw():
         return (torch.rand(4).tolist(), torch.randn(3).tolist(), [random.random(), random.gauss(0, 1)],
                 np.random.randn(3).tolist(), np.random.randint(0, 1 << 30, 3).tolist())
 
     first = draw()
-    ckpt.load_rng(tmp_path / "rng.safetensors")
+    load_rng(tmp_path / "rng.safetensors")
     assert draw() == first
 
 
@@ -275,14 +279,14 @@ def test_keep_last_survives_a_kill_during_cleanup(trained, tiny_data, tmp_path):
     args = tiny_overrides(tiny_data, save_dir, 5, **DROPOUT, **{"train.load": "auto", "train.keep_last": 1})
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from megalong.train import save_dir
-        real_rmtree = save_dir.shutil.rmtree
+        from megalong.checkpoint import layout
+        real_rmtree = layout.shutil.rmtree
         def dying_rmtree(path, *a, **k):
             if not str(path).endswith(".deleting"):
                 return real_rmtree(path, *a, **k)
             os.remove(os.path.join(path, sorted(os.listdir(path))[0]))
             os.kill(os.getpid(), signal.SIGKILL)
-        save_dir.shutil.rmtree = dying_rmtree
+        layout.shutil.rmtree = dying_rmtree
         from megalong.cli import main
         sys.exit(main(["train", *{args!r}]))
     """)
@@ -290,7 +294,7 @@ def test_keep_last_survives_a_kill_during_cleanup(trained, tiny_data, tmp_path):
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert [p.name for p in complete_checkpoints(save_dir)] == ["step_00000004", "step_00000005"]
-    assert ckpt.find_latest(save_dir) == save_dir / "step_00000005"
+    assert find_latest(save_dir) == save_dir / "step_00000005"
     assert ckpt.load_merged_state(save_dir)[1] and (save_dir / ".step_00000003.deleting").is_dir()
     # The next run (resumed from step 5) removes the remains, and step 4 as keep_last 1 says.
     _train(tiny_data, save_dir, 6, **{"train.load": "auto", "train.keep_last": 1})
@@ -305,7 +309,7 @@ def test_a_fresh_run_never_replaces_another_runs_checkpoints(trained, tiny_data,
     step_dir = _copy(trained / "run" / "step_00000002", tmp_path, "run")
     save_dir = step_dir.parent
     before = (step_dir / "model_tp00.safetensors").read_bytes()
-    with pytest.raises(ckpt.CheckpointError, match=r"already holds 1 checkpoint\(s\) of another run "
+    with pytest.raises(CheckpointError, match=r"already holds 1 checkpoint\(s\) of another run "
                                                    r"\(step_00000002\).*train.overwrite: true"):
         _train(tiny_data, save_dir, 1)
     assert (step_dir / "model_tp00.safetensors").read_bytes() == before

@@ -11,7 +11,7 @@ from megalong.model.compile import compile_layers
 from megalong.model.gpt import build_model
 from megalong.moe.layer import moe_aux_loss
 from megalong.parallel.distributed import initialize, shutdown
-from megalong.train.loop import lm_loss
+from megalong.train.losses import lm_loss
 
 SEQ, VOCAB = 16, 64
 KIND_OPTIONS = {"local": {"window": 4, "dilation": [1, 2, 1, 2], "global_tokens": 2},

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, free_port, read_metrics, run_cli, tiny_overrides
 from megalong.config import ConfigError, load_config
-from megalong.train.checkpoint import load_merged_state
+from megalong.checkpoint.step import load_merged_state
 
 pytest.importorskip("deepspeed")
 

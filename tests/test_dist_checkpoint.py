@@ -1,4 +1,4 @@
-"""`train.checkpoint_format: megatron` (megalong/train/dist_checkpoint.py): in one process, exact
+"""`train.checkpoint_format: megatron` (megalong/checkpoint/dist.py): in one process, exact
 resume with dropout (RNG states kept), the step-directory layout, the merged state for export, and
 the slicing of gated fc1 weights; in one 4-process gloo job, checkpoints saved at one layout and
 loaded at another (TP1 -> TP2 x PP2 -> TP1 x DP4, TP1 -> EP2 x DP2 -> EP1 x PP2 x DP2), weights
@@ -10,7 +10,8 @@ import torch
 from conftest import read_metrics, run_driver, tiny_overrides
 from megalong.config import load_config
 from megalong.parallel.distributed import ParallelLayout, shutdown
-from megalong.train import checkpoint as ckpt
+from megalong.checkpoint import step as ckpt
+from megalong.checkpoint.layout import find_latest
 from megalong.train.loop import train
 
 
@@ -28,7 +29,7 @@ def test_megatron_format_resumes_exactly_and_merges(tiny_data, tmp_path):
     straight = _run(tiny_data, tmp_path / "a", **extra)
     _run(tiny_data, tmp_path / "b", **extra, **{"train.stop_at_step": 3})
     step3 = tmp_path / "b" / "step_00000003"
-    assert ckpt.find_latest(tmp_path / "b") == step3 and not list((tmp_path / "b").glob(".*.tmp"))
+    assert find_latest(tmp_path / "b") == step3 and not list((tmp_path / "b").glob(".*.tmp"))
     assert {p.name for p in step3.iterdir()} == {"config.yaml", "meta.json", "tokenizer.model",
                                                  "rng_rank000.safetensors", "dist"}
     # Resumed from the megatron-format step 3, saving in megalong's own format at the end.
@@ -76,7 +77,7 @@ def _assemble(pieces: list[tuple[torch.Tensor, list]]) -> torch.Tensor:
 
 def test_sharding_places_tp_and_ep_slices_where_the_one_process_model_has_them():
     from megalong.model.tp_shard import split_tensor_parallel
-    from megalong.train.dist_checkpoint import _sharding
+    from megalong.checkpoint.dist import sharding
 
     full = {"decoder.layers.0.mlp.linear_fc1.weight": torch.randn(8, 3),   # gated: [gate; up]
             "decoder.layers.0.mlp.linear_fc2.weight": torch.randn(3, 4),
@@ -86,11 +87,11 @@ def test_sharding_places_tp_and_ep_slices_where_the_one_process_model_has_them()
     for tp in (1, 2):
         shards = [split_tensor_parallel(full, dims, tp, r, gated_mlp=True) for r in range(tp)]
         for name in ("decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight"):
-            pieces = [_sharding(name, shards[r][name], dims, True, _layout(tp, r)) for r in range(tp)]
+            pieces = [sharding(name, shards[r][name], dims, True, _layout(tp, r)) for r in range(tp)]
             expected = full[name].view(2, 4, 3) if "fc1" in name else full[name]
             assert torch.equal(_assemble(pieces), expected), (tp, name)
     name = "decoder.layers.1.mlp.experts.w1"
-    pieces = [_sharding(name, full[name].chunk(2)[e], dims, True, _layout(2, 0, ep=2, ep_rank=e))
+    pieces = [sharding(name, full[name].chunk(2)[e], dims, True, _layout(2, 0, ep=2, ep_rank=e))
               for e in range(2)]
     assert [o for _, o in pieces] == [[(0, 0, 2)], [(0, 1, 2)]]
     assert torch.equal(_assemble(pieces), full[name])
@@ -120,7 +121,7 @@ def _moe_args(data, save_dir, **extra) -> list[str]:
 
 
 def _merged(step_dir, optimizer: bool = False) -> dict[str, torch.Tensor]:
-    from megalong.train.dist_checkpoint import DIST_DIR, load_merged
+    from megalong.checkpoint.dist import DIST_DIR, load_merged
 
     info = ckpt.read_checkpoint_info(step_dir)
     assert info.meta["format"] == "megatron"

@@ -12,7 +12,9 @@ import uuid
 from pathlib import Path
 
 from conftest import REPO, free_port, tiny_overrides
-from megalong.train import checkpoint as ckpt
+from megalong.checkpoint import step as ckpt
+from megalong.checkpoint.layout import META
+from megalong.checkpoint.layout import find_latest
 
 LAUNCH = REPO / "launch"
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
@@ -161,7 +163,7 @@ def test_deepspeed_launcher_dry_run_and_validation(tiny_data, tmp_path):
 
 def _wait_for_checkpoint(save_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    while ckpt.find_latest(save_dir) is None or ckpt.read_checkpoint_info(save_dir).meta["step"] < step:
+    while find_latest(save_dir) is None or ckpt.read_checkpoint_info(save_dir).meta["step"] < step:
         assert proc.poll() is None, f"the run ended before its step {step} checkpoint:\n{proc.communicate()}"
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.05)
@@ -257,7 +259,7 @@ def test_rank_killed_mid_run_resumes_from_last_checkpoint(tiny_data, tmp_path):
     assert job.returncode != 0, "the job went on without rank 1"
     last = ckpt.read_checkpoint_info(tmp_path)
     assert 4 <= last.meta["step"] < STEPS
-    assert not list(tmp_path.glob(f"step_*/{ckpt.META}.tmp"))
+    assert not list(tmp_path.glob(f"step_*/{META}.tmp"))
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]

@@ -244,7 +244,7 @@ def test_moe_gpt_trains_and_logs_expert_load(tiny_data, tmp_path):
     aux = read_metrics(tmp_path, "train/moe_aux_loss")
     assert len(aux) == 20 and all(0.0 < v < 1.0 for v in aux.values())
     assert read_metrics(tmp_path, "moe/layer2/load_cv") and read_metrics(tmp_path, "moe/layer2/dropped")
-    from megalong.train.checkpoint import load_merged_state
+    from megalong.checkpoint.step import load_merged_state
 
     _, state = load_merged_state(tmp_path)
     assert state["decoder.layers.1.mlp.experts.w1"].shape == (4, 64, 256)

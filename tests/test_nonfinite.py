@@ -18,7 +18,7 @@ from conftest import REPO, free_port, read_metrics, tiny_overrides
 from megalong.config import load_config
 from megalong.errors import TrainingError
 from megalong.parallel.distributed import shutdown
-from megalong.train import checkpoint as ckpt
+from megalong.checkpoint import step as ckpt
 from megalong.train.loop import train
 from nonfinite_hooks import Recorder, install
 

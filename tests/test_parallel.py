@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_metrics, run_cli, tiny_overrides
-from megalong.train.checkpoint import load_merged_state
+from megalong.checkpoint.step import load_merged_state
 
 # 12 heads (not a power of two) with ALiBi in global and local layers: TP=2 holds 6 heads per
 # rank, so per-head slopes must be taken by global head index for the runs to agree. The second
@@ -57,7 +57,8 @@ def _assert_norms_close(save_dir, reference_dir, name):
 
 
 def _optimizer_state(path):
-    from megalong.train.checkpoint import merged_state, read_checkpoint_info
+    from megalong.checkpoint.native import merged_state
+    from megalong.checkpoint.step import read_checkpoint_info
 
     return merged_state(read_checkpoint_info(path), "optim")
 

@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, read_metrics, run_driver, tiny_overrides
 from megalong.config import ConfigError, config_from_dict, load_config, validate
 from megalong.parallel.distributed import shutdown
-from megalong.train.checkpoint import load_merged_state
+from megalong.checkpoint.step import load_merged_state
 from megalong.train.loop import train
 
 STEPS = 5

@@ -12,7 +12,9 @@ import pytest
 from conftest import REPO, read_metrics, tiny_overrides
 from megalong.config import load_config
 from megalong.parallel.distributed import shutdown
-from megalong.train import checkpoint as ckpt
+from megalong.checkpoint import step as ckpt
+from megalong.errors import CheckpointError
+from megalong.checkpoint.layout import find_latest
 from megalong.train.loop import train
 
 
@@ -61,7 +63,7 @@ def test_checkpoint_from_another_config_is_refused(tiny_data, tmp_path):
     run(tiny_config(tiny_data, tmp_path, steps=1))
     other = tiny_config(tiny_data, tmp_path / "other", steps=2,
                         **{"model.hidden_size": 128, "train.load": str(tmp_path)})
-    with pytest.raises(ckpt.CheckpointError, match=r"model.hidden_size: checkpoint 64, config 128"):
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 64, config 128"):
         run(other)
 
 
@@ -70,15 +72,15 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     args = tiny_overrides(tiny_data, tmp_path, 4, **{"train.save_interval": 2})
     script = textwrap.dedent(f"""
         import os, sys
-        from megalong.train import checkpoint
-        real_write = checkpoint.write_tensors
+        from megalong.checkpoint import native
+        real_write = native.write_tensors
         def dying_write(path, *a, **k):
             if "step_00000004" in str(path):
                 with open(path, "wb") as f:
                     f.write(b"half a checkpoint")
                 os._exit(9)
             return real_write(path, *a, **k)
-        checkpoint.write_tensors = dying_write
+        native.write_tensors = dying_write
         from megalong.cli import main
         sys.exit(main(["train", *{args!r}]))
     """)
@@ -87,9 +89,9 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
                                             "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 9, proc.stderr[-3000:]
     assert not (tmp_path / "step_00000004").exists()
-    assert ckpt.find_latest(tmp_path) == tmp_path / "step_00000002"
+    assert find_latest(tmp_path) == tmp_path / "step_00000002"
     # The job resumes from the last good checkpoint and completes.
     result = run(load_config([], [a for a in args if a != "--set"] + ["train.load=auto"]))
     assert sorted(result.losses) == [3, 4]
-    assert ckpt.find_latest(tmp_path) == tmp_path / "step_00000004"
+    assert find_latest(tmp_path) == tmp_path / "step_00000004"
     assert ckpt.load_merged_state(tmp_path / "step_00000004")[1]

@@ -13,8 +13,8 @@ from typing import Optional
 
 from megalong.errors import MegalongError
 from megalong.paths import check_writable_dir
-from megalong.train.checkpoint import read_checkpoint_info, whole_model_state
-from megalong.train.checkpoint_files import TOKENIZER, checkpoint_tokenizer
+from megalong.checkpoint.files import TOKENIZER, checkpoint_tokenizer
+from megalong.checkpoint.step import read_checkpoint_info, whole_model_state
 
 log = logging.getLogger("megalong")
 

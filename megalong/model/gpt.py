@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megalong.checkpoint.names import tied_source
 from megalong.config import Config, padded_vocab_size
 from megalong.kernels import select as kernels
 from megalong.model.spec import decoder_spec
@@ -150,8 +151,8 @@ def stage_state(whole: dict, chunk: GPTModel) -> dict:
     offset, out = layer_offset(chunk), {}
     for name in chunk.state_dict():
         source = _shift_layer(name, offset)
-        if source == "output_layer.weight" and source not in whole:  # tied: the last stage's copy
-            source = "embedding.word_embeddings.weight"
+        if source not in whole:  # tied: the last stage's copy
+            source = tied_source(source, tied=True)
         out[name] = whole[source]
     return out
 

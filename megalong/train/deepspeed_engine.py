@@ -26,43 +26,27 @@ killed process hangs later runs); torch.distributed's gloo does the communicatio
 mode, also with CPU offload (`zero_force_ds_cpu_optimizer: false`), so no DeepSpeed C++/CUDA op
 is compiled: install with `DS_BUILD_OPS=0` (the default) and nothing is built.
 
-Checkpoints (`<save_dir>/step_XXXXXXXX/`, written under a temporary name and renamed when
-complete, like the megatron engine's): `deepspeed/` (DeepSpeed's own files: module, ZeRO shards of
-the optimizer state), `model_tpXX.safetensors` (whole weights of each tensor-parallel rank,
-gathered from the ZeRO-3 shards, for `megalong export`/`generate`), RNG states, config, tokenizer
-and meta.json (with `"engine": "deepspeed"`). Resuming needs the same ZeRO stage and layout.
-DeepSpeed's own files are pickles, which DeepSpeed 0.19.8 reads with `torch.load(weights_only=
-False)`: megalong lets it read them only inside megalong/train/library_loads.py's
-`pickles_without_code()` (weights_only forced, DeepSpeed's four classes allowed), so they never
-run code either.
+Checkpoints: megalong/train/deepspeed_checkpoint.py.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from megalong.config import Config, ConfigError, deep_merge, validate  # noqa: E402
-from megalong.model.gpt import build_model, model_flops_per_token  # noqa: E402
-from megalong.model.tp_shard import partition_dims  # noqa: E402
+from megalong.checkpoint.step import CheckpointInfo  # noqa: E402
+from megalong.config import Config, deep_merge  # noqa: E402
 from megalong.moe.layer import moe_aux_loss, update_router_biases  # noqa: E402
-from megalong.parallel.distributed import ParallelLayout, initialize  # noqa: E402
-from megalong.preflight import check_train_inputs  # noqa: E402
-from megalong.train import checkpoint as ckpt  # noqa: E402
-from megalong.train.batches import fetch, micro_batch_indices  # noqa: E402
-from megalong.train.metrics import Throughput, format_duration, memory_gib  # noqa: E402
-from megalong.train.nonfinite import NonFiniteGuard  # noqa: E402
+from megalong.parallel.distributed import ParallelLayout  # noqa: E402
+from megalong.train import deepspeed_checkpoint, losses  # noqa: E402
+from megalong.train.engine import StepResult  # noqa: E402
 from megalong.train.optim import build_optimizer  # noqa: E402
-from megalong.train.schedule import learning_rate  # noqa: E402
-
-DEEPSPEED_TAG = "deepspeed"  # the sub-directory of a step directory holding DeepSpeed's files
 
 
 class MegatronMpu:
@@ -97,107 +81,6 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict[str, Any]:
     return deep_merge(d.config, derived)
 
 
-def _gathered(engine, params):
-    """Context in which ZeRO-3's partitioned parameters are whole (a no-op for stages 1-2)."""
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(params), enabled=engine.zero_optimization_stage() == 3)
-
-
-def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, engine, layout: ParallelLayout,
-                    tokenizer_path: str, tokenizer_vocab_size: int,
-                    resumed_from: Path | None = None) -> Path:
-    """Save on every rank (collective); returns the final step directory."""
-    tmp, final = ckpt.begin_checkpoint(Path(save_dir), step, layout.rank)
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    module = engine.module
-    with _gathered(engine, module.parameters()):
-        state = {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
-        dims = partition_dims(module)
-    if layout.data_rank == 0:  # one copy per tensor-parallel rank
-        ckpt.write_tensors(tmp / f"model_tp{layout.tensor_rank:02d}.safetensors", state)
-    ckpt.save_rng(ckpt.rng_file(tmp, layout.rank))
-    dist.barrier()
-    if layout.rank == 0:
-        meta = {"step": step, "format": "megalong", "engine": "deepspeed",
-                "zero_stage": cfg.deepspeed.zero_stage,
-                "tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel,
-                "expert_parallel": 1, "pipeline_parallel": 1, "world_size": layout.world_size,
-                "tokenizer_vocab_size": tokenizer_vocab_size,
-                "gated_mlp": cfg.model.activation == "swiglu", "partition_dims": dims}
-        ckpt.finish_checkpoint(tmp, final, cfg, tokenizer_path, meta, resumed_from)
-    dist.barrier()
-    return final
-
-
-def _deepspeed_files(engine, layout: ParallelLayout) -> list[str]:
-    """The files (glob patterns) DeepSpeed 0.19.8 reads on this rank: its model states, and the
-    ZeRO optimizer states of every data-parallel rank (`bf16_` prefixed in its bf16 mode)."""
-    tp = f"mp_rank_{layout.tensor_rank:02d}"
-    model = (f"zero_pp_rank_{layout.data_rank}_{tp}_model_states.pt" if engine.zero_optimization_stage() == 3
-             else f"{tp}_model_states.pt")
-    return [model, *(f"*zero_pp_rank_{d}_{tp}_optim_states.pt" for d in range(layout.data_parallel))]
-
-
-def _load_engine_files(engine, step_dir: Path, layout: ParallelLayout) -> None:
-    """DeepSpeed's own files, read through megalong/train/library_loads.py: weights_only=True with
-    DeepSpeed's few classes allowed; a file it cannot read is a CheckpointError naming it."""
-    from megalong.train.library_loads import deepspeed_safe_globals, describe_load_error, pickles_without_code
-
-    directory = step_dir / DEEPSPEED_TAG
-    for name in _deepspeed_files(engine, layout):
-        if not list(directory.glob(name)):
-            raise ckpt.CheckpointError(f"{directory / name.lstrip('*')}: missing (the checkpoint is incomplete)")
-    reader = engine.checkpoint_engine
-    read = reader.load
-
-    def load_naming_the_file(path, map_location=None):
-        if not os.path.isfile(path):
-            raise ckpt.CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
-        try:
-            return read(path, map_location=map_location)
-        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-            raise ckpt.CheckpointError(f"{path}: {describe_load_error(e)}") from None
-
-    reader.load = load_naming_the_file
-    try:
-        with pickles_without_code(deepspeed_safe_globals()):
-            engine.load_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
-    except ckpt.CheckpointError:
-        raise
-    except Exception as e:  # DeepSpeed asserts on files that do not fit (another layout, ...)
-        raise ckpt.CheckpointError(f"{directory}: DeepSpeed cannot load it "
-                                   f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
-    finally:
-        del reader.load  # the engine's own method again
-
-
-def load_checkpoint(path: Path, cfg: Config, engine, layout: ParallelLayout) -> int:
-    """Restore weights, ZeRO optimizer state and RNG state; returns the step to continue from."""
-    info = ckpt.read_checkpoint_info(path)
-    ckpt.check_compatible(info.config, cfg, info.path)
-    meta = info.meta
-    if meta.get("engine") != "deepspeed":
-        raise ckpt.CheckpointError(f"checkpoint {info.path} was written by the megatron engine; "
-                                   f"resume it with train.engine: megatron")
-    for key, now in (("zero_stage", cfg.deepspeed.zero_stage), ("data_parallel", layout.data_parallel),
-                     ("tensor_parallel", layout.tensor_parallel)):
-        if meta[key] != now:
-            raise ckpt.CheckpointError(f"checkpoint {info.path} has {key}={meta[key]} but this run has "
-                                       f"{now}; DeepSpeed resumes only at the same ZeRO stage and layout")
-    _load_engine_files(engine, info.path, layout)
-    ckpt.restore_rng(info, layout)
-    return int(meta["step"])
-
-
-def _mean_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
-    if parallel_state.get_data_parallel_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= parallel_state.get_data_parallel_world_size()
-    return value
-
-
 def _no_cpu_op_builds() -> None:
     if not torch.cuda.is_available():
         import deepspeed.ops
@@ -205,114 +88,63 @@ def _no_cpu_op_builds() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def train(cfg: Config):
-    """Train as configured with DeepSpeed; every process of a torchrun/deepspeed job calls this.
-    Returns the megatron engine's TrainResult."""
-    import deepspeed
+class DeepSpeedEngine:
+    checkpoint_engine = "deepspeed"
 
-    from megalong.data.tokenizer import SentencePieceTokenizer
-    from megalong.train.loop import TrainResult, _build_datasets, evaluate, lm_loss, open_reporter
+    def __init__(self, chunks: list[torch.nn.Module], cfg: Config, layout: ParallelLayout):
+        import deepspeed
 
-    t = cfg.train
-    layout = initialize(cfg.parallel.tensor, cfg.parallel.backend)
-    validate(cfg, world_size=layout.world_size)
-    check_train_inputs(cfg)
-    ckpt.prepare_save_dir(cfg, layout.rank)  # train.overwrite: true deletes them, after every check
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"{tokenizer.vocab_size} pieces of data.tokenizer {cfg.data.tokenizer}")
+        (model,) = chunks  # no pipeline stages (refused by the config validator)
+        self.chunks, self.cfg, self.layout = chunks, cfg, layout
+        optimizer = build_optimizer(model, cfg.train)
+        _no_cpu_op_builds()
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; a one-process run has none
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMpu(),
+                                                    config=deepspeed_config(cfg, layout.data_parallel))
 
-    torch.manual_seed(t.seed)  # the megatron engine's initial weights, whatever the layout
-    model = build_model(cfg, tokenizer.vocab_size).to(layout.device)
-    vocab_size = model.vocab_size
-    optimizer = build_optimizer(model, t)
-    _no_cpu_op_builds()
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; a one-process run has none
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMpu(),
-                                           config=deepspeed_config(cfg, layout.data_parallel))
-    start_step = 0
-    resume = ckpt.resume_path(cfg)
-    if resume is not None:
-        start_step = load_checkpoint(resume, cfg, engine, layout)
-    else:
-        torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
+    def describe(self) -> list[str]:
+        d, layout = self.cfg.deepspeed, self.layout
+        return [f"DeepSpeed ZeRO-{d.zero_stage}{' with CPU optimizer offload' if d.offload_optimizer else ''}: "
+                f"{layout.world_size} processes (tensor {layout.tensor_parallel} x data "
+                f"{layout.data_parallel}) on {layout.device.type}"]
 
-    train_set, valid_set, _ = _build_datasets(cfg, tokenizer)
-    n_micro = engine.gradient_accumulation_steps()
-    end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
-    throughput = Throughput(t.global_batch_size * cfg.seq_length, model_flops_per_token(cfg, vocab_size),
-                            t.peak_tflops * 1e12 * layout.world_size)
-    reporter = open_reporter(cfg, layout, start_step, end_step)
-    reporter.line(f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}"
-                  f"{' with CPU optimizer offload' if cfg.deepspeed.offload_optimizer else ''}: "
-                  f"{layout.world_size} processes (tensor {layout.tensor_parallel} x data "
-                  f"{layout.data_parallel}) on {layout.device.type}")
-    if resume is not None:
-        reporter.line(f"resumed from {resume} at step {start_step}")
+    def train(self) -> None:
+        self.engine.train()
 
-    result = TrainResult()
-    guard = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, resume)
-    engine.train()
-    for step in range(start_step, end_step):
-        lr = learning_rate(step, t)
+    def step(self, micro_batches: Iterable[dict[str, torch.Tensor]], lr: float) -> StepResult:
+        engine, device = self.engine, self.layout.device
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        lm_total = torch.zeros((), device=layout.device)
-        for idx in micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
-                                       layout.data_parallel, layout.data_rank):
-            loss = lm_loss(engine, fetch(train_set, idx, layout.device))
+        n_micro = engine.gradient_accumulation_steps()
+        lm = torch.zeros((), device=device)
+        aux_total = torch.zeros((), device=device)
+        for batch in micro_batches:
+            loss = losses.lm_loss(engine, batch)
             aux = moe_aux_loss(engine.module)
             engine.backward(loss + aux if aux is not None else loss)  # scaled by 1/n_micro inside
             engine.step()  # the optimizer steps at the last micro-batch only
-            lm_total += loss.detach() / n_micro
+            lm += loss.detach() / n_micro
+            if aux is not None:
+                aux_total += aux.detach() / n_micro
         # ZeRO-1/2 drop a step whose gradient norm is not finite (was_step_applied is then False)
-        applied = engine.was_step_applied()
-        update_router_biases(engine.module, torch.tensor(float(applied)))
-        throughput.step_done()
-        done = step + 1
-        loss_value = float(_mean_over_data_parallel(lm_total))
+        applied = torch.tensor(float(engine.was_step_applied()))
+        update_router_biases(engine.module, applied)
         norm = engine.get_global_grad_norm()
-        norm_value = float(norm) if norm is not None else float("nan")
-        result.losses[done], result.grad_norms[done] = loss_value, norm_value
-        record = {"train/loss": loss_value, "train/grad_norm": norm_value, "train/lr": lr}
-        try:
-            skipped = guard.record(done, loss_value, norm_value, applied)
-        finally:  # the metrics of the step that stops the run are written too
-            if t.nonfinite == "skip":
-                record["train/skipped_steps"] = guard.skipped_total
-            reporter.scalars(done, record)
-        if skipped is not None:
-            reporter.line(skipped)
-        if done % t.log_interval == 0 or done == end_step:
-            tokens_per_s, mfu = throughput.window()
-            result.tokens_per_second = tokens_per_s
-            reporter.line(f"step {done}/{end_step} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm "
-                          f"{norm_value:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {100 * mfu:.2f}% | "
-                          f"mem {memory_gib(layout.device):.2f} GiB | "
-                          f"ETA {format_duration(throughput.eta(end_step - done))}")
-        reporter.advance({"loss": f"{loss_value:.3f}"})
-        if valid_set is not None and done % t.eval_interval == 0 and done != end_step:
-            result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout)
-            reporter.line(f"step {done}: held-out loss {result.valid_losses[done]:.4f}")
-            reporter.scalars(done, {"valid/loss": result.valid_losses[done]})
-        if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
-            if guard.may_save:
-                guard.last_checkpoint = save_checkpoint(t.save_dir, done, cfg, engine, layout,
-                                                        cfg.data.tokenizer, tokenizer.vocab_size, resume)
-            else:
-                reporter.line(f"step {done}: no checkpoint written: the last {guard.streak} steps were "
-                              f"skipped (train.nonfinite: skip)")
+        norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+        return StepResult(losses.mean_over_data_parallel(lm), losses.mean_over_data_parallel(aux_total),
+                          norm, applied)
 
-    if valid_set is not None:
-        result.final_valid_loss = evaluate(engine, valid_set, cfg, layout)
-        result.valid_losses[end_step] = result.final_valid_loss
-        reporter.scalars(end_step, {"valid/loss": result.final_valid_loss})
-        reporter.line(f"held-out loss {result.final_valid_loss:.4f} after {end_step} steps")
-    if t.save_dir:
-        result.checkpoint = save_checkpoint(t.save_dir, end_step, cfg, engine, layout,
-                                            cfg.data.tokenizer, tokenizer.vocab_size, resume)
-        reporter.line(f"saved {result.checkpoint}")
-    reporter.close()
-    return result
+    def evaluate(self, micro_batches: Iterable[dict[str, torch.Tensor]], n_micro: int) -> torch.Tensor:
+        was_training = self.engine.training
+        self.engine.eval()
+        try:
+            return losses.held_out_loss(self.engine, micro_batches, self.cfg, self.layout.device)
+        finally:
+            self.engine.train(was_training)
+
+    def save(self, step_dir: Path, step: int) -> dict:
+        return deepspeed_checkpoint.save_files(step_dir, self.cfg, self.engine, self.layout)
+
+    def load(self, info: CheckpointInfo) -> None:
+        deepspeed_checkpoint.load_files(info, self.cfg, self.engine, self.layout)
 

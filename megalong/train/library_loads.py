@@ -1,5 +1,5 @@
 """The one place where megalong lets libraries read the pickled files they write, and how it makes
-that safe. megalong's own files hold no pickle (megalong/train/checkpoint_files.py); two formats
+that safe. megalong's own files hold no pickle (megalong/checkpoint/files.py); two formats
 of other libraries do:
 
 * megatron-core's distributed checkpoint (`train.checkpoint_format: megatron`, the `dist/`
@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from megalong.train.checkpoint_files import CheckpointError
+from megalong.errors import CheckpointError
 
 # torch.distributed.checkpoint's metadata (written by megatron-core through torch 2.13's
 # FileSystemWriter): dataclasses, enums and torch's value types; nothing that runs code.

@@ -3,14 +3,14 @@ buffers, reduced bucket by bucket, optionally while the backward still runs) and
 (Adam; with `parallel.distributed_optimizer` the Adam state and the float32 update are sharded over
 the data-parallel ranks, gradients are reduce-scattered and the updated weights all-gathered).
 
-Used by the training loop whenever there is more than one data-parallel rank; one data-parallel
-rank needs no gradient exchange and steps a plain AdamW (megalong/train/optim.py).
+Used by megalong/train/megatron_engine.py whenever there is more than one data-parallel rank; one
+data-parallel rank needs no gradient exchange and steps a plain AdamW (megalong/train/torch_engine.py).
 
 Expert weights (attribute `expert_parallel`) are marked `allreduce = False`, megatron's sign for
 weights that differ across expert-parallel ranks: DDP reduces them over the expert-data-parallel
 group only, and the optimizer keeps them in a separate instance.
 
-Checkpoints store Adam's state per parameter, whole (megalong/train/checkpoint.py merges and
+Checkpoints store Adam's state per parameter, whole (megalong/checkpoint/ merges and
 re-splits it for any layout): `adam_state` gathers the shards of the distributed optimizer and
 `load_adam_state` keeps this rank's part of them.
 """
@@ -174,11 +174,8 @@ def _model_params(sub) -> list[torch.nn.Parameter]:
 
 
 def adam_state(optimizer) -> Mapping[torch.nn.Parameter, dict[str, torch.Tensor]]:
-    """Adam's state per model parameter, whole ({exp_avg, exp_avg_sq, step}). A torch optimizer's
-    state as it is; a megatron optimizer's gathered from its data-parallel shards (collective over
-    the data-parallel ranks)."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer.state
+    """Adam's state per model parameter, whole ({exp_avg, exp_avg_sq, step}), gathered from the
+    data-parallel shards of megatron's optimizer (collective over the data-parallel ranks)."""
     state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for sub in _sub_optimizers(optimizer):
         if not _is_distributed(sub):
@@ -207,10 +204,6 @@ def adam_state(optimizer) -> Mapping[torch.nn.Parameter, dict[str, torch.Tensor]
 
 def load_adam_state(optimizer, state: Mapping[torch.nn.Parameter, dict[str, torch.Tensor]]) -> None:
     """Set Adam's state from whole per-parameter tensors (as `adam_state` returns them)."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        for param, entries in state.items():
-            optimizer.state[param] = {k: v.clone() for k, v in entries.items()}
-        return
     for sub in _sub_optimizers(optimizer):
         for param in _model_params(sub):
             if param not in state:

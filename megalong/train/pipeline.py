@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megalong.model.gpt import position_ids_for
 from megalong.moe.layer import RoutingStats, moe_aux_loss, moe_stats
+from megalong.train.losses import masked_mean
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -43,11 +44,6 @@ def _reversible(chunks: list[torch.nn.Module]) -> bool:
     from megalong.model.reversible import ReversibleTransformerBlock
 
     return any(isinstance(m, ReversibleTransformerBlock) for chunk in chunks for m in chunk.modules())
-
-
-def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    mask = loss_mask.to(per_token.dtype)
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
 
 
 def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iterable[dict],

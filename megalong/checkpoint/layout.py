@@ -1,4 +1,5 @@
-"""What a `train.save_dir` holds, and the rules that keep it safe:
+"""The step-directory layout of a `train.save_dir` (names, `latest`, which directories are complete
+checkpoints), and the rules that keep it safe:
 
 * a fresh run (no `train.load`) refuses a save_dir that already holds another run's checkpoints,
   unless `train.overwrite: true` (then they, and the metrics.jsonl that recorded them, are deleted
@@ -25,11 +26,16 @@ META = "meta.json"  # a step directory's meta.json is written last: one holding 
 LATEST = "latest"  # the name of the newest complete checkpoint (replaced atomically)
 STEP_DIR = re.compile(r"step_(\d+)$")
 DELETING = ".deleting"
-METRICS = "metrics.jsonl"  # written by the run beside its checkpoints (megalong/train/loop.py)
+METRICS = "metrics.jsonl"  # written by the run beside its checkpoints (megalong/train/run_log.py)
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def temporary_name(final: Path) -> Path:
+    """Where a step directory is written before it is complete (renamed to `final` then)."""
+    return final.with_name(f".{final.name}.tmp")
 
 
 def complete_checkpoints(save_dir: str | Path) -> list[Path]:

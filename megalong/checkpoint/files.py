@@ -20,7 +20,7 @@ import yaml
 
 from megalong.config import Config, ConfigError, config_from_dict
 from megalong.errors import CheckpointError, TokenizerError
-from megalong.train.save_dir import META
+from megalong.checkpoint.layout import META
 
 FORMAT_VERSION = 2  # 1 (unnumbered): pickled torch .pt files; 2: safetensors and JSON
 CONFIG = "config.yaml"

@@ -23,7 +23,7 @@ The sharded state dicts are built from the parameters' recorded sharding rather 
 
 Adam's `exp_avg`/`exp_avg_sq` are sharded exactly like their parameters
 (`optimizer.<name>.exp_avg`), its `step` is a replicated one-element tensor. They are read and set
-whole per parameter through megalong/train/megatron_dp.py (`adam_state`, `load_adam_state`), so
+whole per parameter through the engine (`TrainState.adam_state`, `load_adam_state`), so
 megatron-core's optimizer (data-parallel runs, sharded with `parallel.distributed_optimizer`) is
 saved and loaded like a torch AdamW.
 
@@ -39,17 +39,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megalong.checkpoint.files import json_safe_groups, read_json
+from megalong.checkpoint.format import TrainState
+from megalong.checkpoint.model_state import global_state, load_weights, loading_dims, param_names, partition_dims_global
+from megalong.checkpoint.names import (ADAM_KEYS, OUTPUT_LAYER, chunks_of, global_names, is_expert_key,
+                                       tied_source)
+from megalong.checkpoint.ranks import barrier, everyone, first_holders, union_over_ranks
+from megalong.checkpoint.step import CheckpointInfo
 from megalong.config import Config
+from megalong.errors import CheckpointError
 from megalong.parallel.cpu_compat import cuda_on_cpu_temporarily
 from megalong.parallel.distributed import ParallelLayout
-from megalong.train.checkpoint_files import CheckpointError, read_json
 from megalong.train.library_loads import describe_load_error, pickles_without_code, read_dcp_metadata
-from megalong.train.model_state import (chunks_of, global_names, global_state, is_expert_key, loading_dims,
-                                        param_names, partition_dims_global)
 
 DIST_DIR = "dist"  # megatron's files (metadata.json, common.pt, __*.distcp) in a step directory
 OPTIM_PREFIX = "optimizer."
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _checkpointing():
@@ -58,7 +62,7 @@ def _checkpointing():
     return dist_checkpointing
 
 
-def _sharding(name: str, local: torch.Tensor, dims: dict, gated: bool,
+def sharding(name: str, local: torch.Tensor, dims: dict, gated: bool,
               layout: ParallelLayout) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """The tensor to store (a view of `local`) and its (axis, rank, fragments) offsets."""
     offsets = []
@@ -77,32 +81,12 @@ def _sharding(name: str, local: torch.Tensor, dims: dict, gated: bool,
     return data, [o for o in offsets if o[2] > 1]
 
 
-def _everyone(value) -> list:
-    """`value` from every rank (collective), in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _first_holders(slices: list[tuple]) -> list[bool]:
-    """For each (key, offsets) slice of this rank, whether it is the lowest rank holding it
-    (collective)."""
-    first = {}
-    for rank, held in enumerate(_everyone(slices)):
-        for s in held:
-            first.setdefault(s, rank)
-    me = dist.get_rank() if dist.is_initialized() else 0
-    return [first[s] == me for s in slices]
-
-
 def _sharded_tensors(entries: list[tuple[str, torch.Tensor, list]]) -> list:
     """`ShardedTensor`s for (key, stored view, offsets) entries, the lowest rank holding a slice
     its main replica (collective)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    holders = _first_holders([(k, tuple(offsets)) for k, _, offsets in entries])
+    holders = first_holders([(k, tuple(offsets)) for k, _, offsets in entries])
     return [ShardedTensor.from_rank_offsets(k, view, *offsets, replica_id=0 if first else 1)
             for (k, view, offsets), first in zip(entries, holders)]
 
@@ -119,24 +103,23 @@ def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torc
     for name, tensor in global_state(model, cfg.model.tie_embeddings).items():
         if not isinstance(tensor, torch.Tensor):
             continue  # megatron's `_extra_state` placeholders (None without Transformer Engine)
-        out[name] = _sharding(name, tensor, dims, gated, layout)
+        out[name] = sharding(name, tensor, dims, gated, layout)
     return out
 
 
-def _optimizer(model, optimizer, cfg: Config,
+def _optimizer(state: TrainState, cfg: Config,
                layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
-    from megalong.train.megatron_dp import adam_state
-
+    model = state.chunks
     dims = partition_dims_global(model)
     gated = cfg.model.activation == "swiglu"
-    whole = adam_state(optimizer)  # collective for megatron's distributed optimizer
+    whole = state.adam_state()  # collective for megatron's distributed optimizer
     out = {}
     for param, name in param_names(model).items():
-        if cfg.model.tie_embeddings and name == "output_layer.weight":
+        if cfg.model.tie_embeddings and name == OUTPUT_LAYER:
             continue  # the same state as the first stage's embedding
         for key, value in whole.get(param, {}).items():
             if key in ADAM_KEYS:
-                out[f"{OPTIM_PREFIX}{name}.{key}"] = _sharding(name, value, dims, gated, layout)
+                out[f"{OPTIM_PREFIX}{name}.{key}"] = sharding(name, value, dims, gated, layout)
             elif key == "step":
                 out[f"{OPTIM_PREFIX}{name}.step"] = (value.reshape(1), [])
             else:
@@ -157,14 +140,13 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_distributed(directory: Path, cfg: Config, model, optimizer,
+def save_distributed(directory: Path, cfg: Config, train_state: TrainState,
                      layout: ParallelLayout, step: int) -> None:
     """Write weights and Adam state to `directory` (collective; rank 0 creates the directory)."""
     if layout.rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    state = _sharded({**_weights(model, cfg, layout), **_optimizer(model, optimizer, cfg, layout)})
+    barrier()
+    state = _sharded({**_weights(train_state.chunks, cfg, layout), **_optimizer(train_state, cfg, layout)})
     state["megalong"] = {"step": step, "gated_mlp": cfg.model.activation == "swiglu"}  # common.pt
     _in_process_results_queue()
     with cuda_on_cpu_temporarily():
@@ -222,20 +204,15 @@ def _megatron(call, directory: Path, *args):
         raise CheckpointError(f"{directory}: megatron-core cannot read it: {describe_load_error(e)}") from None
 
 
-def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: ParallelLayout) -> None:
-    """Read this rank's slices of weights (and Adam state) into `model` (and `optimizer`, a torch
-    or megatron-core optimizer, or None). Collective: every rank of the job calls it."""
-    from megalong.train.megatron_dp import load_adam_state
-    from megalong.train.model_state import load_weights
-
+def load_distributed(directory: Path, cfg: Config, state: TrainState, layout: ParallelLayout) -> None:
+    """Read this rank's slices of weights and Adam state into the engine's `state`. Collective:
+    every rank of the job calls it."""
+    model = state.chunks
     verify_dist_dir(directory)
     tied = cfg.model.tie_embeddings
     dims = loading_dims(model, tied)
     gated = cfg.model.activation == "swiglu"
     stored = set(_megatron(_checkpointing().load_tensors_metadata, directory))
-
-    def source(name: str) -> str:  # the last stage's tied output layer reads the embedding
-        return "embedding.word_embeddings.weight" if tied and name == "output_layer.weight" else name
 
     # (checkpoint key, local tensor to fill, its stored view and offsets)
     wanted: list[tuple[str, torch.Tensor, tuple]] = []
@@ -245,29 +222,28 @@ def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: Par
         for (local, tensor), name in zip(local_state.items(), global_names(chunk, local_state)):
             if not isinstance(tensor, torch.Tensor):
                 continue  # `_extra_state`: kept as built
-            key = source(name)
+            key = tied_source(name, tied)
             template = torch.empty_like(tensor.detach())
-            wanted.append((key, template, _sharding(key, template, dims, gated, layout)))
+            wanted.append((key, template, sharding(key, template, dims, gated, layout)))
             targets.append((chunk, local))
     optim_targets = []
-    if optimizer is not None:
-        for param, name in param_names(model).items():
-            key = source(name)
-            for entry in (*ADAM_KEYS, "step"):
-                full_key = f"{OPTIM_PREFIX}{key}.{entry}"
-                if full_key not in stored:
-                    continue
-                if entry == "step":
-                    template = torch.empty(1, dtype=torch.float32)
-                    sharding = (template, [])
-                else:
-                    template = torch.empty_like(param.detach())
-                    sharding = _sharding(key, template, dims, gated, layout)
-                wanted.append((full_key, template, sharding))
-                optim_targets.append((param, entry))
+    for param, name in param_names(model).items():
+        key = tied_source(name, tied)
+        for entry in (*ADAM_KEYS, "step"):
+            full_key = f"{OPTIM_PREFIX}{key}.{entry}"
+            if full_key not in stored:
+                continue
+            if entry == "step":
+                template = torch.empty(1, dtype=torch.float32)
+                stored_as = (template, [])
+            else:
+                template = torch.empty_like(param.detach())
+                stored_as = sharding(key, template, dims, gated, layout)
+            wanted.append((full_key, template, stored_as))
+            optim_targets.append((param, entry))
 
     # Every rank raises (a rank that went on would wait in megatron's collectives for the others).
-    missing = sorted({k for held in _everyone([k for k, _, _ in wanted[:len(targets)] if k not in stored])
+    missing = sorted({k for held in everyone([k for k, _, _ in wanted[:len(targets)] if k not in stored])
                       for k in held})
     if missing:
         raise CheckpointError(f"{directory}: the model's {missing[:5]} are not in the checkpoint")
@@ -284,8 +260,7 @@ def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: Par
     adam: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
     for (param, entry), value in zip(optim_targets, values[len(targets):]):
         adam.setdefault(param, {})[entry] = value.reshape(()) if entry == "step" else value
-    if optimizer is not None:
-        load_adam_state(optimizer, adam)
+    state.load_adam_state(adam)
 
 
 def load_merged(directory: Path, dims: dict[str, int | None],
@@ -314,3 +289,18 @@ def load_merged(directory: Path, dims: dict[str, int | None],
         if gated and dim is not None and "linear_fc1" in name and entry != "step":
             out[key] = value.flatten(dim, dim + 1)
     return out
+
+
+class DistFormat:
+    name = "megatron"
+
+    def save(self, step_dir: Path, step: int, cfg: Config, state: TrainState, layout: ParallelLayout) -> dict:
+        save_distributed(step_dir / DIST_DIR, cfg, state, layout, step)
+        return {"format": self.name, "partition_dims": union_over_ranks(partition_dims_global(state.chunks)),
+                "optimizer_param_groups": json_safe_groups(state.param_groups())}
+
+    def load(self, info: CheckpointInfo, cfg: Config, state: TrainState, layout: ParallelLayout) -> None:
+        load_distributed(info.path / DIST_DIR, cfg, state, layout)
+
+    def whole_model(self, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+        return load_merged(info.path / DIST_DIR, info.meta["partition_dims"])

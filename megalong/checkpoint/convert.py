@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalong.train.checkpoint_files import (
+from megalong.checkpoint.files import (
     FORMAT_VERSION, META, CheckpointError, json_safe_groups, read_json, write_rng, write_tensors,
     write_text_atomically)
 from megalong.train.library_loads import describe_load_error
-from megalong.train.save_dir import STEP_DIR
+from megalong.checkpoint.layout import STEP_DIR
 
 OLD_FILES = re.compile(r"(model|experts|optim|optim_experts)_(tp|ep)\d\d(_pp\d\d)?\.pt$|rng_rank\d{3}\.pt$")
 

@@ -6,35 +6,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from megalong.checkpoint.format import TrainState
+from megalong.checkpoint.names import (ADAM_KEYS, OPTIM_SEP, OUTPUT_LAYER, TIED_EMBEDDING, chunks_of, global_names,
+                                       is_expert_key)
 from megalong.config import Config
+from megalong.errors import CheckpointError
 from megalong.model.tp_shard import partition_dims, split_tensor_parallel
 from megalong.parallel.distributed import ParallelLayout
-
-OPTIM_SEP = "/"  # optimizer entries are named "<parameter name>/<state key>"
-TIED_EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
-
-
-def chunks_of(model) -> list[torch.nn.Module]:
-    """A rank's model chunks: one module, or the list of its virtual pipeline stages."""
-    if isinstance(model, (list, tuple, torch.nn.ModuleList)):
-        return list(model)
-    return [model]
-
-
-def _offset(chunk: torch.nn.Module) -> int:
-    from megalong.model.gpt import layer_offset
-
-    return layer_offset(chunk) if chunk.config.pipeline_model_parallel_size > 1 else 0
-
-
-def global_names(chunk: torch.nn.Module, local_names) -> list[str]:
-    from megalong.model.gpt import to_global_names
-
-    return list(to_global_names(dict.fromkeys(local_names), _offset(chunk)))
-
 
 def global_state(model, tied: bool) -> dict[str, torch.Tensor]:
     """This rank's weights under the whole model's names. The last stage's copy of tied
@@ -74,14 +53,12 @@ def loading_dims(model, tied: bool) -> dict[str, int | None]:
     return dims
 
 
-def optimizer_state(model, optimizer, tied: bool) -> dict[str, torch.Tensor]:
+def optimizer_state(train_state: TrainState, tied: bool) -> dict[str, torch.Tensor]:
     """Adam's per-parameter state under the parameters' global names, so that it can be merged
     and re-split for another layout like the weights."""
-    from megalong.train.megatron_dp import adam_state
-
-    whole = adam_state(optimizer)  # gathered from the shards of megatron's distributed optimizer
+    whole = train_state.adam_state()  # gathered from the shards of megatron's distributed optimizer
     state = {}
-    for param, name in param_names(model).items():
+    for param, name in param_names(train_state.chunks).items():
         if tied and name == OUTPUT_LAYER:
             continue  # the same state as the first stage's embedding
         for key, value in whole.get(param, {}).items():
@@ -89,50 +66,22 @@ def optimizer_state(model, optimizer, tied: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def set_optimizer_state(model, optimizer, state: dict[str, torch.Tensor]) -> None:
-    from megalong.train.megatron_dp import load_adam_state
-
+def set_optimizer_state(train_state: TrainState, state: dict[str, torch.Tensor]) -> None:
     by_name: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         name, entry = key.rsplit(OPTIM_SEP, 1)
         by_name.setdefault(name, {})[entry] = value
     by_param = {}
-    for param, name in param_names(model).items():
+    for param, name in param_names(train_state.chunks).items():
         if name == OUTPUT_LAYER and name not in by_name:
             name = TIED_EMBEDDING  # tied: the last stage's copy
         if name in by_name:
             by_param[param] = by_name[name]
-    load_adam_state(optimizer, by_param)
+    train_state.load_adam_state(by_param)
 
 
 def optimizer_dims(dims: dict[str, int | None]) -> dict[str, int | None]:
-    return {f"{n}{OPTIM_SEP}{k}": d for n, d in dims.items() for k in ("exp_avg", "exp_avg_sq")}
-
-
-def gathered(dims: dict) -> dict:
-    """The union of every rank's dict (each pipeline stage knows only its own layers)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dims
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, dims)
-    out = {}
-    for part in parts:
-        out.update(part)
-    return out
-
-
-def is_expert_key(name: str) -> bool:
-    """State-dict keys of expert weights (split over expert-parallel ranks along dim 0)."""
-    return ".mlp.experts.w" in name
-
-
-def first_holder(key: tuple) -> bool:
-    """Whether this process is the lowest rank holding `key` (all ranks call this together)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return True
-    keys = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, key)
-    return keys.index(key) == dist.get_rank()
+    return {f"{n}{OPTIM_SEP}{k}": d for n, d in dims.items() for k in ADAM_KEYS}
 
 
 def rank_slice(full: dict[str, torch.Tensor], dims: dict, cfg: Config, layout: ParallelLayout,
@@ -152,8 +101,6 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor],
     """module.load_state_dict(state, strict) where entries that are not tensors (megatron's
     `_extra_state`, None without Transformer Engine, never saved) keep the module's own value.
     A missing or misshapen weight is a CheckpointError naming `source`."""
-    from megalong.train.checkpoint_files import CheckpointError
-
     own = module.state_dict()
     full = {k: (state[k] if k in state else v) for k, v in own.items() if not isinstance(v, torch.Tensor)}
     full.update(state)

@@ -1,0 +1,90 @@
+"""What a training run logs, the same for every engine: the model and data lines at the start,
+one line per log interval (loss, lr, grad norm, tokens/s, MFU, memory, ETA; per MoE layer its
+expert load and dropped tokens), held-out losses; TensorBoard and `<save_dir>/metrics.jsonl` too."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from megalong.checkpoint.layout import METRICS
+from megalong.config import Config
+from megalong.parallel.distributed import ParallelLayout
+from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
+from megalong.train.pipeline import pipeline_moe_stats
+
+
+def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step: int) -> Reporter:
+    """Progress bar, log lines, TensorBoard and `<save_dir>/metrics.jsonl`, written by rank 0."""
+    t = cfg.train
+    metrics_file = None
+    if t.save_dir and layout.rank == 0:
+        Path(t.save_dir).mkdir(parents=True, exist_ok=True)
+        metrics_file = str(Path(t.save_dir) / METRICS)
+    return Reporter(end_step, start_step, layout.rank == 0, t.progress_bar, t.tensorboard_dir,
+                    metrics_file)
+
+
+def describe_model(cfg: Config, chunks: list[torch.nn.Module], layout: ParallelLayout) -> str:
+    n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    kinds = cfg.layer_kinds()
+    summary = ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
+    return (f"model: {cfg.model.num_layers} layers ({summary}), hidden {cfg.model.hidden_size}, "
+            f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
+            f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x pipeline "
+            f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}"
+            f"{'; layers torch.compiled (the first steps compile)' if cfg.train.compile else ''}")
+
+
+def describe_data(cfg: Config, train_set, valid_set, n_micro: int) -> list[str]:
+    t = cfg.train
+    lines = [f"data: {len(train_set)} training and {len(valid_set) if valid_set else 0} held-out "
+             f"samples of {cfg.seq_length} tokens; {t.global_batch_size * cfg.seq_length} tokens per step "
+             f"({n_micro} micro-batches of {t.micro_batch_size} per process)"]
+    if len(cfg.data.train) > 1:
+        from megalong.data.datasets import describe_blend
+
+        lines.append(describe_blend("train", train_set))
+    return lines
+
+
+def report_interval(reporter: Reporter, throughput: Throughput, done: int, end_step: int, lr: float,
+                    window: list[list[float]], device: torch.device) -> tuple[float, list[float]]:
+    """The log line of the steps since the last one (host values [lm, aux, norm, applied] each;
+    skipped steps left out); returns tokens/s and the values of the last step reported."""
+    values = [v for v in window if math.isfinite(v[0])] or list(window)
+    window_loss = sum(v[0] for v in values) / len(values)
+    tokens_per_s, mfu = throughput.window()
+    reporter.line(f"step {done}/{end_step} | loss {window_loss:.4f} | lr {lr:.3e} | "
+                  f"grad norm {values[-1][2]:.3f} | {tokens_per_s:,.0f} tokens/s | "
+                  f"MFU {100 * mfu:.2f}% | mem {memory_gib(device):.2f} GiB | "
+                  f"ETA {format_duration(throughput.eta(end_step - done))}")
+    reporter.scalars(done, {"perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu,
+                            "perf/memory_gib": memory_gib(device)})
+    return tokens_per_s, values[-1]
+
+
+def report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
+    """Per MoE layer (of every pipeline stage), of the last micro-batch on this rank: expert load
+    spread and dropped tokens. Collective over the pipeline stages: every rank calls it."""
+    parts, scalars = [], {"moe/aux_loss": aux}
+    for layer, stats in pipeline_moe_stats(model):
+        load = stats.load.float() / max(1, stats.assignments)
+        cv = float(load.std() / load.mean()) if load.numel() > 1 else 0.0
+        dropped = float(stats.dropped) / max(1, stats.assignments)
+        parts.append(f"L{layer} load {float(load.min()):.3f}-{float(load.max()):.3f} cv {cv:.2f} "
+                     f"dropped {100 * dropped:.1f}%")
+        scalars.update({f"moe/layer{layer}/load_min": float(load.min()),
+                        f"moe/layer{layer}/load_max": float(load.max()),
+                        f"moe/layer{layer}/load_cv": cv, f"moe/layer{layer}/dropped": dropped})
+    reporter.line(f"  moe: aux loss {aux:.4f} | " + " | ".join(parts))
+    reporter.scalars(step, scalars)
+
+
+def report_held_out(reporter: Reporter, step: int, loss: float, final_of: int | None = None) -> None:
+    reporter.scalars(step, {"valid/loss": loss})
+    if final_of is None:
+        reporter.line(f"step {step}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
+    else:
+        reporter.line(f"held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f} after {final_of} steps")
