@@ -2,7 +2,7 @@
 
 stop (default): the run ends with a TrainingError naming the first such step. skip: the step's
 update is dropped (no optimizer step, no Adam moment change, no router bias update: the training
-step does this on the device, see loop.py), the step is counted and logged, and
+step does this on the device, see the engines), the step is counted and logged, and
 `train.max_skipped_steps` skipped steps in a row end the run. In both modes no checkpoint is
 written while the most recent step was not finite, so the newest checkpoint is always from before
 the trouble (the end of a run that finishes after skipped steps still saves: its weights are those
