@@ -114,6 +114,6 @@ def test_data_parallel_keys_are_checked():
 
 
 def test_compile_is_refused_with_the_deepspeed_engine():
-    with pytest.raises(ConfigError, match="train.compile: not supported with train.engine: deepspeed"):
-        _check({"train": {"engine": "deepspeed", "compile": True}})
-    _check({"train": {"compile": True}})
+    with pytest.raises(ConfigError, match="execution.compile: not supported with train.engine: deepspeed"):
+        _check({"train": {"engine": "deepspeed"}, "execution": {"compile": True}})
+    _check({"execution": {"compile": True}})
