@@ -67,4 +67,4 @@ def attach_chunked_loss(model: GPTModel, chunks: int) -> None:
         # the output layer would gather sequence-parallel slices of every rank into one chunk
         raise ValueError("execution.loss_chunks: not supported with sequence parallelism")
     model.__class__ = ChunkedLossGPTModel
-    execution.loss_chunks = chunks
+    model.loss_chunks = chunks
