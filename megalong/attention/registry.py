@@ -8,7 +8,6 @@ also pass the layer's MLP (FAM) replace the `TransformerLayer` class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
