@@ -124,7 +124,7 @@ def _write_gpt_neo(cfg, state, tokenizer, folder: Path) -> int:
 
 def megalong_refusal(cfg) -> Optional[str]:
     """Why even megalong's own Hugging Face class cannot hold this model (None when it can)."""
-    from megalong.export.modeling import export_refusal
+    from megalong.export.hf_layers import export_refusal
 
     if (reason := export_refusal(cfg)) is not None:
         return reason
