@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from megalong.cli import commands_data, commands_model, commands_run
+from megalong.cli.commands_data import add_data, add_preprocess, add_tokenizer
+from megalong.cli.commands_model import add_checkpoint, add_eval, add_export, add_generate
+from megalong.cli.commands_run import add_demo, add_train
 
 DESCRIPTION = "`megalong` command line: train | demo | preprocess | tokenizer train | export | generate | eval."
 
@@ -21,13 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="megalong", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands_run.add_train(sub)
-    commands_run.add_demo(sub)
-    commands_data.add_preprocess(sub)
-    commands_data.add_tokenizer(sub)
-    commands_data.add_data(sub)
-    commands_model.add_checkpoint(sub)
-    commands_model.add_export(sub)
-    commands_model.add_generate(sub)
-    commands_model.add_eval(sub)
+    for add in (add_train, add_demo, add_preprocess, add_tokenizer, add_data, add_checkpoint, add_export,
+                add_generate, add_eval):
+        add(sub)
     return parser
