@@ -1,7 +1,7 @@
 """megatron-core 0.16.1's CUDA-only paths of the model itself, made to run without CUDA (every
 function here is a no-op where CUDA is available), and its checkpoint writer's result queue.
 
-* `autocast_parallel_linears_on_cpu()`: mixed precision (`train.precision: bf16`, CPU autocast).
+* `autocast_parallel_linears_on_cpu()`: mixed precision (bf16 under CPU autocast).
   megatron's parallel linear layers compute through two custom autograd Functions in
   `megatron.core.tensor_parallel.layers` (`LinearWithGradAccumulationAndAsyncCommunication`,
   `LinearWithFrozenWeight`) whose `forward`/`backward` are wrapped in
