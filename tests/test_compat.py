@@ -68,6 +68,7 @@ IMPORT_IS_INERT = """
 import os, sys
 before = dict(os.environ)
 import megalong.compat, megalong.compat.deepspeed_cpu, megalong.kernels
+import megalong.train.deepspeed_engine, megalong.train.loop, megalong.model.gpt  # DS_ACCELERATOR was set here once
 from megatron.core.tensor_parallel import layers, random
 import torch
 assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
