@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megalong import compat
 from megalong.checkpoint.files import json_safe_groups, read_json
 from megalong.checkpoint.format import TrainState
 from megalong.checkpoint.model_state import global_state, load_weights, loading_dims, param_names, partition_dims_global
@@ -48,7 +49,6 @@ from megalong.checkpoint.ranks import barrier, everyone, first_holders, union_ov
 from megalong.checkpoint.step import CheckpointInfo
 from megalong.config import Config
 from megalong.errors import CheckpointError
-from megalong.parallel.cpu_compat import cuda_on_cpu_temporarily
 from megalong.parallel.distributed import ParallelLayout
 from megalong.train.library_loads import describe_load_error, pickles_without_code, read_dcp_metadata
 
@@ -98,7 +98,7 @@ def _sharded(entries: dict[str, tuple[torch.Tensor, list]]) -> dict:
 
 def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
     dims = partition_dims_global(model)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     out = {}
     for name, tensor in global_state(model, cfg.model.tie_embeddings).items():
         if not isinstance(tensor, torch.Tensor):
@@ -111,7 +111,7 @@ def _optimizer(state: TrainState, cfg: Config,
                layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
     model = state.chunks
     dims = partition_dims_global(model)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     whole = state.adam_state()  # collective for megatron's distributed optimizer
     out = {}
     for param, name in param_names(model).items():
@@ -127,19 +127,6 @@ def _optimizer(state: TrainState, cfg: Config,
     return out
 
 
-def _in_process_results_queue() -> None:
-    """megatron's file writer reports back through a queue that it creates on first use from a
-    `spawn` multiprocessing Manager: a new interpreter that re-imports the main module (seconds,
-    and megatron again under torchrun). We save synchronously, so writer and reader are this very
-    process, and a plain thread-safe queue does."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save_distributed(directory: Path, cfg: Config, train_state: TrainState,
                      layout: ParallelLayout, step: int) -> None:
     """Write weights and Adam state to `directory` (collective; rank 0 creates the directory)."""
@@ -147,9 +134,9 @@ def save_distributed(directory: Path, cfg: Config, train_state: TrainState,
         directory.mkdir(parents=True, exist_ok=True)
     barrier()
     state = _sharded({**_weights(train_state.chunks, cfg, layout), **_optimizer(train_state, cfg, layout)})
-    state["megalong"] = {"step": step, "gated_mlp": cfg.model.activation == "swiglu"}  # common.pt
-    _in_process_results_queue()
-    with cuda_on_cpu_temporarily():
+    state["megalong"] = {"step": step, "gated_mlp": cfg.model.gated_mlp}  # common.pt
+    compat.results_queue_in_process()  # megatron's writer reports in this process (megalong/compat)
+    with compat.cuda_on_cpu_temporarily():
         _checkpointing().save(state, str(directory))
 
 
@@ -211,7 +198,7 @@ def load_distributed(directory: Path, cfg: Config, state: TrainState, layout: Pa
     verify_dist_dir(directory)
     tied = cfg.model.tie_embeddings
     dims = loading_dims(model, tied)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     stored = set(_megatron(_checkpointing().load_tensors_metadata, directory))
 
     # (checkpoint key, local tensor to fill, its stored view and offsets)

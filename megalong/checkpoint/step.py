@@ -19,7 +19,7 @@ from megalong.checkpoint.files import (CONFIG, FORMAT_VERSION, META, TOKENIZER, 
 from megalong.checkpoint.format import checkpoint_format
 from megalong.checkpoint.names import OUTPUT_LAYER
 from megalong.checkpoint.ranks import barrier
-from megalong.config import Config, ConfigError, config_from_dict
+from megalong.config import Config, ConfigError, architecture_differences, config_from_dict
 from megalong.errors import CheckpointError
 from megalong.parallel.distributed import ParallelLayout
 
@@ -52,12 +52,11 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 
 def check_compatible(saved: Config, current: Config, path: Path) -> None:
-    """Refuse a checkpoint whose model differs from the current config (any parallel layout loads)."""
-    saved_model, current_model = saved.to_dict()["model"], current.to_dict()["model"]
-    differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
+    """Refuse a checkpoint whose architecture (model section) differs from the current config's;
+    any parallel layout and any execution, train or data settings load."""
+    differing = architecture_differences(saved, current)
     if differing:
-        details = "; ".join(f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model[k]!r}"
-                            for k in differing)
+        details = "; ".join(differing)
         raise CheckpointError(f"checkpoint {path} was trained with another model config: {details}")
 
 
@@ -107,7 +106,7 @@ def save_step(save_dir: str | Path, step: int, cfg: Config, layout: ParallelLayo
     barrier()
     if layout.rank == 0:
         meta = {"step": step, "format": entries.pop("format"), **layout_meta(layout),
-                "tokenizer_vocab_size": tokenizer_vocab_size, "gated_mlp": cfg.model.activation == "swiglu",
+                "tokenizer_vocab_size": tokenizer_vocab_size, "gated_mlp": cfg.model.gated_mlp,
                 **entries}
         commit(tmp, final, cfg, cfg.data.tokenizer, meta, resumed_from)
     barrier()

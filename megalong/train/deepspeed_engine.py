@@ -18,8 +18,8 @@ pass met expert weights ZeRO-3 had not gathered). bf16 ran on the CPU at ZeRO-1 
 before ZeRO-3 partitions it (deepspeed.zero.Init is not used), so ZeRO-3 saves memory during
 training but not while building.
 
-Environment: without CUDA this module sets DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo)
-before importing DeepSpeed, unless it is set already, and turns off DeepSpeed's shared-memory CPU
+Environment: without CUDA a DeepSpeed run sets DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo)
+before importing DeepSpeed, unless it is set already (megalong/compat/deepspeed_cpu.py), and turns off DeepSpeed's shared-memory CPU
 all-reduce op (`deepspeed_shm_comm`), which DeepSpeed would otherwise compile with ninja on the first
 `deepspeed.initialize` of every machine (minutes on a small CPU, and a stale build lock left by a
 killed process hangs later runs); torch.distributed's gloo does the communication. The optimizer is torch's AdamW in every
@@ -30,23 +30,20 @@ Checkpoints: megalong/train/deepspeed_checkpoint.py.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from megatron.core import parallel_state
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from megalong.checkpoint.step import CheckpointInfo  # noqa: E402
-from megalong.config import Config, deep_merge  # noqa: E402
-from megalong.moe.layer import moe_aux_loss, update_router_biases  # noqa: E402
-from megalong.parallel.distributed import ParallelLayout  # noqa: E402
-from megalong.train import deepspeed_checkpoint, losses  # noqa: E402
-from megalong.train.engine import StepResult  # noqa: E402
-from megalong.train.optim import build_optimizer  # noqa: E402
+from megalong import compat
+from megalong.checkpoint.step import CheckpointInfo
+from megalong.config import Config, deep_merge
+from megalong.moe.layer import moe_aux_loss, update_router_biases
+from megalong.parallel.distributed import ParallelLayout
+from megalong.train import deepspeed_checkpoint, losses
+from megalong.train.engine import StepResult
+from megalong.train.optim import build_optimizer
 
 
 class MegatronMpu:
@@ -72,7 +69,7 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * data_parallel),
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": cfg.execution.precision == "bf16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # megalong's AdamW (torch's), in every ZeRO stage
         "zero_force_ds_cpu_optimizer": False,  # ... also with CPU offload: no C++ op to build
@@ -81,24 +78,16 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict[str, Any]:
     return deep_merge(d.config, derived)
 
 
-def _no_cpu_op_builds() -> None:
-    if not torch.cuda.is_available():
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 class DeepSpeedEngine:
     checkpoint_engine = "deepspeed"
 
     def __init__(self, chunks: list[torch.nn.Module], cfg: Config, layout: ParallelLayout):
+        compat.install(deepspeed=True)  # before DeepSpeed is imported: its CPU accelerator, no op builds
         import deepspeed
 
         (model,) = chunks  # no pipeline stages (refused by the config validator)
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
         optimizer = build_optimizer(model, cfg.train)
-        _no_cpu_op_builds()
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; a one-process run has none
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMpu(),
                                                     config=deepspeed_config(cfg, layout.data_parallel))
 

@@ -116,7 +116,7 @@ def train(cfg: Config) -> TrainResult:
     layout, tokenizer = _start(cfg)
     torch.manual_seed(t.seed)  # identical on every rank: any layout starts from the same weights
     chunks = [chunk.to(layout.device) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
-    if t.compile:
+    if cfg.execution.compile:
         for chunk in chunks:
             compile_layers(chunk)
     model_line = run_log.describe_model(cfg, chunks, layout)  # before ZeRO-3 partitions the weights

@@ -1,5 +1,5 @@
 """The training objective and what every engine does with it alike: the masked mean of the
-per-token cross-entropy, autocast under `train.precision: bf16`, the mean over data-parallel ranks,
+per-token cross-entropy, autocast under `execution.precision: bf16`, the mean over data-parallel ranks,
 and the held-out forward without pipeline stages."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def lm_loss(model: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.train.precision == "bf16":
+    if cfg.execution.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

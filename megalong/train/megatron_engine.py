@@ -17,9 +17,9 @@ from megalong.train.torch_engine import Batch, TorchEngine
 
 class MegatronEngine(TorchEngine):
     def wrap(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-        from megalong.parallel import cpu_compat
+        from megalong import compat
 
-        cpu_compat.enable()  # its buffers and optimizer allocate on torch.cuda.current_device()
+        compat.install(cuda_on_cpu=True)  # its buffers and optimizer allocate on torch.cuda.current_device()
         wrapped = megatron_dp.wrap_data_parallel(chunks, self.cfg)
         if self.pipeline:
             megatron_dp.pipeline_hooks(wrapped)

@@ -34,7 +34,7 @@ def describe_model(cfg: Config, chunks: list[torch.nn.Module], layout: ParallelL
             f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
             f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x pipeline "
             f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}"
-            f"{'; layers torch.compiled (the first steps compile)' if cfg.train.compile else ''}")
+            f"{'; layers torch.compiled (the first steps compile)' if cfg.execution.compile else ''}")
 
 
 def describe_data(cfg: Config, train_set, valid_set, n_micro: int) -> list[str]:
