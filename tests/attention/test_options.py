@@ -49,10 +49,10 @@ def test_bad_options_fail_with_the_key_named(model, message):
     ("lsh", {"bukcet_size": 4}, {}, "model.attention.lsh.bukcet_size"),
 ])
 def test_bad_options_name_the_key(kind, options, extra, key):
-    cfg = config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
-                                      "max_position_embeddings": 24, "attention_layers": [kind],
-                                      "attention": {kind: options}, **extra}})
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # at load (typed options) or at validation
+        cfg = config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                          "max_position_embeddings": 24, "attention_layers": [kind],
+                                          "attention": {kind: options}, **extra}})
         validate(cfg, check_paths=False)
     assert key in str(err.value)
 
