@@ -61,10 +61,8 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 def supports_alibi(kind: str) -> bool:
-    """Whether the kind has attention scores for ALiBi to bias: its options class says so (main
-    names the flag `alibi`, the typed-options config `supports_alibi`)."""
-    options = ATTENTION_OPTIONS[kind]
-    return bool(getattr(options, "supports_alibi", getattr(options, "alibi", True)))
+    """Whether the kind has attention scores for ALiBi to bias (its options class says so)."""
+    return ATTENTION_OPTIONS[kind].supports_alibi
 
 
 # ------------------------------------------------------------------------------------------------
