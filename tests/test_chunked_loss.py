@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_memory import MemoryTracker
+from attention.helpers import MemoryTracker
 from conftest import free_port
 
 from megalong.config import ConfigError, config_from_dict, validate
