@@ -5,6 +5,8 @@
 from ptxas' -v log, shared memory from the compiled metadata, the tensor-core instructions from the
 SASS (`cuobjdump -sass`), and returns a `CompileReport` whose `problems` say why it fails (empty:
 it passes). A kernel that does not compile is a report with its error, not an exception.
+Called where Triton runs as the interpreter (TRITON_INTERPRET=1, the CPU tests), it compiles in a
+clean spawned process (`pool.compile_many`), which finds the kernel again by module and name.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def _compile(kernel: Any, signature: dict[str, str], constexprs: dict[str, Any],
     source = ASTSource(kernel, signature, constexprs, attrs)
     log = io.StringIO()
     previous = knobs.nvidia.dump_ptxas_log
-    knobs.nvidia.dump_ptxas_log = True
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` log: read it there
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -79,6 +81,19 @@ def compile_report(kernel: Any, signature: dict[str, str], constexprs: dict[str,
     signature: every argument's triton type ('*bf16', 'i32', 'fp32', ..., 'constexpr');
     constexprs: the constexpr arguments' values by name; attrs: ASTSource attributes, e.g.
     {(0,): [['tt.divisibility', 16]]}; options: further compile options (e.g. maxnreg)."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    if knobs.runtime.interpret or not isinstance(kernel, JITFunction):
+        # Triton was imported for the interpreter here (TRITON_INTERPRET=1): compile in a clean process.
+        from megalong.kernels.compile_gate.pool import CompileTask, compile_many
+
+        divisible = tuple(kernel.arg_names[i] for (i,), a in (attrs or {}).items() if a)
+        if options:
+            raise ValueError("compile_report: extra options need a process without TRITON_INTERPRET")
+        task = CompileTask(kernel.fn.__module__, kernel.fn.__name__, tuple(signature.items()),
+                           tuple(constexprs.items()), arch, num_warps, num_stages, divisible)
+        return compile_many([task], jobs=1)[0]
     name = getattr(kernel, "__name__", str(kernel))
     report = CompileReport(name, arch, num_warps, num_stages, shared_limit=limits.shared_limit(arch))
     opts = dict(options or {}, num_warps=num_warps, num_stages=num_stages)
