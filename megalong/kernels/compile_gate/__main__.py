@@ -1,4 +1,4 @@
-"""python -m megalong.kernels.compile_gate [--arch 90 80] [--jobs N] [--report FILE] [--root DIR]
+"""python -m megalong.kernels.compile_gate [--arch 90 80] [--jobs N] [--report FILE] [--only RE] [--root DIR]
 
 One line per distinct launch and arch (kernel, settings, registers, spills, shared memory,
 tensor-core instruction, OK/FAIL), then a summary; exit status 1 on any failure. --report writes
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import re
 import sys
 import time
 
@@ -18,9 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--report", help="write a JSON report here")
+    parser.add_argument("--only", help="a regular expression: only the launches whose kernel or "
+                        "case (e.g. gpt-neo-1.3b/bfloat16/linear) it matches; no discovery check")
     parser.add_argument("--root", default=".", help="directory holding configs/ (default .)")
     args = parser.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
 
     from megalong.kernels.compile_gate import limits
     from megalong.kernels.compile_gate.gate import run_gate
@@ -32,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megalong: argument error: --arch: {error}", file=sys.stderr)
             return 2
     start = time.time()
+    try:
+        re.compile(args.only or "")
+    except re.error as error:
+        print(f"megalong: argument error: --only: {error}", file=sys.stderr)
+        return 2
     run = run_gate(tuple(args.arch), args.jobs, args.root,
-                   on_result=lambda result: print(result.line(), flush=True))
+                   on_result=lambda result: print(result.line(), flush=True), only=args.only)
     print(run.summary())
     print(f"compile gate: {time.time() - start:.0f} s wall, {args.jobs} jobs")
     if args.report:

@@ -26,10 +26,11 @@ def kernel_name(kernel: Any) -> str:
 
 
 def discover(package: str = "megalong.kernels", exclude: tuple[str, ...] = (GATE_PACKAGE,)) -> dict[str, Any]:
-    """{module.name: kernel} for every kernel defined (not merely imported) in `package`'s modules."""
+    """{module.name: kernel} for every kernel defined (not merely imported) in `package`'s modules
+    (or in `package` itself when it is a plain module)."""
     root = importlib.import_module(package)
     modules = [root]
-    for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
+    for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix=f"{package}."):
         if any(info.name == e or info.name.startswith(e + ".") for e in exclude):
             continue
         modules.append(importlib.import_module(info.name))

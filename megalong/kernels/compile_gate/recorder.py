@@ -4,7 +4,7 @@ Inside `record_launches(arch)`, `JITFunction.run` (what `kernel[grid](...)` call
 arguments with Triton's own binder for a CUDA target of that arch, so every argument gets the type
 and specialization the real launch would get (int 1 becomes a constexpr, an int past 2^31 is i64,
 pointers and ints divisible by 16 get `tt.divisibility`), and appends a `Launch` to the list it
-yields; nothing runs. Launchers are driven on `meta` tensors (no memory, any size) inside
+yields; nothing runs (also under TRITON_INTERPRET=1, the CPU tests). Launchers are driven on `meta` tensors (no memory, any size) inside
 `megalong.kernels.arch.target_arch(arch)`, which the block also enters, so they pick the tiles
 they would pick on that GPU.
 """
@@ -66,11 +66,14 @@ class _Recorder:
         self.case = ""
 
     def record(self, fn: Any, args: tuple, kwargs: dict) -> None:
-        from triton.runtime.jit import create_function_from_signature
+        from triton.runtime.jit import JITFunction, create_function_from_signature
 
         binder = self.binders.get(id(fn))
         if binder is None:
-            binder = self.binders[id(fn)] = create_function_from_signature(fn.signature, fn.params,
+            # Under TRITON_INTERPRET=1 kernels are InterpretedFunctions, which keep no parameter
+            # list: a JITFunction of the same Python function supplies it (nothing is compiled).
+            jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+            binder = self.binders[id(fn)] = create_function_from_signature(jit.signature, jit.params,
                                                                            self.backend)
         params, specialization, _ = binder(*args, **kwargs)
         options = self.backend.parse_options({k: v for k, v in kwargs.items() if k not in params})
@@ -78,14 +81,14 @@ class _Recorder:
         signature, constexprs, divisible = [], [], []
         for name, (kind, attr) in zip(names, specialization):
             if isinstance(kind, tuple) or kind.startswith("["):
-                raise TypeError(f"compile gate: {fn.__name__}({name}) is a tuple argument; the recorder "
+                raise TypeError(f"compile gate: {fn.fn.__name__}({name}) is a tuple argument; the recorder "
                                 "handles scalars and pointers only")
             signature.append((name, kind))
             if kind == "constexpr":
                 constexprs.append((name, params[name]))
             elif isinstance(attr, str) and self.backend.parse_attr(attr):
                 divisible.append(name)
-        self.launches.append(Launch(fn.__module__, fn.__name__, tuple(signature), tuple(constexprs),
+        self.launches.append(Launch(fn.fn.__module__, fn.fn.__name__, tuple(signature), tuple(constexprs),
                                     tuple(divisible), options.num_warps, options.num_stages, self.case))
 
 
@@ -93,17 +96,20 @@ class _Recorder:
 def record_launches(arch: int) -> Iterator[_Recorder]:
     """Within the block, kernel launches are recorded on the yielded recorder (`.launches`;
     set `.case` to label them), not run; launchers tune for sm_`arch`."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     recorder = _Recorder(arch)
-    original = JITFunction.run
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
         recorder.record(self, args, kwargs)
 
-    JITFunction.run = run
+    for cls in originals:
+        cls.run = run
     try:
         with target_arch(arch):
             yield recorder
     finally:
-        JITFunction.run = original
+        for cls, original in originals.items():
+            cls.run = original
