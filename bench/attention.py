@@ -10,7 +10,7 @@ registry with the kind's options as megalong/export/modeling.py does outside meg
 [seq, batch, heads, head_dim] like megatron's SelfAttention calls them. `fam` runs the layer
 function the model uses (`run_fam_layer`, the sequential FAM chain included) with identity
 projections and no MLP, so that only attention is timed. On CUDA the modules take their Triton
-kernels where they have one (`model.kernels: auto`); `--kernels reference` times the pure-PyTorch
+kernels where they have one (`execution.kernels: auto`); `--kernels reference` times the pure-PyTorch
 paths. FlexAttention gets the same mask (and ALiBi as a score_mod) wherever a mask can express the
 kind: sliding window, per-head dilation, ALiBi, block sliding window (fam without FAM tokens);
 global tokens with their own projections, lsh, linear, axial and FAM are not one mask and have no

@@ -16,7 +16,7 @@ def mixtral_refusal(cfg: Config) -> Optional[str]:
     checks = [
         (set(cfg.mlp_kinds()) == {"moe"}, "model.mlp_layers: Mixtral has an MoE MLP in every layer"),
         (not m.reversible, "model.reversible is true (Mixtral's layers are not reversible pairs)"),
-        (m.activation == "swiglu", f"model.activation is '{m.activation}' (Mixtral experts are SwiGLU)"),
+        (m.gated_mlp, f"model.activation is '{m.activation}' (Mixtral experts are SwiGLU)"),
         (m.normalization == "RMSNorm", f"model.normalization is '{m.normalization}' (Mixtral uses RMSNorm)"),
         (m.position_embedding == "rope", f"model.position_embedding is '{m.position_embedding}' (Mixtral uses RoPE)"),
         (not m.alibi, "model.alibi is true (Mixtral has no ALiBi)"),

@@ -31,7 +31,7 @@ from megalong.attention.fam import FamTransformerLayer, fam_block_context, run_f
 from megalong.attention.local import LocalSelfAttention
 from megalong.attention.lsh import LshSelfAttention
 from megalong.attention.registry import ATTENTION_KINDS, CORE_ATTENTION
-from megalong.config import Config, config_from_dict
+from megalong.config import Config, config_from_dict, migrate_saved_config
 from megalong.moe.layer import MoELayer
 
 
@@ -49,7 +49,7 @@ class MegalongConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def megalong_config(self) -> Config:
-        return config_from_dict({"model": self.megalong_model})
+        return config_from_dict(migrate_saved_config({"model": self.megalong_model}))
 
 
 def _activation(name: str):
@@ -84,7 +84,7 @@ class Attention(nn.Module):
         self.core_attention = CORE_ATTENTION[kind](
             core_config, layer_number, softmax_scale=None if m.scale_attention else 1.0, alibi=m.alibi,
             pg_collection=SimpleNamespace(tp=SimpleNamespace(rank=lambda: 0, size=lambda: 1)),
-            **vars(cfg.attention_options(kind)))
+            options=cfg.attention_options(kind))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [s, b, hidden] -> q, k, v [s, b, heads, head_dim] (before RoPE)."""
@@ -147,7 +147,7 @@ class DenseMLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         m = cfg.model
-        self.gated = m.activation == "swiglu"
+        self.gated = m.gated_mlp
         self.activation = _activation(m.activation)
         width = cfg.ffn_hidden_size * (2 if self.gated else 1)
         self.linear_fc1 = nn.Linear(m.hidden_size, width, bias=m.linear_bias)
@@ -189,9 +189,9 @@ class Layer(nn.Module):
         self.prefix_stable = self.self_attention.core_attention.prefix_stable
         if mlp_kind == "moe":
             moe_config = SimpleNamespace(hidden_size=m.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-                                         gated_linear_unit=m.activation == "swiglu", init_method_std=m.init_std,
+                                         gated_linear_unit=m.gated_mlp, init_method_std=m.init_std,
                                          num_layers=m.num_layers, activation_func=_activation(m.activation))
-            self.mlp = MoELayer(moe_config, options=dict(m.moe), ffn_hidden_size=cfg.ffn_hidden_size)
+            self.mlp = MoELayer(moe_config, options=m.moe, ffn_hidden_size=cfg.ffn_hidden_size)
             moe = cfg.moe_options()
             if not moe.dropless and moe.capacity_factor is not None:
                 # Capacity is shared by the tokens of a forward pass: which tokens overflow depends

@@ -4,7 +4,7 @@ Everything here is applied only when CUDA is absent, so GPU runs use megatron-co
 
 Three kinds of help:
 
-* `autocast_parallel_linears_on_cpu()`: mixed precision (`train.precision: bf16`, CPU autocast).
+* `autocast_parallel_linears_on_cpu()`: mixed precision (`execution.precision: bf16`, CPU autocast).
   megatron's parallel linear layers compute through two custom autograd Functions in
   `megatron.core.tensor_parallel.layers` (`LinearWithGradAccumulationAndAsyncCommunication`,
   `LinearWithFrozenWeight`) whose `forward`/`backward` are wrapped in

@@ -88,7 +88,7 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * data_parallel),
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": cfg.execution.precision == "bf16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # megalong's AdamW (torch's), in every ZeRO stage
         "zero_force_ds_cpu_optimizer": False,  # ... also with CPU offload: no C++ op to build
@@ -124,7 +124,7 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, engine, layout
                 "tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel,
                 "expert_parallel": 1, "pipeline_parallel": 1, "world_size": layout.world_size,
                 "tokenizer_vocab_size": tokenizer_vocab_size,
-                "gated_mlp": cfg.model.activation == "swiglu", "partition_dims": dims}
+                "gated_mlp": cfg.model.gated_mlp, "partition_dims": dims}
         ckpt.finish_checkpoint(tmp, final, cfg, tokenizer_path, meta, resumed_from)
     dist.barrier()
     return final

@@ -114,7 +114,7 @@ def _sharded(entries: dict[str, tuple[torch.Tensor, list]]) -> dict:
 
 def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
     dims = partition_dims_global(model)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     out = {}
     for name, tensor in global_state(model, cfg.model.tie_embeddings).items():
         if not isinstance(tensor, torch.Tensor):
@@ -128,7 +128,7 @@ def _optimizer(model, optimizer, cfg: Config,
     from megalong.train.megatron_dp import adam_state
 
     dims = partition_dims_global(model)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     whole = adam_state(optimizer)  # collective for megatron's distributed optimizer
     out = {}
     for param, name in param_names(model).items():
@@ -165,7 +165,7 @@ def save_distributed(directory: Path, cfg: Config, model, optimizer,
     if dist.is_initialized():
         dist.barrier()
     state = _sharded({**_weights(model, cfg, layout), **_optimizer(model, optimizer, cfg, layout)})
-    state["megalong"] = {"step": step, "gated_mlp": cfg.model.activation == "swiglu"}  # common.pt
+    state["megalong"] = {"step": step, "gated_mlp": cfg.model.gated_mlp}  # common.pt
     _in_process_results_queue()
     with cuda_on_cpu_temporarily():
         _checkpointing().save(state, str(directory))
@@ -231,7 +231,7 @@ def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: Par
     verify_dist_dir(directory)
     tied = cfg.model.tie_embeddings
     dims = loading_dims(model, tied)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     stored = set(_megatron(_checkpointing().load_tensors_metadata, directory))
 
     def source(name: str) -> str:  # the last stage's tied output layer reads the embedding
