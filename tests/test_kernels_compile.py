@@ -144,7 +144,7 @@ def test_shape_table_reaches_every_megalong_kernel():
     """Every kernel in megalong.kernels is found by import and launched by the shape table for
     sm_90 and sm_80 (itself, or as a helper of a launched kernel)."""
     kernels = discover()
-    assert {"megalong.kernels.window_attention._window_fwd", "megalong.kernels.window_attention._bwd_tile",
+    assert {"megalong.kernels.window_attention._window_fwd", "megalong.kernels.attention_tiles.backward_tile",
             "megalong.kernels.grouped_gemm._grouped_wgrad_kernel"} <= set(kernels)
     for arch in ARCHS:
         launched = {launch.kernel for launch, _ in record_table(arch, ".")}
