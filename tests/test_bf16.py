@@ -15,7 +15,7 @@ from megalong.model.gpt import build_model, position_ids_for
 from megalong.moe.layer import moe_aux_loss
 from megalong.moe.options import MoEOptions
 from megalong.moe.router import build_router
-from megalong.parallel import cpu_compat
+from megalong.compat import megatron_cpu
 from megalong.parallel.distributed import initialize, shutdown
 from megalong.train.loop import lm_loss, train
 
@@ -111,7 +111,7 @@ def test_every_linear_attention_and_expert_runs_in_bf16(one_process):
 # ------------------------------------------------------------------------------------------------
 
 def test_megatron_linear_backward_equals_torch_linear_under_cpu_autocast(one_process):
-    """Without megalong/parallel/cpu_compat.py's patch this backward raises "expected m1 and m2 to
+    """Without megalong/compat/megatron_cpu.py's patch this backward raises "expected m1 and m2 to
     have the same dtype" (bf16 gradient, fp32 weight). With it, megatron's Function computes what
     autograd computes through `F.linear` under the same autocast."""
     cfg = _cfg(num_layers=1, attention_layers=[[["global"], 1]], mlp_layers=None, position_embedding="learned")
@@ -139,11 +139,11 @@ def test_autocast_patch_is_idempotent_and_inert_with_cuda(monkeypatch):
     from megatron.core.tensor_parallel import layers
 
     function = layers.LinearWithGradAccumulationAndAsyncCommunication
-    assert cpu_compat.autocast_parallel_linears_on_cpu() and cpu_compat.autocast_parallel_linears_on_cpu()
+    assert megatron_cpu.autocast_parallel_linears_on_cpu() and megatron_cpu.autocast_parallel_linears_on_cpu()
     original = function.forward.__wrapped__
     assert not hasattr(original, "__wrapped__")  # wrapped once, around megatron's own method
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not cpu_compat.autocast_parallel_linears_on_cpu()
+    assert not megatron_cpu.autocast_parallel_linears_on_cpu()
     assert function.forward.__wrapped__ is original
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from megalong.config import Config
-from megalong.export.gpt_neo import _split_qkv
+from megalong.export.gpt_neo import split_qkv
 
 
 def mixtral_refusal(cfg: Config) -> Optional[str]:
@@ -63,7 +63,7 @@ def to_mixtral(cfg: Config, state: dict[str, torch.Tensor], bos_id: int, eos_id:
         out["lm_head.weight"] = state["output_layer.weight"]
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = _split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
+        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
         out.update({
             dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
             dst + "self_attn.q_proj.weight": q,

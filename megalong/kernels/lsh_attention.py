@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
 from megalong.kernels.arch import device_arch
 from megalong.kernels.offsets import offset64
 from megalong.kernels.tuning import dot_input_precision, lsh_warps

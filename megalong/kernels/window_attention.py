@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
 from megalong.kernels.attention_tiles import LOG2E, backward_tile, forward_tile
 from megalong.kernels.offsets import offset64
 from megalong.kernels.tuning import attention_launch_tiles, dot_input_precision

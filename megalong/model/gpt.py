@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalong.config import Config, padded_vocab_size
 from megalong.kernels import select as kernels
 from megalong.model.spec import decoder_spec
-from megalong.parallel.cpu_compat import autocast_parallel_linears_on_cpu, keep_rotary_embedding_on_cpu
+from megalong import compat
 
 POSITION_EMBEDDING = {"learned": "learned_absolute", "rope": "rope", "none": "none", "axial": "none"}
 
@@ -77,7 +77,7 @@ def build_model(cfg: Config, tokenizer_vocab_size: int, vp_stage: Optional[int] 
     vocab = padded_vocab_size(m.vocab_size or tokenizer_vocab_size, m.make_vocab_size_divisible_by,
                               cfg.parallel.tensor)
     config = transformer_config(cfg, whole)
-    autocast_parallel_linears_on_cpu()  # execution.precision: bf16 without CUDA (nothing with CUDA)
+    compat.install()  # megatron-core without CUDA: bf16 autocast, recompute (nothing with CUDA)
     first = last = True
     if config.pipeline_model_parallel_size > 1:
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -95,11 +95,7 @@ def build_model(cfg: Config, tokenizer_vocab_size: int, vp_stage: Optional[int] 
         rotary_base=m.rotary_base,
     )
     if m.position_embedding == "rope":
-        keep_rotary_embedding_on_cpu(model.rotary_pos_emb)
-    if e.recompute_granularity is not None:
-        from megalong.parallel.cpu_compat import enable_cpu_recompute
-
-        enable_cpu_recompute()
+        compat.keep_rotary_embedding_on_cpu(model.rotary_pos_emb)
     if m.reversible or e.ffn_chunks > 1:
         from megalong.model.reversible import apply_memory_options
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megalong.config import Config
-from megalong.parallel.cpu_compat import cuda_on_cpu_temporarily
+from megalong import compat
 from megalong.parallel.distributed import ParallelLayout
 from megalong.train.checkpoint_files import CheckpointError, read_json
 from megalong.train.library_loads import describe_load_error, pickles_without_code, read_dcp_metadata
@@ -144,19 +144,6 @@ def _optimizer(model, optimizer, cfg: Config,
     return out
 
 
-def _in_process_results_queue() -> None:
-    """megatron's file writer reports back through a queue that it creates on first use from a
-    `spawn` multiprocessing Manager: a new interpreter that re-imports the main module (seconds,
-    and megatron again under torchrun). We save synchronously, so writer and reader are this very
-    process, and a plain thread-safe queue does."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save_distributed(directory: Path, cfg: Config, model, optimizer,
                      layout: ParallelLayout, step: int) -> None:
     """Write weights and Adam state to `directory` (collective; rank 0 creates the directory)."""
@@ -166,8 +153,8 @@ def save_distributed(directory: Path, cfg: Config, model, optimizer,
         dist.barrier()
     state = _sharded({**_weights(model, cfg, layout), **_optimizer(model, optimizer, cfg, layout)})
     state["megalong"] = {"step": step, "gated_mlp": cfg.model.gated_mlp}  # common.pt
-    _in_process_results_queue()
-    with cuda_on_cpu_temporarily():
+    compat.results_queue_in_process()  # megatron's writer reports in this process (megalong/compat)
+    with compat.cuda_on_cpu_temporarily():
         _checkpointing().save(state, str(directory))
 
 

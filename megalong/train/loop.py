@@ -246,9 +246,9 @@ def train(cfg: Config) -> TrainResult:
         for chunk in chunks:
             compile_layers(chunk)
     if layout.data_parallel > 1:  # megatron-core DDP and optimizer (megalong/train/megatron_dp.py)
-        from megalong.parallel import cpu_compat
+        from megalong import compat
 
-        cpu_compat.enable()  # its buffers and optimizer allocate on torch.cuda.current_device()
+        compat.install(cuda_on_cpu=True)  # its buffers and optimizer allocate on torch.cuda.current_device()
         run_chunks = megatron_dp.wrap_data_parallel(chunks, cfg)
         optimizer = megatron_dp.build_megatron_optimizer(run_chunks, cfg)
         if layout.pipeline_parallel > 1:
