@@ -11,7 +11,7 @@ sees, as `FamAttention.blocks` defines it (megalong/attention/fam.py, the torch 
 Query tiles never straddle two blocks (a block holds ceil(B / block_m) tiles), so a tile visits
 only the key tiles of [(t - memory_segments) * B, its last query] and its block's FAM tiles:
 O(L * ((memory_segments + 1) * B + fam_length)) time, nothing of size L x L. The score, online
-softmax and gradient steps are the windowed kernel's (`_fwd_tile`, `_bwd_tile`); dq is written by
+softmax and gradient steps are the windowed kernel's (`megalong.kernels.attention_tiles`); dq is written by
 its query tile, dk, dv and the FAM keys' and values' gradients are accumulated with float32
 atomics. Dropout is not implemented: callers use the torch path when dropout is active.
 """
@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels.window_attention import LOG2E, _bwd_tile, _default_blocks, _fwd_tile
+from megalong.kernels.attention_tiles import LOG2E, backward_tile, forward_tile
+from megalong.kernels.offsets import offset64
+from megalong.kernels.tuning import attention_launch_tiles, dot_input_precision
 
 
 @triton.jit
@@ -43,20 +45,20 @@ def _fam_fwd(Q, K, V, KF, VF, O, LSE, SLOPES,
              H, L, block_size, memory, fam_len, qk_scale,
              HAS_ALIBI: tl.constexpr, HAS_FAM: tl.constexpr, TILES: tl.constexpr,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     t, i0, pos_q, valid_q = _fam_query_tile(pid, L, block_size, TILES, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + pos_q[:, None] * sqm + offs_d[None, :],
+    q = tl.load(Q + offset64(b, sqb) + offset64(h, sqh) + pos_q[:, None] * sqm + offs_d[None, :],
                 mask=valid_q[:, None] & d_mask[None, :], other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += offset64(b, skb) + offset64(h, skh)
+    V += offset64(b, svb) + offset64(h, svh)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -69,27 +71,29 @@ def _fam_fwd(Q, K, V, KF, VF, O, LSE, SLOPES,
         valid_k = pos_k < k_hi
         visible = (pos_k[None, :] <= pos_q[:, None]) & valid_k[None, :] & valid_q[:, None]
         kv_mask = valid_k[:, None] & d_mask[None, :]
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
+        acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
                                   V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
-                                  pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+                                  pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI,
+                                      DOT_PRECISION)
     if HAS_FAM:  # F_{t-1}, all visible, at position t * B - 1
-        KF += b * sfkb + h * sfkh + t * sfkt
-        VF += b * sfvb + h * sfvh + t * sfvt
+        KF += offset64(b, sfkb) + offset64(h, sfkh) + offset64(t, sfkt)
+        VF += offset64(b, sfvb) + offset64(h, sfvh) + offset64(t, sfvt)
         for f0 in range(0, fam_len, BLOCK_N):
             fi = f0 + tl.arange(0, BLOCK_N)
             valid_k = fi < fam_len
             pos_k = tl.zeros([BLOCK_N], tl.int32) + t * block_size - 1
             visible = valid_k[None, :] & valid_q[:, None]
             kv_mask = valid_k[:, None] & d_mask[None, :]
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, KF + fi[:, None] * sfkn + offs_d[None, :],
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, KF + fi[:, None] * sfkn + offs_d[None, :],
                                       VF + fi[:, None] * sfvn + offs_d[None, :], kv_mask,
-                                      pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+                                      pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI,
+                                      DOT_PRECISION)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + pos_q[:, None] * som + offs_d[None, :],
+    tl.store(O + offset64(b, sob) + offset64(h, soh) + pos_q[:, None] * som + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    tl.store(LSE + bh * L + pos_q, lse, mask=valid_q)
+    tl.store(LSE + offset64(bh, L) + pos_q, lse, mask=valid_q)
 
 
 @triton.jit
@@ -99,7 +103,7 @@ def _fam_bwd(Q, K, V, KF, VF, DO, DQ, DK, DV, DKF, DVF, LSE, DELTA, SLOPES,
              H, L, n_blocks, block_size, memory, fam_len, qk_scale, sm_scale,
              HAS_ALIBI: tl.constexpr, HAS_FAM: tl.constexpr, TILES: tl.constexpr,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq [b, h, L, D] float32 written here; dk, dv [b, h, L, D] and dk_fam, dv_fam
     [b, h, n_blocks, fam_len, D] float32 (contiguous) accumulated."""
     pid = tl.program_id(0)
@@ -109,17 +113,17 @@ def _fam_bwd(Q, K, V, KF, VF, DO, DQ, DK, DV, DKF, DVF, LSE, DELTA, SLOPES,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_mask = valid_q[:, None] & d_mask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + pos_q[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + pos_q[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + bh * L + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * L + pos_q, mask=valid_q, other=0.0)
+    q = tl.load(Q + offset64(b, sqb) + offset64(h, sqh) + pos_q[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offset64(b, sdob) + offset64(h, sdoh) + pos_q[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + offset64(bh, L) + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + offset64(bh, L) + pos_q, mask=valid_q, other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DK += bh * L * HEAD_DIM
-    DV += bh * L * HEAD_DIM
+    K += offset64(b, skb) + offset64(h, skh)
+    V += offset64(b, svb) + offset64(h, svh)
+    DK += offset64(bh, L) * HEAD_DIM
+    DV += offset64(bh, L) * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     k_lo = tl.maximum(t - memory, 0) * block_size
@@ -130,14 +134,15 @@ def _fam_bwd(Q, K, V, KF, VF, DO, DQ, DK, DV, DKF, DVF, LSE, DELTA, SLOPES,
         visible = (pos_k[None, :] <= pos_q[:, None]) & valid_k[None, :] & valid_q[:, None]
         kv_mask = valid_k[:, None] & d_mask[None, :]
         grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
-        dq = _bwd_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
+        dq = backward_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
                        V + pos_k[:, None] * svn + offs_d[None, :], DK + grad_off, DV + grad_off,
-                       kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI)
+                       kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
+                           DOT_PRECISION)
     if HAS_FAM:
-        KF += b * sfkb + h * sfkh + t * sfkt
-        VF += b * sfvb + h * sfvh + t * sfvt
-        DKF += (bh * n_blocks + t) * fam_len * HEAD_DIM
-        DVF += (bh * n_blocks + t) * fam_len * HEAD_DIM
+        KF += offset64(b, sfkb) + offset64(h, sfkh) + offset64(t, sfkt)
+        VF += offset64(b, sfvb) + offset64(h, sfvh) + offset64(t, sfvt)
+        DKF += (offset64(bh, n_blocks) + t) * fam_len * HEAD_DIM
+        DVF += (offset64(bh, n_blocks) + t) * fam_len * HEAD_DIM
         for f0 in range(0, fam_len, BLOCK_N):
             fi = f0 + tl.arange(0, BLOCK_N)
             valid_k = fi < fam_len
@@ -145,10 +150,11 @@ def _fam_bwd(Q, K, V, KF, VF, DO, DQ, DK, DV, DKF, DVF, LSE, DELTA, SLOPES,
             visible = valid_k[None, :] & valid_q[:, None]
             kv_mask = valid_k[:, None] & d_mask[None, :]
             grad_off = fi[:, None] * HEAD_DIM + offs_d[None, :]
-            dq = _bwd_tile(dq, q, do, lse2, delta, KF + fi[:, None] * sfkn + offs_d[None, :],
+            dq = backward_tile(dq, q, do, lse2, delta, KF + fi[:, None] * sfkn + offs_d[None, :],
                            VF + fi[:, None] * sfvn + offs_d[None, :], DKF + grad_off, DVF + grad_off,
-                           kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI)
-    tl.store(DQ + bh * L * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask)
+                           kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
+                           DOT_PRECISION)
+    tl.store(DQ + offset64(bh, L) * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask)
 
 
 def _fam_strides(x: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
@@ -157,41 +163,41 @@ def _fam_strides(x: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
 
 class _FamBlockAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_fam, v_fam, scale, block_size, memory, slopes, blocks):
+    def forward(ctx, q, k, v, k_fam, v_fam, scale, block_size, memory, slopes, tiles):
         Bt, H, L, D = q.shape
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         has_fam = k_fam is not None
         if has_fam:
             k_fam, v_fam = k_fam.contiguous(), v_fam.contiguous()
         fam_len = k_fam.shape[3] if has_fam else 0
-        block_m, block_n, num_warps = blocks
-        tiles = triton.cdiv(block_size, block_m)
+        fwd = tiles[0]
+        n_tiles = triton.cdiv(block_size, fwd.block_m)
         n_blocks = triton.cdiv(L, block_size)
         o = torch.empty_like(q)
         lse = torch.empty(Bt, H, L, device=q.device, dtype=torch.float32)
         dummy = torch.zeros(1, device=q.device, dtype=q.dtype)
-        _fam_fwd[(n_blocks * tiles, Bt * H)](
+        _fam_fwd[(n_blocks * n_tiles, Bt * H)](
             q, k, v, k_fam if has_fam else dummy, v_fam if has_fam else dummy, o, lse,
             slopes if slopes is not None else dummy,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             *_fam_strides(k_fam), *_fam_strides(v_fam),
             H, L, block_size, memory, fam_len, scale * LOG2E,
-            HAS_ALIBI=slopes is not None, HAS_FAM=fam_len > 0, TILES=tiles, HEAD_DIM=D,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=2)
+            HAS_ALIBI=slopes is not None, HAS_FAM=fam_len > 0, TILES=n_tiles, HEAD_DIM=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n,
+            DOT_PRECISION=dot_input_precision(q.dtype), num_warps=fwd.num_warps, num_stages=fwd.num_stages)
         ctx.save_for_backward(q, k, v, k_fam, v_fam, o, lse, slopes)
-        ctx.args = (scale, block_size, memory, blocks)
+        ctx.args = (scale, block_size, memory, tiles[1])
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, k_fam, v_fam, o, lse, slopes = ctx.saved_tensors
-        scale, block_size, memory, (block_m, block_n, num_warps) = ctx.args
+        scale, block_size, memory, bwd = ctx.args
         Bt, H, L, D = q.shape
         has_fam = k_fam is not None
         fam_len = k_fam.shape[3] if has_fam else 0
-        tiles = triton.cdiv(block_size, block_m)
+        n_tiles = triton.cdiv(block_size, bwd.block_m)
         n_blocks = triton.cdiv(L, block_size)
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
@@ -201,7 +207,7 @@ class _FamBlockAttention(torch.autograd.Function):
         dkf = torch.zeros(k_fam.shape, device=q.device, dtype=torch.float32) if has_fam else None
         dvf = torch.zeros(v_fam.shape, device=q.device, dtype=torch.float32) if has_fam else None
         dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
-        _fam_bwd[(n_blocks * tiles, Bt * H)](
+        _fam_bwd[(n_blocks * n_tiles, Bt * H)](
             q, k, v, k_fam if has_fam else dummy.to(q.dtype), v_fam if has_fam else dummy.to(q.dtype),
             do, dq, dk, dv, dkf if has_fam else dummy, dvf if has_fam else dummy, lse, delta,
             slopes if slopes is not None else dummy,
@@ -209,9 +215,9 @@ class _FamBlockAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             *_fam_strides(k_fam), *_fam_strides(v_fam),
             H, L, n_blocks, block_size, memory, fam_len, scale * LOG2E, scale,
-            HAS_ALIBI=slopes is not None, HAS_FAM=fam_len > 0, TILES=tiles, HEAD_DIM=D,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=1)
+            HAS_ALIBI=slopes is not None, HAS_FAM=fam_len > 0, TILES=n_tiles, HEAD_DIM=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n,
+            DOT_PRECISION=dot_input_precision(q.dtype), num_warps=bwd.num_warps, num_stages=bwd.num_stages)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 dkf.to(k_fam.dtype) if has_fam else None, dvf.to(v_fam.dtype) if has_fam else None,
                 None, None, None, None, None)
@@ -225,7 +231,7 @@ def fam_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     fam_length, D] (F_{t-1} for block t) or None -> [b, h, L, D].
 
     `slopes` [h]: ALiBi slopes (None: no ALiBi); `blocks` = (block_m, block_n, num_warps) overrides
-    the H100 defaults. Gradients flow to q, k, v, k_fam and v_fam."""
+    the per-architecture tiles of `megalong.kernels.tuning.window_tiles`. Gradients flow to q, k, v, k_fam and v_fam."""
     if block_size < 1 or memory_segments < 0:
         raise ValueError(f"fam_block_attention: block_size {block_size} must be >= 1 and "
                          f"memory_segments {memory_segments} >= 0")
@@ -242,4 +248,5 @@ def fam_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if slopes is not None:
         slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
     return _FamBlockAttention.apply(q, k, v, k_fam, v_fam, float(scale), int(block_size),
-                                    int(memory_segments), slopes, tuple(blocks or _default_blocks(D)))
+                                    int(memory_segments), slopes,
+                                    attention_launch_tiles(q.device, D, q.dtype, blocks))

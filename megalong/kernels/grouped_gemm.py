@@ -18,7 +18,7 @@ compile gate call directly:
   hidden sizes 768/2048/2560 (ffn 4x), 8 and 64 experts, bf16 and float32: no spills, at most
   98,304 bytes of shared memory (within sm_80's 166,912 and sm_86/89's 101,376). Arch 0 (the CPU
   interpreter) takes 16-wide tiles, so the tests' small shapes cross tile boundaries.
-- `tl.dot` precision (`dot_input_precision`): float32 operands run as "tf32x3" (three TF32 products
+- `tl.dot` precision (`dot_input_precision`, megalong/kernels/tuning.py, shared by every kernel): float32 operands run as "tf32x3" (three TF32 products
   that recover float32 accuracy, still on the tensor cores) while torch's own float32 matmul
   precision is "highest" (its default: no TF32), and as "tf32" when a user lowered it
   (`torch.set_float32_matmul_precision("high")`). Triton's default would be plain TF32 (~1e-3
@@ -37,6 +37,9 @@ import triton
 import triton.language as tl
 
 from megalong.kernels.arch import device_arch
+from megalong.kernels.tuning import (
+    dot_input_precision,  # the one rule for every kernel's tl.dot
+)
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -65,15 +68,6 @@ def grouped_mm_backend(dtype: torch.dtype, n: int, m: int, arch: int,
             and n % 8 == 0 and m % 8 == 0):
         return "torch_grouped_mm"
     return "triton"
-
-
-def dot_input_precision(dtype: torch.dtype, float32_precision: Optional[str] = None) -> str:
-    """`tl.dot`'s input_precision for operands of `dtype`; float32_precision defaults to
-    `torch.get_float32_matmul_precision()`."""
-    if dtype != torch.float32:
-        return "ieee"
-    precision = float32_precision or torch.get_float32_matmul_precision()
-    return "tf32x3" if precision == "highest" else "tf32"
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,15 @@ Katharopoulos et al.'s causal form on feature maps fq = phi(q), fk = phi(k) (phi
 
     out_i = sum_{j<=i} (fq_i . fk_j) v_j / (sum_{j<=i} fq_i . fk_j + eps)
 
-One program per (batch, head) walks the chunks in order, quadratic only inside a chunk, carrying
-the state S = sum fk v^T [D, E] and z = sum fk [D] in registers; the backward walks forward once
-for dq (with S, z) and backward once for dk and dv (with R = sum fq dnum^T, r = sum fq dden).
+Programs walk the chunks of one (batch, head) in order, quadratic only inside a chunk, carrying a
+running state in registers. The [D, E] states are split over programs so that each fits: the
+forward runs one program per block of value columns (state S[:, e-block] = sum fk v^T, z = sum fk);
+the backward runs three kernels: dq per block of feature columns walking forward (S[d-block, :]),
+dk per block of feature columns walking backward (R[d-block, :] with R = sum fq dnum^T,
+r = sum fq dden), and dv per block of value columns walking backward (R[:, e-block]). A program
+recomputes the chunk's [chunk, chunk] scores it needs. `tl.dot` operands keep the inputs' dtype
+(bf16 states and scores are rounded to bf16 for the dot, accumulation is float32) and float32
+operands follow `megalong.kernels.tuning.dot_input_precision`.
 The feature map stays in torch (elementwise; autograd chains it), so the kernel's inputs are
 features. The reference is `megalong.attention.linear.causal_linear_attention`.
 """
@@ -17,6 +23,9 @@ import triton
 import triton.language as tl
 
 from megalong.attention.linear import causal_linear_attention, elu_feature_map
+from megalong.kernels.arch import device_arch
+from megalong.kernels.offsets import offset64
+from megalong.kernels.tuning import dot_input_precision, linear_tiles
 
 
 def reference_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
@@ -27,100 +36,154 @@ def reference_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @triton.jit
 def _linear_fwd(FQ, FK, V, O, DEN, L, eps, D: tl.constexpr, E: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
-    """FQ, FK [BH, L, D], V and O [BH, L, E], DEN [BH, L] (float32), all contiguous."""
-    bh = tl.program_id(0)
+                PAD_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """FQ, FK [BH, L, D], V and O [BH, L, E], DEN [BH, L] (float32), all contiguous; this program
+    writes the value columns of block program_id(0) (and DEN when that is block 0)."""
+    pe = tl.program_id(0)
+    bh = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    FQ += bh * L * D
-    FK += bh * L * D
-    V += bh * L * E
-    O += bh * L * E
-    DEN += bh * L
-    S = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
-    z = tl.zeros([BLOCK_D], tl.float32)
+    offs_d = tl.arange(0, PAD_D)
+    offs_e = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+    FQ += offset64(bh, L) * D
+    FK += offset64(bh, L) * D
+    V += offset64(bh, L) * E
+    O += offset64(bh, L) * E
+    DEN += offset64(bh, L)
+    S = tl.zeros([PAD_D, BLOCK_E], tl.float32)
+    z = tl.zeros([PAD_D], tl.float32)
     causal = offs_c[:, None] >= offs_c[None, :]
     for c0 in range(0, L, CHUNK):
         rows = c0 + offs_c
         rmask = rows < L
         dmask = rmask[:, None] & (offs_d[None, :] < D)
         emask = rmask[:, None] & (offs_e[None, :] < E)
-        fq = tl.load(FQ + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0).to(tl.float32)
-        fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(tl.float32)
-        A = tl.where(causal, tl.dot(fq, tl.trans(fk)), 0.0)
-        num = tl.dot(A, v) + tl.dot(fq, S)
-        den = tl.sum(A, 1) + tl.sum(fq * z[None, :], 1)
+        fq = tl.load(FQ + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
+        fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
+        v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0)
+        A = tl.where(causal, tl.dot(fq, tl.trans(fk), input_precision=DOT_PRECISION), 0.0)
+        num = tl.dot(A.to(v.dtype), v, input_precision=DOT_PRECISION)
+        num += tl.dot(fq, S.to(fq.dtype), input_precision=DOT_PRECISION)
+        den = tl.sum(A, 1) + tl.sum(fq.to(tl.float32) * z[None, :], 1)
         out = num / (den + eps)[:, None]
         tl.store(O + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty), mask=emask)
-        tl.store(DEN + rows, den, mask=rmask)
-        S += tl.dot(tl.trans(fk), v)
-        z += tl.sum(fk, 0)
+        tl.store(DEN + rows, den, mask=rmask & (pe == 0))
+        S += tl.dot(tl.trans(fk), v, input_precision=DOT_PRECISION)
+        z += tl.sum(fk.to(tl.float32), 0)
 
 
 @triton.jit
-def _linear_bwd(FQ, FK, V, DNUM, DDEN, DFQ, DFK, DV, L, D: tl.constexpr, E: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
-    """Gradients of (num, den) given DNUM [BH, L, E] and DDEN [BH, L] (float32); outputs float32."""
-    bh = tl.program_id(0)
+def _linear_bwd_dq(FK, V, DNUM, DDEN, DFQ, L, D: tl.constexpr, E: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PAD_E: tl.constexpr, CHUNK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """dfq[:, d-block] = M fk[:, d-block] + dnum S[d-block]^T + dden z[d-block], walking forward
+    with S, z of the chunks before; M = d out / d (fq . fk) inside the chunk. DNUM [BH, L, E],
+    DDEN [BH, L] float32; DFQ float32."""
+    pd = tl.program_id(0)
+    bh = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    FQ += bh * L * D
-    FK += bh * L * D
-    DFQ += bh * L * D
-    DFK += bh * L * D
-    V += bh * L * E
-    DV += bh * L * E
-    DNUM += bh * L * E
-    DDEN += bh * L
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, PAD_E)
+    FK += offset64(bh, L) * D
+    DFQ += offset64(bh, L) * D
+    V += offset64(bh, L) * E
+    DNUM += offset64(bh, L) * E
+    DDEN += offset64(bh, L)
     causal = offs_c[:, None] >= offs_c[None, :]
-    n_chunks = (L + CHUNK - 1) // CHUNK
-
-    # dq: forward over chunks with the state of the chunks before.
-    S = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+    S = tl.zeros([BLOCK_D, PAD_E], tl.float32)
     z = tl.zeros([BLOCK_D], tl.float32)
-    for i in range(0, n_chunks):
-        rows = i * CHUNK + offs_c
+    for c0 in range(0, L, CHUNK):
+        rows = c0 + offs_c
         rmask = rows < L
         dmask = rmask[:, None] & (offs_d[None, :] < D)
         emask = rmask[:, None] & (offs_e[None, :] < E)
-        fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(tl.float32)
-        dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0)
+        fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
+        v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0)
+        dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(v.dtype)
         dden = tl.load(DDEN + rows, mask=rmask, other=0.0)
-        M = tl.where(causal, tl.dot(dnum, tl.trans(v)) + dden[:, None], 0.0)  # d out_i / d (fq_i.fk_j)
-        dfq = tl.dot(M, fk) + tl.dot(dnum, tl.trans(S)) + dden[:, None] * z[None, :]
+        M = tl.dot(dnum, tl.trans(v), input_precision=DOT_PRECISION) + dden[:, None]
+        M = tl.where(causal, M, 0.0)
+        dfq = tl.dot(M.to(fk.dtype), fk, input_precision=DOT_PRECISION)
+        dfq += tl.dot(dnum, tl.trans(S.to(dnum.dtype)), input_precision=DOT_PRECISION)
+        dfq += dden[:, None] * z[None, :]
         tl.store(DFQ + rows[:, None] * D + offs_d[None, :], dfq, mask=dmask)
-        S += tl.dot(tl.trans(fk), v)
-        z += tl.sum(fk, 0)
+        S += tl.dot(tl.trans(fk), v, input_precision=DOT_PRECISION)
+        z += tl.sum(fk.to(tl.float32), 0)
 
-    # dk, dv: backward over chunks with the sums over the chunks after.
-    R = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+
+@triton.jit
+def _linear_bwd_dk(FQ, V, DNUM, DDEN, DFK, L, D: tl.constexpr, E: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PAD_E: tl.constexpr, CHUNK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """dfk[:, d-block] = M^T fq[:, d-block] + v R[d-block]^T + r[d-block], walking backward with
+    R = sum fq dnum^T and r = sum fq dden of the chunks after."""
+    pd = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, PAD_E)
+    FQ += offset64(bh, L) * D
+    DFK += offset64(bh, L) * D
+    V += offset64(bh, L) * E
+    DNUM += offset64(bh, L) * E
+    DDEN += offset64(bh, L)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    n_chunks = (L + CHUNK - 1) // CHUNK
+    R = tl.zeros([BLOCK_D, PAD_E], tl.float32)
     r = tl.zeros([BLOCK_D], tl.float32)
     for j in range(0, n_chunks):
         rows = (n_chunks - 1 - j) * CHUNK + offs_c
         rmask = rows < L
         dmask = rmask[:, None] & (offs_d[None, :] < D)
         emask = rmask[:, None] & (offs_e[None, :] < E)
-        fq = tl.load(FQ + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0).to(tl.float32)
-        fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(tl.float32)
-        dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0)
+        fq = tl.load(FQ + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
+        v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0)
+        dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(v.dtype)
         dden = tl.load(DDEN + rows, mask=rmask, other=0.0)
-        M = tl.where(causal, tl.dot(dnum, tl.trans(v)) + dden[:, None], 0.0)
-        A = tl.where(causal, tl.dot(fq, tl.trans(fk)), 0.0)
-        dfk = tl.dot(tl.trans(M), fq) + tl.dot(v, tl.trans(R)) + r[None, :]
-        dv = tl.dot(tl.trans(A), dnum) + tl.dot(fk, R)
+        M = tl.dot(dnum, tl.trans(v), input_precision=DOT_PRECISION) + dden[:, None]
+        M = tl.where(causal, M, 0.0)
+        dfk = tl.dot(tl.trans(M.to(fq.dtype)), fq, input_precision=DOT_PRECISION)
+        dfk += tl.dot(v, tl.trans(R.to(v.dtype)), input_precision=DOT_PRECISION) + r[None, :]
         tl.store(DFK + rows[:, None] * D + offs_d[None, :], dfk, mask=dmask)
+        R += tl.dot(tl.trans(fq), dnum, input_precision=DOT_PRECISION)
+        r += tl.sum(fq.to(tl.float32) * dden[:, None], 0)
+
+
+@triton.jit
+def _linear_bwd_dv(FQ, FK, DNUM, DV, L, D: tl.constexpr, E: tl.constexpr,
+                   PAD_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """dv[:, e-block] = A^T dnum[:, e-block] + fk R[:, e-block], walking backward with
+    R = sum fq dnum^T of the chunks after; A = fq fk^T inside the chunk (causal)."""
+    pe = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, PAD_D)
+    offs_e = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+    FQ += offset64(bh, L) * D
+    FK += offset64(bh, L) * D
+    DV += offset64(bh, L) * E
+    DNUM += offset64(bh, L) * E
+    causal = offs_c[:, None] >= offs_c[None, :]
+    n_chunks = (L + CHUNK - 1) // CHUNK
+    R = tl.zeros([PAD_D, BLOCK_E], tl.float32)
+    for j in range(0, n_chunks):
+        rows = (n_chunks - 1 - j) * CHUNK + offs_c
+        rmask = rows < L
+        dmask = rmask[:, None] & (offs_d[None, :] < D)
+        emask = rmask[:, None] & (offs_e[None, :] < E)
+        fq = tl.load(FQ + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
+        fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
+        dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(fq.dtype)
+        A = tl.where(causal, tl.dot(fq, tl.trans(fk), input_precision=DOT_PRECISION), 0.0)
+        dv = tl.dot(tl.trans(A.to(dnum.dtype)), dnum, input_precision=DOT_PRECISION)
+        dv += tl.dot(fk, R.to(fk.dtype), input_precision=DOT_PRECISION)
         tl.store(DV + rows[:, None] * E + offs_e[None, :], dv, mask=emask)
-        R += tl.dot(tl.trans(fq), dnum)
-        r += tl.sum(fq * dden[:, None], 0)
+        R += tl.dot(tl.trans(fq), dnum, input_precision=DOT_PRECISION)
 
 
-def _blocks(D: int, E: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(E))
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
 
 
 class _CausalLinear(torch.autograd.Function):
@@ -131,9 +194,11 @@ class _CausalLinear(torch.autograd.Function):
         fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
         out = torch.empty_like(v)
         den = torch.empty(B, H, L, device=v.device, dtype=torch.float32)
-        block_d, block_e = _blocks(D, E)
-        _linear_fwd[(B * H,)](fq, fk, v, out, den, L, eps, D=D, E=E, BLOCK_D=block_d,
-                              BLOCK_E=block_e, CHUNK=chunk, num_warps=4)
+        tiles = linear_tiles(device_arch(v.device), D, E, v.dtype)
+        block_e = min(tiles.block_e, _pad(E))
+        _linear_fwd[(triton.cdiv(E, block_e), B * H)](
+            fq, fk, v, out, den, L, eps, D=D, E=E, PAD_D=_pad(D), BLOCK_E=block_e, CHUNK=chunk,
+            DOT_PRECISION=dot_input_precision(v.dtype), num_warps=tiles.num_warps, num_stages=1)
         ctx.save_for_backward(fq, fk, v, out, den)
         ctx.args = (eps, chunk)
         return out
@@ -151,9 +216,15 @@ class _CausalLinear(torch.autograd.Function):
         dfq = torch.empty(B, H, L, D, device=v.device, dtype=torch.float32)
         dfk = torch.empty_like(dfq)
         dv = torch.empty(B, H, L, E, device=v.device, dtype=torch.float32)
-        block_d, block_e = _blocks(D, E)
-        _linear_bwd[(B * H,)](fq, fk, v, dnum, dden, dfq, dfk, dv, L, D=D, E=E, BLOCK_D=block_d,
-                              BLOCK_E=block_e, CHUNK=chunk, num_warps=4)
+        tiles = linear_tiles(device_arch(v.device), D, E, v.dtype)
+        block_d, block_e = min(tiles.block_d, _pad(D)), min(tiles.block_e, _pad(E))
+        common = dict(D=D, E=E, CHUNK=chunk, DOT_PRECISION=dot_input_precision(v.dtype),
+                      num_warps=tiles.num_warps, num_stages=1)
+        d_grid = (triton.cdiv(D, block_d), B * H)
+        _linear_bwd_dq[d_grid](fk, v, dnum, dden, dfq, L, BLOCK_D=block_d, PAD_E=_pad(E), **common)
+        _linear_bwd_dk[d_grid](fq, v, dnum, dden, dfk, L, BLOCK_D=block_d, PAD_E=_pad(E), **common)
+        _linear_bwd_dv[(triton.cdiv(E, block_e), B * H)](fq, fk, dnum, dv, L, PAD_D=_pad(D),
+                                                         BLOCK_E=block_e, **common)
         return dfq.to(fq.dtype), dfk.to(fk.dtype), dv.to(v.dtype), None, None
 
 

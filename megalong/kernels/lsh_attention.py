@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from megalong.kernels.arch import device_arch
+from megalong.kernels.offsets import offset64
+from megalong.kernels.tuning import dot_input_precision, lsh_warps
 
 SELF_SCORE = -1e5  # as megalong.attention.lsh.SELF_SCORE
 
@@ -53,9 +56,9 @@ def reference_lsh_chunk_attention(sq: torch.Tensor, sk: torch.Tensor, sv: torch.
 
 @triton.jit
 def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope, qk_scale,
-                N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores in the log2 domain; -inf where not visible; also returns where the score is constant."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     distance = pos_q[:, None] - pos_k[None, :]
     if HAS_ALIBI:
         s -= slope * 1.4426950408889634 * distance.to(tl.float32)
@@ -75,7 +78,7 @@ def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slo
 @triton.jit
 def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
              N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     c = tl.program_id(0)
     g = tl.program_id(1)  # (batch, head, round)
     bh = g // N_ROUNDS
@@ -83,8 +86,8 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
     offs = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    base = g.to(tl.int64) * Lp
-    g_rounds = bh.to(tl.int64) * N_ROUNDS * Lp
+    base = offset64(g, Lp)
+    g_rounds = offset64(bh, N_ROUNDS * Lp)
     rows = c * CHUNK + offs
     q = tl.load(Q + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=d_mask[None, :], other=0.0)
     pos_q = tl.load(POS + base + rows)
@@ -103,12 +106,12 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
         v = tl.load(V + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         pos_k = tl.load(POS + base + rows_k)
         s, _ = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope,
-                           qk_scale, N_ROUNDS, HAS_ALIBI)
+                           qk_scale, N_ROUNDS, HAS_ALIBI, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]  # every row sees at least itself
     tl.store(O + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -119,7 +122,7 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
 @triton.jit
 def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_scale, sm_scale, H,
              N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     c = tl.program_id(0)
     g = tl.program_id(1)
     bh = g // N_ROUNDS
@@ -127,8 +130,8 @@ def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_
     offs = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    base = g.to(tl.int64) * Lp
-    g_rounds = bh.to(tl.int64) * N_ROUNDS * Lp
+    base = offset64(g, Lp)
+    g_rounds = offset64(bh, N_ROUNDS * Lp)
     rows = c * CHUNK + offs
     row_ptr = (base + rows)[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + row_ptr, mask=d_mask[None, :], other=0.0)
@@ -150,13 +153,15 @@ def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_
         v = tl.load(V + k_ptr, mask=kv_mask, other=0.0)
         pos_k = tl.load(POS + base + rows_k)
         s, is_self = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope,
-                                 qk_scale, N_ROUNDS, HAS_ALIBI)
+                                 qk_scale, N_ROUNDS, HAS_ALIBI, DOT_PRECISION)
         p = tl.exp2(s - lse2[:, None])
-        tl.atomic_add(DV + k_ptr, tl.dot(tl.trans(p.to(do.dtype)), do), mask=kv_mask)
-        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        tl.atomic_add(DV + k_ptr, tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION),
+                      mask=kv_mask)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(tl.float32)
         ds = tl.where(is_self, 0.0, p * (dp - delta[:, None]))  # the self score is a constant
-        dq += tl.dot(ds.to(k.dtype), k) * sm_scale
-        tl.atomic_add(DK + k_ptr, tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale, mask=kv_mask)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.atomic_add(DK + k_ptr, tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * sm_scale,
+                      mask=kv_mask)
     tl.store(DQ + row_ptr, dq, mask=d_mask[None, :])
 
 
@@ -173,7 +178,8 @@ class _LshChunk(torch.autograd.Function):
         _lsh_fwd[(Lp // chunk, b * h * n)](
             sq, sk, sv, positions, chunk_of, out, lse, slopes if slopes is not None else lse,
             Lp, scale * 1.4426950408889634, h, N_ROUNDS=n, HAS_ALIBI=slopes is not None,
-            HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, num_warps=4)
+            HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, DOT_PRECISION=dot_input_precision(sq.dtype),
+            num_warps=lsh_warps(device_arch(sq.device), d, sq.dtype, backward=False))
         ctx.save_for_backward(sq, sk, sv, positions, chunk_of, out, lse, slopes)
         ctx.args = (chunk, scale)
         return out, lse
@@ -195,7 +201,8 @@ class _LshChunk(torch.autograd.Function):
             sq, sk, sv, positions, chunk_of, do, lse, delta, dq, dk, dv,
             slopes if slopes is not None else lse, Lp, scale * 1.4426950408889634, scale, h,
             N_ROUNDS=n, HAS_ALIBI=slopes is not None, HEAD_DIM=d,
-            BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk, num_warps=4)
+            BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk, DOT_PRECISION=dot_input_precision(sq.dtype),
+            num_warps=lsh_warps(device_arch(sq.device), d, sq.dtype, backward=True))
         return dq.to(sq.dtype), dk.to(sk.dtype), dv.to(sv.dtype), None, None, None, None, None
 
 

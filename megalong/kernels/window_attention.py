@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-
-LOG2E = 1.4426950408889634
+from megalong.kernels.attention_tiles import LOG2E, backward_tile, forward_tile
+from megalong.kernels.offsets import offset64
+from megalong.kernels.tuning import attention_launch_tiles, dot_input_precision
 
 
 def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -55,29 +56,6 @@ def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     return out, lse
-
-
-@triton.jit
-def _scores(q, k, pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI: tl.constexpr):
-    """Scores in the log2 domain (scale and ALiBi times log2(e)), -inf where not visible."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    if HAS_ALIBI:
-        s -= slope * 1.4426950408889634 * (pos_q[:, None] - pos_k[None, :]).to(tl.float32)
-    return tl.where(visible, s, float("-inf"))
-
-
-@triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, pos_q, pos_k, visible, slope, qk_scale,
-              HAS_ALIBI: tl.constexpr):
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s = _scores(q, k, pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -107,20 +85,20 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
                 H, Lq, L, n_global, window, dilation, qk_scale,
                 HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     rows, pos_q, t_q, r, valid_q = _query_block(QPOS, Lq, L, dilation, pid_m, HAS_QPOS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+    q = tl.load(Q + offset64(b, sqb) + offset64(h, sqh) + rows[:, None] * sqm + offs_d[None, :],
                 mask=valid_q[:, None] & d_mask[None, :], other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += offset64(b, skb) + offset64(h, skh)
+    V += offset64(b, svb) + offset64(h, svh)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -142,9 +120,10 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
         steps = t_q[:, None] - s[None, :]
         visible = (steps >= 0) & (steps < window) & valid_k[None, :] & valid_q[:, None]
         kv_mask = valid_k[:, None] & d_mask[None, :]
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
+        acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
                                   V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
-                                  pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+                                  pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI,
+                                  DOT_PRECISION)
     if HAS_GLOBAL:
         # Global keys before the query and not already counted in its window.
         for g0 in range(0, n_global, BLOCK_N):
@@ -155,30 +134,16 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
             in_window = (gap % dilation == 0) & (gap < window * dilation)
             visible = (gap >= 0) & ~in_window & valid_k[None, :] & valid_q[:, None]
             kv_mask = valid_k[:, None] & d_mask[None, :]
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
                                       V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
-                                      pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
+                                      pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI,
+                                  DOT_PRECISION)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :],
+    tl.store(O + offset64(b, sob) + offset64(h, soh) + rows[:, None] * som + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    tl.store(LSE + bh * Lq + rows, lse, mask=valid_q)
-
-
-@triton.jit
-def _bwd_tile(dq, q, do, lse2, delta, K_ptrs, V_ptrs, DK_ptrs, DV_ptrs, kv_mask,
-              pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI: tl.constexpr):
-    k = tl.load(K_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(V_ptrs, mask=kv_mask, other=0.0)
-    s = _scores(q, k, pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI)
-    p = tl.exp2(s - lse2[:, None])  # 0 where not visible
-    tl.atomic_add(DV_ptrs, tl.dot(tl.trans(p.to(do.dtype)), do), mask=kv_mask)
-    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k) * sm_scale
-    tl.atomic_add(DK_ptrs, tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale, mask=kv_mask)
-    return dq
+    tl.store(LSE + offset64(bh, Lq) + rows, lse, mask=valid_q)
 
 
 @triton.jit
@@ -187,7 +152,7 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
                 H, Lq, L, n_global, window, dilation, qk_scale, sm_scale,
                 HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq [b, h, Lq, D] float32 written here; dk, dv [b, h, L, D] float32 (contiguous) accumulated."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -196,17 +161,17 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_mask = valid_q[:, None] & d_mask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + bh * Lq + rows, mask=valid_q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * Lq + rows, mask=valid_q, other=0.0)
+    q = tl.load(Q + offset64(b, sqb) + offset64(h, sqh) + rows[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offset64(b, sdob) + offset64(h, sdoh) + rows[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + offset64(bh, Lq) + rows, mask=valid_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + offset64(bh, Lq) + rows, mask=valid_q, other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DK += bh * L * HEAD_DIM
-    DV += bh * L * HEAD_DIM
+    K += offset64(b, skb) + offset64(h, skh)
+    V += offset64(b, svb) + offset64(h, svh)
+    DK += offset64(bh, L) * HEAD_DIM
+    DV += offset64(bh, L) * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     n_sub = (L - r + dilation - 1) // dilation
@@ -226,9 +191,10 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
         visible = (steps >= 0) & (steps < window) & valid_k[None, :] & valid_q[:, None]
         kv_mask = valid_k[:, None] & d_mask[None, :]
         grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
-        dq = _bwd_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
+        dq = backward_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
                        V + pos_k[:, None] * svn + offs_d[None, :], DK + grad_off, DV + grad_off,
-                       kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI)
+                       kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
+                       DOT_PRECISION)
     if HAS_GLOBAL:
         for g0 in range(0, n_global, BLOCK_N):
             gi = g0 + tl.arange(0, BLOCK_N)
@@ -239,10 +205,11 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
             visible = (gap >= 0) & ~in_window & valid_k[None, :] & valid_q[:, None]
             kv_mask = valid_k[:, None] & d_mask[None, :]
             grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
-            dq = _bwd_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
+            dq = backward_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
                            V + pos_k[:, None] * svn + offs_d[None, :], DK + grad_off, DV + grad_off,
-                           kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI)
-    tl.store(DQ + bh * Lq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask)
+                           kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
+                       DOT_PRECISION)
+    tl.store(DQ + offset64(bh, Lq) * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask)
 
 
 def _launch_shape(Lq: int, L: int, dilation: int, has_qpos: bool, block_m: int) -> int:
@@ -251,23 +218,18 @@ def _launch_shape(Lq: int, L: int, dilation: int, has_qpos: bool, block_m: int) 
     return dilation * triton.cdiv(triton.cdiv(L, dilation), block_m)
 
 
-def _default_blocks(head_dim: int) -> tuple[int, int, int]:
-    """(block_m, block_n, num_warps) for an H100: 64 x 64 tiles, 4 warps up to head_dim 64."""
-    return (64, 64, 4) if head_dim <= 64 else (64, 32, 8)
-
-
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, dilation, slopes, global_keys, q_positions, q_bounds, blocks):
+    def forward(ctx, q, k, v, scale, window, dilation, slopes, global_keys, q_positions, q_bounds, tiles):
         B, H, Lq, D = q.shape
         L = k.shape[2]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        block_m, block_n, num_warps = blocks
+        fwd = tiles[0]
         block_d = max(16, triton.next_power_of_2(D))
         o = torch.empty_like(q)
         lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
         dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
-        grid = (_launch_shape(Lq, L, dilation, q_positions is not None, block_m), B * H)
+        grid = (_launch_shape(Lq, L, dilation, q_positions is not None, fwd.block_m), B * H)
         n_global = 0 if global_keys is None else len(global_keys)
         _window_fwd[grid](
             q, k, v, o, lse, slopes if slopes is not None else dummy,
@@ -278,15 +240,16 @@ class _WindowAttention(torch.autograd.Function):
             H, Lq, L, n_global, window, dilation, scale * LOG2E,
             HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
             HAS_GLOBAL=n_global > 0, HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+            BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, DOT_PRECISION=dot_input_precision(q.dtype),
+            num_warps=fwd.num_warps, num_stages=fwd.num_stages)
         ctx.save_for_backward(q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds)
-        ctx.args = (scale, window, dilation, blocks)
+        ctx.args = (scale, window, dilation, tiles[1])
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds = ctx.saved_tensors
-        scale, window, dilation, (block_m, block_n, num_warps) = ctx.args
+        scale, window, dilation, bwd = ctx.args
         B, H, Lq, D = q.shape
         L = k.shape[2]
         do = do.contiguous()
@@ -298,7 +261,7 @@ class _WindowAttention(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
         n_global = 0 if global_keys is None else len(global_keys)
-        grid = (_launch_shape(Lq, L, dilation, q_positions is not None, block_m), B * H)
+        grid = (_launch_shape(Lq, L, dilation, q_positions is not None, bwd.block_m), B * H)
         _window_bwd[grid](
             q, k, v, do, dq, dk, dv, lse, delta, slopes if slopes is not None else dummy,
             q_positions if q_positions is not None else dummy,
@@ -308,7 +271,8 @@ class _WindowAttention(torch.autograd.Function):
             H, Lq, L, n_global, window, dilation, scale * LOG2E, scale,
             HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
             HAS_GLOBAL=n_global > 0, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
+            BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, DOT_PRECISION=dot_input_precision(q.dtype),
+            num_warps=bwd.num_warps, num_stages=bwd.num_stages)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
@@ -322,7 +286,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """Triton windowed attention: q [b, h, Lq, D], k and v [b, h, L, D] -> (out, lse [b, h, Lq]).
 
     Same arguments and result as `reference_window_attention` (see the module docstring);
-    `blocks` = (block_m, block_n, num_warps) overrides the H100 defaults. Gradients flow to q, k, v
+    `blocks` = (block_m, block_n, num_warps) overrides the per-architecture tiles of
+    `megalong.kernels.tuning.window_tiles`. Gradients flow to q, k, v
     (slopes and positions are constants)."""
     if dilation < 1 or (window is not None and window < 1):
         raise ValueError(f"window_attention: window {window} and dilation {dilation} must be >= 1")
@@ -339,12 +304,14 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         global_keys = global_keys if len(global_keys) else None
     if q_positions is not None:
         q_positions = q_positions.to(device=q.device, dtype=torch.int32).contiguous()
-    blocks = blocks or _default_blocks(q.shape[-1])
+    tiles = attention_launch_tiles(q.device, q.shape[-1], q.dtype, blocks)
+    block_m = tiles[0].block_m
+    assert tiles[1].block_m == block_m, "forward and backward cut the queries alike"
     q_bounds = None
     if q_positions is not None:  # per query block: first and one past the last position
-        pad = (-len(q_positions)) % blocks[0]
-        tiles = torch.nn.functional.pad(q_positions, (0, pad), value=-1).view(-1, blocks[0])
-        lo = torch.where(tiles >= 0, tiles, torch.iinfo(torch.int32).max).amin(1)
-        q_bounds = torch.stack([lo, tiles.amax(1) + 1], 1).to(torch.int32).contiguous()
+        pad = (-len(q_positions)) % block_m
+        tiles_q = torch.nn.functional.pad(q_positions, (0, pad), value=-1).view(-1, block_m)
+        lo = torch.where(tiles_q >= 0, tiles_q, torch.iinfo(torch.int32).max).amin(1)
+        q_bounds = torch.stack([lo, tiles_q.amax(1) + 1], 1).to(torch.int32).contiguous()
     return _WindowAttention.apply(q, k, v, float(scale), int(window), int(dilation), slopes,
-                                  global_keys, q_positions, q_bounds, tuple(blocks))
+                                  global_keys, q_positions, q_bounds, tiles)

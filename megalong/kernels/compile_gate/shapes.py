@@ -1,0 +1,180 @@
+"""The shape table: megalong's launchers driven at real sizes on `meta` tensors, forward and backward.
+
+Shapes come from the GPT-Neo configs in configs/ (heads and hidden size: head_dim 64 for 125m,
+128 for 1.3b and 2.7b), one sequence of L = 8192 tokens, bf16 and float32. Every case calls a
+public launcher (or the `select.*_attend` entry point where that decides the dtype the kernel
+sees) the way a layer of that kind calls it, then backpropagates through it, inside
+`recorder.record_launches(arch)`: the launches land on the recorder, nothing runs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import yaml
+
+SEQ_LEN = 8192
+DTYPES = (torch.bfloat16, torch.float32)
+CONFIGS = ("gpt-neo-125m", "gpt-neo-1.3b", "gpt-neo-2.7b")
+EXPERTS = (8, 64)
+META = torch.device("meta")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    heads: int
+    hidden: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def config_shapes(root: str) -> list[Shape]:
+    """(heads, hidden) of each config in CONFIGS under `root`/configs."""
+    shapes = []
+    for name in CONFIGS:
+        path = os.path.join(root, "configs", f"{name}.yaml")
+        with open(path) as f:
+            model = (yaml.safe_load(f) or {}).get("model", {})
+        try:
+            shapes.append(Shape(name, int(model["num_attention_heads"]), int(model["hidden_size"])))
+        except KeyError as missing:
+            raise ValueError(f"{path}: model.{missing.args[0]} missing (the compile gate reads it)") from None
+    return shapes
+
+
+def _t(*size: int, dtype: torch.dtype = torch.float32, grad: bool = False) -> torch.Tensor:
+    return torch.empty(*size, device=META, dtype=dtype, requires_grad=grad)
+
+
+def _backward(*outputs: torch.Tensor) -> None:
+    sum(o.float().sum() for o in outputs).backward()
+
+
+def _slopes(heads: int) -> torch.Tensor:
+    return _t(heads)
+
+
+def _qkv(s: Shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_t(1, s.heads, SEQ_LEN, s.head_dim, dtype=dtype, grad=True) for _ in range(3))
+
+
+def window_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    from megalong.kernels.select import global_alibi_attend
+    from megalong.kernels.window_attention import window_attention
+
+    scale = s.head_dim ** -0.5
+    n_global = 64
+    variants = {  # name: (window, dilation, alibi, global tokens)
+        "window256": (256, 1, False, False), "window1024": (1024, 1, False, False),
+        "window256-dil2": (256, 2, False, False), "window256-alibi": (256, 1, True, False),
+        "window256-global": (256, 1, False, True),
+        "window256-global-alibi": (256, 1, True, True),
+    }
+    for name, (window, dilation, alibi, has_global) in variants.items():
+        def case(window=window, dilation=dilation, alibi=alibi, has_global=has_global) -> None:
+            q, k, v = _qkv(s, dtype)
+            slopes = _slopes(s.heads) if alibi else None
+            g = torch.arange(n_global, device=META) * 128 if has_global else None
+            out, _ = window_attention(q, k, v, scale, window, dilation, slopes, g)
+            outs = [out]
+            if has_global:  # the global tokens' own rows: full causal at their positions
+                rows, _ = window_attention(q[:, :, :n_global], k, v, scale, None, 1, slopes, None, g)
+                outs.append(rows)
+            _backward(*outs)
+        yield name, case
+
+    def global_alibi() -> None:
+        q, k, v = _qkv(s, dtype)
+        attn = SimpleNamespace(alibi=True, scale=scale, alibi_slopes=lambda device, dt: _slopes(s.heads))
+        _backward(global_alibi_attend(attn, q, k, v))
+    yield "global-alibi", global_alibi
+
+
+def fam_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    from megalong.kernels.select import fam_blocks_attend
+
+    block, fam_len = 256, 64
+    for name, with_fam, alibi in (("fam", True, False), ("fam-alibi", True, True), ("fam-nofam", False, False)):
+        def case(with_fam=with_fam, alibi=alibi) -> None:
+            q, k, v = _qkv(s, dtype)
+            n_blocks = SEQ_LEN // block
+            kf = _t(1, s.heads, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
+            vf = _t(1, s.heads, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
+            attn = SimpleNamespace(alibi=alibi, scale=s.head_dim ** -0.5, block_size=block, memory_segments=1,
+                                   alibi_slopes=lambda device, dt: _slopes(s.heads))
+            _backward(fam_blocks_attend(attn, q, k, v, kf, vf))
+        yield name, case
+
+
+def lsh_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    from megalong.kernels.lsh_attention import lsh_chunk_attention
+
+    chunk = 64
+    for rounds, alibi in ((1, False), (4, False), (2, True)):
+        def case(rounds=rounds, alibi=alibi) -> None:
+            size = (1, s.heads, rounds, SEQ_LEN, s.head_dim)
+            sq, sk, sv = (_t(*size, dtype=dtype, grad=True) for _ in range(3))
+            positions = _t(1, s.heads, rounds, SEQ_LEN, dtype=torch.int64)
+            out, lse = lsh_chunk_attention(sq, sk, sv, positions, positions, chunk, s.head_dim ** -0.5,
+                                           _slopes(s.heads) if alibi else None)
+            _backward(out, lse)
+        yield f"lsh-{rounds}rounds" + ("-alibi" if alibi else ""), case
+
+
+def linear_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    from megalong.kernels.select import linear_attend
+
+    def case() -> None:
+        q, k, v = _qkv(s, dtype)
+        attn = SimpleNamespace(normalization="elu", eps=1e-6, chunk_size=64)
+        _backward(linear_attend(attn, q, k, v))
+    yield "linear", case
+
+
+def moe_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Router gating (float32 logits, as the router computes them), permute, the experts' grouped
+    GEMMs (forward, input and weight gradients; `auto` backend: on sm_90 bf16 goes to
+    torch._grouped_mm and launches nothing) and combine, for 8 and 64 experts."""
+    from megalong.kernels.grouped_gemm import grouped_experts
+    from megalong.kernels.moe import (
+        combine_rows,
+        permute_rows,
+        rows_of_tokens,
+        topk_gating,
+    )
+
+    tokens, ffn = SEQ_LEN, 4 * s.hidden
+    routers = (("topk2", 2, True, False), ("topk2-bias", 2, True, True), ("switch", 1, False, False))
+    for experts in EXPERTS:
+        for router, top_k, renorm, bias in routers:
+            def case(experts=experts, top_k=top_k, renorm=renorm, bias=bias) -> None:
+                logits = _t(tokens, experts, grad=True)
+                g = topk_gating(logits, top_k, renorm, _t(experts) if bias else None)
+                token = _t(tokens * top_k, dtype=torch.int64)
+                rows = rows_of_tokens(token, tokens, top_k)
+                x = _t(tokens, s.hidden, dtype=dtype, grad=True)
+                w1 = _t(experts, s.hidden, ffn, dtype=dtype, grad=True)
+                w2 = _t(experts, ffn, s.hidden, dtype=dtype, grad=True)
+                y = permute_rows(x, token, rows)
+                h = grouped_experts(y, _t(experts, dtype=torch.int64), w1, w2, None, torch.nn.functional.gelu)
+                gate = g.gates.reshape(-1).to(dtype)
+                _backward(combine_rows(h, gate, token, rows), g.probs)
+            yield f"moe{experts}-{router}", case
+
+
+FAMILIES = (window_cases, fam_cases, lsh_cases, linear_cases, moe_cases)
+
+
+def all_cases(root: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(case name, a function that drives the launchers) for every family, shape and dtype."""
+    for shape in config_shapes(root):
+        for dtype in DTYPES:
+            for family in FAMILIES:
+                for name, case in family(shape, dtype):
+                    yield f"{shape.name}/{str(dtype).replace('torch.', '')}/{name}", case

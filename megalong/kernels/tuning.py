@@ -1,0 +1,82 @@
+"""Launch settings of the attention kernels per GPU architecture, and the `tl.dot` precision rule.
+
+One table for every attention kernel (windowed, FAM, LSH, linear): tile sizes, warps and stages as
+a function of (arch, head_dim, dtype), arch from `megalong.kernels.arch.device_arch` (90: sm_90,
+80: sm_80 and the other Ampere/Ada parts, 0: the CPU interpreter). Chosen by compiling every launch
+the launchers make at B=1, 16 heads, L=8192, head_dim 64 and 128, bf16 and float32, for sm_90 and
+sm_80 (the compile gate): no spills, shared memory within sm_80's 163 KiB.
+
+`dot_input_precision`: float32 operands run as "tf32x3" (three TF32 products that recover float32
+accuracy, on the tensor cores) while torch's float32 matmul precision is "highest" (its default),
+and as "tf32" when a user lowered it (`torch.set_float32_matmul_precision("high")`); Triton's
+default would be plain TF32 (~1e-3 relative), which the CPU interpreter (exact float32) cannot
+show. 16-bit operands multiply exactly into the float32 accumulator ("ieee": the setting does not
+apply to them). Every `tl.dot` of every kernel takes its precision from this rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megalong.kernels.arch import device_arch
+
+
+def dot_input_precision(dtype: torch.dtype, float32_precision: Optional[str] = None) -> str:
+    """`tl.dot`'s input_precision for operands of `dtype`; float32_precision defaults to
+    `torch.get_float32_matmul_precision()`."""
+    if dtype != torch.float32:
+        return "ieee"
+    precision = float32_precision or torch.get_float32_matmul_precision()
+    return "tf32x3" if precision == "highest" else "tf32"
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    block_m: int  # query rows per program
+    block_n: int  # keys per step
+    num_warps: int
+    num_stages: int
+
+
+def window_tiles(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -> AttentionTiles:
+    """Tiles of the windowed and FAM kernels (forward or backward); arch 0 (the interpreter) takes
+    sm_90's. Forward and backward share block_m (the query blocks of `q_positions` are cut once)."""
+    wide = head_dim > 64 or dtype.itemsize > 2
+    if not backward:
+        return AttentionTiles(64, 32 if wide else 64, 8 if wide else 4, 2)
+    return AttentionTiles(64, 32, 8, 1)
+
+
+def lsh_warps(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -> int:
+    """Warps of the LSH kernels (their tiles are the chunk: chunk x chunk scores)."""
+    if arch == 0:
+        return 1
+    return 8 if backward or head_dim > 64 or dtype.itemsize > 2 else 4
+
+
+@dataclass(frozen=True)
+class LinearTiles:
+    block_e: int  # value columns per program (the [D, block_e] state lives in its registers)
+    block_d: int  # feature columns per program of the dq and dk kernels ([block_d, E] state)
+    num_warps: int
+
+
+def linear_tiles(arch: int, d: int, e: int, dtype: torch.dtype) -> LinearTiles:
+    """Tiles of the linear-attention kernels for features of width d and values of width e."""
+    if arch == 0:
+        return LinearTiles(16, 16, 1)
+    return LinearTiles(32, 32, 8 if max(d, e) > 64 or dtype.itemsize > 2 else 4)
+
+
+def attention_launch_tiles(device: torch.device, head_dim: int, dtype: torch.dtype,
+                           blocks: Optional[tuple[int, int, int]] = None
+                           ) -> tuple[AttentionTiles, AttentionTiles]:
+    """(forward, backward) tiles of the windowed and FAM kernels on `device`; `blocks` =
+    (block_m, block_n, num_warps) overrides both (the tests' small tiles)."""
+    if blocks is not None:
+        block_m, block_n, num_warps = blocks
+        return AttentionTiles(block_m, block_n, num_warps, 2), AttentionTiles(block_m, block_n, num_warps, 1)
+    arch = device_arch(device)
+    return window_tiles(arch, head_dim, dtype, False), window_tiles(arch, head_dim, dtype, True)
