@@ -6,11 +6,11 @@ beyond its inputs (torch.cuda.max_memory_allocated), or "OOM" when it does not f
 All cases of one L run in the same process, so the rows compare directly.
 
 The megalong rows run the core-attention modules exactly as the model does: constructed from the
-registry with the kind's options as megalong/export/modeling.py does outside megatron, called on
+registry with the kind's options as megalong/export/hf_attention.py does outside megatron, called on
 [seq, batch, heads, head_dim] like megatron's SelfAttention calls them. `fam` runs the layer
 function the model uses (`run_fam_layer`, the sequential FAM chain included) with identity
 projections and no MLP, so that only attention is timed. On CUDA the modules take their Triton
-kernels where they have one (`model.kernels: auto`); `--kernels reference` times the pure-PyTorch
+kernels where they have one (`execution.kernels: auto`); `--kernels reference` times the pure-PyTorch
 paths. FlexAttention gets the same mask (and ALiBi as a score_mod) wherever a mask can express the
 kind: sliding window, per-head dilation, ALiBi, block sliding window (fam without FAM tokens);
 global tokens with their own projections, lsh, linear, axial and FAM are not one mask and have no
@@ -55,7 +55,7 @@ class Case:
 # ---- megalong modules, as the model builds them ------------------------------------------------
 
 def core_attention(kind: str, options: Any, alibi: bool, L: int) -> torch.nn.Module:
-    """The kind's core attention as megalong/export/modeling.py constructs it (TP size 1)."""
+    """The kind's core attention as megalong/export/hf_attention.py constructs it (TP size 1)."""
     from megalong.attention.options import ModelShape
     from megalong.attention.registry import CORE_ATTENTION
 

@@ -23,10 +23,10 @@ warnings.filterwarnings("ignore")
 
 VARIANTS = {
     "plain": [],
-    "full recompute": ["model.recompute_granularity=full", "model.recompute_method=uniform",
-                       "model.recompute_num_layers=1"],
+    "full recompute": ["execution.recompute_granularity=full", "execution.recompute_method=uniform",
+                       "execution.recompute_num_layers=1"],
     "reversible": ["model.reversible=true"],
-    "reversible + chunked FFN": ["model.reversible=true", "model.ffn_chunks=8"],
+    "reversible + chunked FFN": ["model.reversible=true", "execution.ffn_chunks=8"],
 }
 
 
@@ -37,7 +37,7 @@ def make_cfg(config: str, seq: int, variant: list[str], attention: str, window: 
     layers = raw["model"]["num_layers"]
     sets = [f"model.max_position_embeddings={seq}", f"data.seq_length={seq}", "model.position_embedding=rope",
             "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
-            f"train.precision={'fp32' if small else 'bf16'}", *variant]
+            f"execution.precision={'fp32' if small else 'bf16'}", *variant]
     if small:
         sets += ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
                  "model.vocab_size=512"]

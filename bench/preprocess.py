@@ -72,7 +72,7 @@ def main() -> int:
 
     from megalong.data.corpus import iter_documents
     from megalong.data.stdlib_corpus import build_stdlib_corpus
-    from megalong.data.tokenizer import train_sentencepiece
+    from megalong.data.tokenizer_training import train_sentencepiece
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

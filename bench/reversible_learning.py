@@ -16,7 +16,7 @@ VARIANTS = {
     "plain": [],
     "reversible (mean merge)": ["model.reversible=true"],
     "reversible (split merge)": ["model.reversible=true", "model.reversible_merge=split"],
-    "reversible + ffn_chunks 4": ["model.reversible=true", "model.ffn_chunks=4"],
+    "reversible + ffn_chunks 4": ["model.reversible=true", "execution.ffn_chunks=4"],
 }
 
 

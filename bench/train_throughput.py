@@ -2,7 +2,7 @@
 same batch, same optimizer, in one run. Rows:
 
   1. megalong (megatron-core GPTModel, megalong spec), eager
-  2. megalong with train.compile=true (megalong.model.compile.compile_layers: each layer compiled)
+  2. megalong with execution.compile=true (megalong.model.compile.compile_layers: each layer compiled)
   3. Hugging Face GPTNeoForCausalLM, eager
   4. hand-written PyTorch GPT (bench/peer_gpt.py), SDPA in every layer, eager
   5. the same under torch.compile
@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore")
 
 SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=512",
          'model.attention_layers=[[["global", "local"], 2]]', "model.attention={local: {window: 32}}",
-         "train.precision=fp32"]
+         "execution.precision=fp32"]
 
 
 def timed(step, warmup: int, iters: int, device: torch.device) -> float:
@@ -72,7 +72,7 @@ def megalong_step(cfg, vocab: int, batch: int, seq: int, device: torch.device):
     initialize(1)
     torch.manual_seed(0)
     model = build_model(cfg, vocab).to(device).train()
-    if cfg.train.compile:
+    if cfg.execution.compile:
         from megalong.model.compile import compile_layers
 
         compile_layers(model)
@@ -120,7 +120,7 @@ def peer_step(compile: bool, flex_local: bool):
 # (name, extra config overrides, step factory)
 ROWS = [
     ("megalong (megatron-core GPTModel, megalong spec)", [], megalong_step),
-    ("megalong, train.compile=true (layers torch.compile'd)", ["train.compile=true"], megalong_step),
+    ("megalong, execution.compile=true (layers torch.compile'd)", ["execution.compile=true"], megalong_step),
     ("Hugging Face GPTNeoForCausalLM (eager)", [], hf_gpt_neo_step),
     ("PyTorch GPT, SDPA (eager)", [], peer_step(compile=False, flex_local=False)),
     ("PyTorch GPT, SDPA (torch.compile)", [], peer_step(compile=True, flex_local=False)),
@@ -172,7 +172,7 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     sets = [f"data.seq_length={seq}", f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}"]
-    sets += SMALL if args.small else ["train.precision=bf16"]
+    sets += SMALL if args.small else ["execution.precision=bf16"]
 
     def make_cfg(extra: list[str]):
         return load_config([args.config], sets + extra, check_paths=False)
@@ -187,7 +187,7 @@ def main() -> None:
           f"torch {torch.__version__} | {args.config}{' --small' if args.small else ''} | layers {m.num_layers}, "
           f"hidden {m.hidden_size}, heads {m.num_attention_heads}, vocab {vocab}, "
           f"window {cfg.attention_options('local').window} | batch {batch} x {seq} | "
-          f"{'bf16 autocast' if cfg.train.precision == 'bf16' else cfg.train.precision} (peers: "
+          f"{'bf16 autocast' if cfg.execution.precision == 'bf16' else cfg.execution.precision} (peers: "
           f"{'bf16 autocast' if cuda else 'fp32'}), {'fused ' if cuda else ''}AdamW | "
           f"{flops / 1e6:.1f} MFLOP/token", flush=True)
     rows = [row for row in ROWS if not args.only or args.only in row[0]]

@@ -52,9 +52,9 @@ def demo_data_paths(workdir: Path) -> tuple[Path, Path, Path]:
 
 def prepare_demo_data(workdir: Path) -> tuple[str, str]:
     """Steps 1-3 of the demo: (tokenizer model, .bin/.idx prefix) under workdir."""
-    from megalong.data.preprocess import preprocess
+    from megalong.data.preprocess import PreprocessOptions, preprocess
     from megalong.data.stdlib_corpus import build_stdlib_corpus
-    from megalong.data.tokenizer import train_sentencepiece
+    from megalong.data.tokenizer_training import train_sentencepiece
 
     corpus, tokenizer_prefix, data_prefix = demo_data_paths(workdir)
     log.info("1/6 corpus: Python standard library documentation -> %s", corpus)
@@ -62,7 +62,7 @@ def prepare_demo_data(workdir: Path) -> tuple[str, str]:
     log.info("2/6 tokenizer: SentencePiece BPE, %d pieces -> %s.model", DEMO_VOCAB, tokenizer_prefix)
     train_sentencepiece([str(corpus)], str(tokenizer_prefix), vocab_size=DEMO_VOCAB, model_type="bpe")
     log.info("3/6 preprocess -> %s.bin/.idx", data_prefix)
-    preprocess([str(corpus)], str(data_prefix), f"{tokenizer_prefix}.model", workers=2)
+    preprocess(PreprocessOptions([str(corpus)], str(data_prefix), f"{tokenizer_prefix}.model", workers=2))
     return f"{tokenizer_prefix}.model", str(data_prefix)
 
 

@@ -10,7 +10,6 @@ embedding past `model.max_position_embeddings` and are refused there.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megalong.argtypes import int_at_least, positive_int
-from megalong.data.datasets import SPLIT_NAMES, parse_split
+from megalong.data.splits import SPLIT_NAMES, parse_split
 from megalong.data.indexed import check_dataset
 from megalong.errors import MegalongError
 
@@ -111,24 +109,3 @@ def evaluate_checkpoint(checkpoint: str | Path, seq_lengths: list[int], max_toke
         return [perplexity(model, stream, n, batch_size) for n in seq_lengths]
     finally:
         shutdown()
-
-
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a step_* directory, or a save_dir (its newest checkpoint)")
-    parser.add_argument("--seq-length", type=int_at_least(2), action="append", required=True,
-                        help="window length in tokens (repeatable; may exceed the training length)")
-    parser.add_argument("--tokens", type=positive_int, default=32768,
-                        help="held-out tokens scored at every length")
-    parser.add_argument("--data", default=None, help=".bin/.idx prefix (default: the training data's)")
-    parser.add_argument("--split", default="valid", choices=SPLIT_NAMES, help="which split of data.split")
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-
-
-def run_eval(args: argparse.Namespace) -> Optional[int]:
-    """The CLI prints an EvalError as `megalong: eval error: ...`."""
-    results = evaluate_checkpoint(args.checkpoint, args.seq_length, args.tokens, args.data,
-                                  args.split, args.batch_size)
-    for r in results:
-        print(f"seq_length {r.seq_length}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} "
-              f"({r.tokens} tokens)")
-    return 0

@@ -6,14 +6,11 @@ Ids of the padded vocabulary (>= the tokenizer's vocabulary size) are never prod
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megalong.argtypes import int_at_least, non_negative_int, number_in
 from megalong.model.gpt import build_model, position_ids_for
 
 
@@ -93,27 +90,3 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
         if eod is not None and next_id == eod:
             break
     return ids[len(prompt_ids):]
-
-
-def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a step_* directory, or a save_dir (its newest checkpoint)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=non_negative_int, default=50)
-    parser.add_argument("--temperature", type=number_in(0), default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=non_negative_int, default=40,
-                        help="sample among the K most likely ids; 0 for all")
-    parser.add_argument("--seed", type=int_at_least(0), default=0)
-
-
-def run_generate(args: argparse.Namespace) -> Optional[int]:
-    model, _, tokenizer = load_for_inference(args.checkpoint)
-    prompt = tokenizer.encode(args.prompt)
-    try:
-        new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                       tokenizer.eod, tokenizer.vocab_size, args.seed)
-    except ValueError as e:
-        print(f"megalong: generate error: {e}", file=sys.stderr)
-        return 2
-    # Decoded together: SentencePiece drops the leading space of a text decoded on its own.
-    print(tokenizer.decode(prompt + new))
-    return 0

@@ -30,15 +30,15 @@ class TinyData:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> TinyData:
-    from megalong.data.preprocess import preprocess
+    from megalong.data.preprocess import PreprocessOptions, preprocess
     from megalong.data.stdlib_corpus import build_stdlib_corpus
-    from megalong.data.tokenizer import train_sentencepiece
+    from megalong.data.tokenizer_training import train_sentencepiece
 
     root = tmp_path_factory.mktemp("tiny_data")
     corpus = root / "docs.jsonl.zst"
     build_stdlib_corpus(corpus, max_docs=120)
     train_sentencepiece([str(corpus)], str(root / "spm"), vocab_size=512, model_type="bpe")
-    preprocess([str(corpus)], str(root / "docs"), str(root / "spm.model"), workers=1)
+    preprocess(PreprocessOptions([str(corpus)], str(root / "docs"), str(root / "spm.model"), workers=1))
     return TinyData(tokenizer=str(root / "spm.model"), prefix=str(root / "docs"))
 
 

@@ -1,4 +1,4 @@
-"""`train.precision: bf16` (autocast) on the CPU: bf16 is really on, megatron's and megalong's autograd
+"""`execution.precision: bf16` (autocast) on the CPU: bf16 is really on, megatron's and megalong's autograd
 Functions run forward and backward under it, and 20 training steps follow the fp32 losses at
 one process, TP=2, PP=2 and DeepSpeed ZeRO-2 (DeepSpeed's own bf16: bf16 weights, fp32 master).
 """
@@ -15,7 +15,7 @@ from megalong.model.gpt import build_model, position_ids_for
 from megalong.moe.layer import moe_aux_loss
 from megalong.moe.options import MoEOptions
 from megalong.moe.router import build_router
-from megalong.parallel import cpu_compat
+from megalong.compat import megatron_cpu
 from megalong.parallel.distributed import initialize, shutdown
 from megalong.train.loop import lm_loss, train
 
@@ -36,7 +36,7 @@ def one_process():
     shutdown()
 
 
-def _cfg(**model):
+def _cfg(execution: dict | None = None, **model):
     """Six layers of every attention kind with three MoE layers, unless `model` says otherwise."""
     raw = {"num_layers": 6, "hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": SEQ,
            "vocab_size": VOCAB, "attention_layers": [[KINDS, 1]], "mlp_layers": [[["dense", "moe"], 3]],
@@ -45,7 +45,7 @@ def _cfg(**model):
         raw["axial_position"] = {"shape": [4, 4]}
     used = {kind for pattern, _ in raw["attention_layers"] for kind in pattern}
     raw["attention"] = {k: v for k, v in KIND_OPTIONS.items() if k in used}
-    cfg = config_from_dict({"model": raw})
+    cfg = config_from_dict({"model": raw, "execution": execution or {}})
     validate(cfg, check_paths=False)
     return cfg
 
@@ -111,7 +111,7 @@ def test_every_linear_attention_and_expert_runs_in_bf16(one_process):
 # ------------------------------------------------------------------------------------------------
 
 def test_megatron_linear_backward_equals_torch_linear_under_cpu_autocast(one_process):
-    """Without megalong/parallel/cpu_compat.py's patch this backward raises "expected m1 and m2 to
+    """Without megalong/compat/megatron_cpu.py's patch this backward raises "expected m1 and m2 to
     have the same dtype" (bf16 gradient, fp32 weight). With it, megatron's Function computes what
     autograd computes through `F.linear` under the same autocast."""
     cfg = _cfg(num_layers=1, attention_layers=[[["global"], 1]], mlp_layers=None, position_embedding="learned")
@@ -139,11 +139,11 @@ def test_autocast_patch_is_idempotent_and_inert_with_cuda(monkeypatch):
     from megatron.core.tensor_parallel import layers
 
     function = layers.LinearWithGradAccumulationAndAsyncCommunication
-    assert cpu_compat.autocast_parallel_linears_on_cpu() and cpu_compat.autocast_parallel_linears_on_cpu()
+    assert megatron_cpu.autocast_parallel_linears_on_cpu() and megatron_cpu.autocast_parallel_linears_on_cpu()
     original = function.forward.__wrapped__
     assert not hasattr(original, "__wrapped__")  # wrapped once, around megatron's own method
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not cpu_compat.autocast_parallel_linears_on_cpu()
+    assert not megatron_cpu.autocast_parallel_linears_on_cpu()
     assert function.forward.__wrapped__ is original
 
 
@@ -156,7 +156,7 @@ def test_autocast_patch_is_idempotent_and_inert_with_cuda(monkeypatch):
     ({"reversible": True}, ("linear_qkv", "linear_fc1", "experts"), "fp32", 5e-2),
     # chunks: the same function as the unchunked model, under the same autocast (measured 4.6e-3:
     # per-slice bf16 matmuls summed in fp32; median 0)
-    ({"ffn_chunks": 2, "loss_chunks": 2}, ("linear_fc1", "output_layer"), "unchunked", 1e-2),
+    ({"execution": {"ffn_chunks": 2, "loss_chunks": 2}}, ("linear_fc1", "output_layer"), "unchunked", 1e-2),
 ], ids=["reversible", "chunked_ffn_and_loss"])
 def test_recomputation_in_backward_runs_in_bf16(one_process, memory, recomputed, reference, tol):
     """The reversible stack and the chunked FFN/loss recompute in the backward; the recomputed
@@ -211,7 +211,7 @@ def test_routers_compute_in_router_dtype_under_autocast():
 
 
 def test_compiled_layers_under_bf16_follow_eager(one_process):
-    """train.compile (aot_autograd: no code generation, CI's time) traces the autocast layers; the
+    """execution.compile (aot_autograd: no code generation, CI's time) traces the autocast layers; the
     compiled loss and gradients equal the eager bf16 ones to bf16 rounding (the traced graph may
     round intermediate results at other places)."""
     cfg = _cfg(num_layers=2, attention_layers=[[["local", "global"], 1]], mlp_layers=[[["dense", "moe"], 1]],
@@ -251,7 +251,7 @@ STEPS = 20
 STEP1_TOL, STEP_TOL, FINAL_TOL, NORM_TOL = 1e-3, 4e-3, 2e-3, 1e-2
 BASE = {"train.lr": 3e-3, "train.eval_iters": 1}
 CONFIGS = {  # name -> (processes, overrides)
-    "one_process_chunks": (1, {"model.ffn_chunks": 2, "model.loss_chunks": 2}),
+    "one_process_chunks": (1, {"execution.ffn_chunks": 2, "execution.loss_chunks": 2}),
     "tp2_kinds_moe": (2, {
         "parallel.tensor": 2, "model.num_layers": 6,
         "model.attention_layers": str([[KINDS, 1]]).replace("'", '"'),
@@ -270,7 +270,7 @@ CONFIGS = {  # name -> (processes, overrides)
 
 
 def _args(tiny_data, save_dir, precision: str, extra: dict) -> list[str]:
-    overrides = tiny_overrides(tiny_data, save_dir, STEPS, **BASE, **extra, **{"train.precision": precision})
+    overrides = tiny_overrides(tiny_data, save_dir, STEPS, **BASE, **extra, **{"execution.precision": precision})
     return [a for a in overrides if a != "--set"]
 
 

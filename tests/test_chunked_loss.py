@@ -1,4 +1,4 @@
-"""Chunked logits + cross-entropy (`model.loss_chunks`): against the unchunked megatron path."""
+"""Chunked logits + cross-entropy (`execution.loss_chunks`): against the unchunked megatron path."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,7 @@ def one_process():
 def _cfg(loss_chunks: int, seq: int = SEQ, hidden: int = 32, heads: int = 4, layers: int = 2, **model):
     cfg = config_from_dict({"model": {"num_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
                                       "max_position_embeddings": seq, "attention_layers": [[["global"], layers]],
-                                      "loss_chunks": loss_chunks, **model}})
+                                      **model}, "execution": {"loss_chunks": loss_chunks}})
     validate(cfg, check_paths=False)
     return cfg
 
@@ -110,11 +110,11 @@ def test_logits_memory_shrinks_with_the_chunk_count(one_process):
 
 
 def test_config_validation_names_the_key():
-    with pytest.raises(ConfigError, match="model.loss_chunks: 3 does not divide the sequence length 16"):
+    with pytest.raises(ConfigError, match="execution.loss_chunks: 3 does not divide the sequence length 16"):
         _cfg(3)
-    with pytest.raises(ConfigError, match="model.loss_chunks: must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="execution.loss_chunks: must be >= 1, got 0"):
         _cfg(0)
-    with pytest.raises(ValueError, match="model.loss_chunks: must be an integer >= 1"):
+    with pytest.raises(ValueError, match="execution.loss_chunks: must be an integer >= 1"):
         attach_chunked_loss(torch.nn.Linear(1, 1), 0)
 
 

@@ -1,4 +1,4 @@
-"""train.compile: compiled transformer layers give the eager model's losses and gradients."""
+"""execution.compile: compiled transformer layers give the eager model's losses and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -144,11 +144,11 @@ AOT_EAGER = {"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"}
     ({"parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true"}, AOT_EAGER)],
     ids=["tp2_inductor", "pp2", "dp2_distributed_optimizer"])
 def test_compiled_training_on_two_processes_matches_eager_one_process(tiny_data, eager_run, tmp_path, layout, env):
-    """The training CLI with train.compile on two gloo processes, tensor-parallel, pipelined
+    """The training CLI with execution.compile on two gloo processes, tensor-parallel, pipelined
     (megatron's schedule), or data-parallel through megatron-core's DDP and distributed optimizer,
     follows the eager one-process run's losses and gradient norms."""
     run_cli(["train", *tiny_overrides(tiny_data, tmp_path, **TRAIN_EXTRA, **layout,
-                                      **{"train.compile": "true"})], nproc=2, env=env)
+                                      **{"execution.compile": "true"})], nproc=2, env=env)
     for key, tol in (("train/loss", 2e-5), ("train/grad_norm", 1e-4)):
         eager, compiled = read_metrics(eager_run, key), read_metrics(tmp_path, key)
         assert compiled.keys() == eager.keys() and len(eager) == 5

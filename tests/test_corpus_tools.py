@@ -19,8 +19,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from conftest import REPO
 from megalong.data.corpus import CorpusError, iter_blocks, iter_documents, write_jsonl_zst
 from megalong.data.indexed import ShardWriter, read_index, token_dtype
-from megalong.data.preprocess import preprocess
-from megalong.data.tokenizer import SentencePieceTokenizer, encode_long, load_tokenizer
+from megalong.data.preprocess import PreprocessOptions, preprocess
+from megalong.data.long_documents import encode_long
+from megalong.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,8 @@ def _files_of(directory: Path) -> dict[str, bytes]:
 
 def test_one_shard_per_file_round_trips_through_megatron(tiny_data, docs, tmp_path):
     files = _three_files(tmp_path / "in", docs)
-    stats = preprocess(files, str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=2,
-                       chunk_bytes=1 << 14, progress=False)
+    stats = preprocess(PreprocessOptions(files, str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=2,
+                       chunk_bytes=1 << 14))
     tokenizer = SentencePieceTokenizer(tiny_data.tokenizer)
     assert stats.files_done == 3 and stats.documents == len(docs)
     assert _decoded(str(tmp_path / "out" / "p_a"), tokenizer) == docs[:40]
@@ -71,8 +72,7 @@ def test_one_shard_per_file_round_trips_through_megatron(tiny_data, docs, tmp_pa
     assert record["outputs"][str(tmp_path / "out" / "p_b")]["documents"] == 40
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
     # The word cache changes nothing: a run without it writes the same bytes.
-    preprocess(files, str(tmp_path / "plain" / "p"), tiny_data.tokenizer, workers=1, word_cache=False,
-               progress=False)
+    preprocess(PreprocessOptions(files, str(tmp_path / "plain" / "p"), tiny_data.tokenizer, workers=1, word_cache=False))
     assert _files_of(tmp_path / "out") == _files_of(tmp_path / "plain")
 
 
@@ -93,10 +93,20 @@ def test_word_cache_and_long_documents_encode_exactly(tiny_data, docs):
 
 # -- resume after a kill ----------------------------------------------------------------------------
 
+# A run killed (SIGKILL, no cleanup) after `die_after` blocks are written: the crash is injected
+# through the event handler, which preprocess calls after every block (BlockWritten).
 KILLED_RUN = """
-import sys
-from megalong.data.preprocess import preprocess
-preprocess(sys.argv[1:4], sys.argv[4], sys.argv[5], workers=2, chunk_bytes=1 << 13, progress=False)
+import os, sys
+from megalong.data.preprocess import PreprocessOptions, preprocess
+from megalong.data.preprocess_events import BlockWritten
+die_after = int(sys.argv[6])
+
+def die_after_blocks(event):
+    if isinstance(event, BlockWritten) and event.blocks >= die_after:
+        os.kill(os.getpid(), 9)
+
+preprocess(PreprocessOptions(sys.argv[1:4], sys.argv[4], sys.argv[5], workers=2, chunk_bytes=1 << 13),
+           die_after_blocks)
 """
 
 
@@ -104,9 +114,9 @@ def test_resume_after_kill_is_byte_identical(tiny_data, docs, tmp_path):
     files = _three_files(tmp_path / "in", docs)
     out = tmp_path / "killed"
     blocks_in_a = sum(1 for _ in iter_blocks(files[0], 1 << 13))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "MEGALONG_TEST_DIE_AFTER_BLOCKS": str(blocks_in_a + 2)}  # dies inside file b
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *files, str(out / "p"), tiny_data.tokenizer],
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *files, str(out / "p"), tiny_data.tokenizer,
+                             str(blocks_in_a + 2)],  # dies inside file b
                             env=env, start_new_session=True, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=120)
     try:
@@ -118,19 +128,19 @@ def test_resume_after_kill_is_byte_identical(tiny_data, docs, tmp_path):
     assert {"p_a.bin", "p_a.idx", "p_a.done.json", ".p_b.tmp"} <= names  # b was half done
     assert not names & {"p_b.bin", "p_b.idx", "p_b.done.json", "p_c.bin", "p_c.idx"}
     a_before = (out / "p_a.bin").stat().st_mtime_ns
-    stats = preprocess(files, str(out / "p"), tiny_data.tokenizer, workers=2, progress=False)
+    stats = preprocess(PreprocessOptions(files, str(out / "p"), tiny_data.tokenizer, workers=2))
     assert (stats.files_skipped, stats.files_done) == (1, 2)
     assert (out / "p_a.bin").stat().st_mtime_ns == a_before
     assert not (out / ".p_b.tmp").exists()
-    preprocess(files, str(tmp_path / "whole" / "p"), tiny_data.tokenizer, workers=2, progress=False)
+    preprocess(PreprocessOptions(files, str(tmp_path / "whole" / "p"), tiny_data.tokenizer, workers=2))
     assert _files_of(out) == _files_of(tmp_path / "whole")
     # A shard whose files no longer match their record is redone; other settings redo all.
     with open(out / "p_c.bin", "ab") as f:
         f.write(b"xx")
-    stats = preprocess(files, str(out / "p"), tiny_data.tokenizer, workers=1, progress=False)
+    stats = preprocess(PreprocessOptions(files, str(out / "p"), tiny_data.tokenizer, workers=1))
     assert (stats.files_skipped, stats.files_done) == (2, 1)
     assert _files_of(out) == _files_of(tmp_path / "whole")
-    stats = preprocess(files, str(out / "p"), tiny_data.tokenizer, workers=1, append_eod=False, progress=False)
+    stats = preprocess(PreprocessOptions(files, str(out / "p"), tiny_data.tokenizer, workers=1, append_eod=False))
     assert (stats.files_skipped, stats.files_done) == (0, 3)
 
 
@@ -174,14 +184,12 @@ def test_bad_input_stops_with_file_and_line_or_is_skipped_and_counted(tiny_data,
     bad, error, kept = _bad_file(kind, tmp_path)
     options = {"empty_docs": "stop"} if kind == "empty_doc" else {}
     with pytest.raises(CorpusError, match=error):
-        preprocess([good, bad], str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=1,
-                   progress=False, **options)
+        preprocess(PreprocessOptions([good, bad], str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=1, **options))
     if kind != "missing_file":  # a missing file stops the run before anything is written
         assert len(IndexedDataset(str(tmp_path / "out" / "p_0good"))) == 3  # the shard done before: kept
         assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(("p_bad", ".p_bad"))]
     options = {"empty_docs": "skip"} if kind == "empty_doc" else {"on_bad": "skip"}
-    stats = preprocess([good, bad], str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=1,
-                       progress=False, **options)
+    stats = preprocess(PreprocessOptions([good, bad], str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=1, **options))
     skipped = stats.empty_documents if kind == "empty_doc" else stats.bad_lines
     # The good shard is kept from the first run unless that stopped early or had other settings.
     redone = kind in ("missing_file", "empty_doc")
@@ -192,7 +200,7 @@ def test_bad_input_stops_with_file_and_line_or_is_skipped_and_counted(tiny_data,
     else:
         assert len(IndexedDataset(str(tmp_path / "out" / "p_bad"))) == kept
     if kind == "empty_doc":  # kept by default, as a document of just the end-of-document token
-        stats = preprocess([bad], str(tmp_path / "keep"), tiny_data.tokenizer, workers=1, progress=False)
+        stats = preprocess(PreprocessOptions([bad], str(tmp_path / "keep"), tiny_data.tokenizer, workers=1))
         assert stats.documents == 3 and len(IndexedDataset(str(tmp_path / "keep"))[1]) == 1
 
 
@@ -200,12 +208,12 @@ def test_bad_input_stops_with_file_and_line_or_is_skipped_and_counted(tiny_data,
 
 BIG_DOC_RUN = """
 import json, resource, sys
-from megalong.data.preprocess import preprocess
+from megalong.data.preprocess import PreprocessOptions, preprocess
 from megalong.data.tokenizer import SentencePieceTokenizer
 small, big, model, out = sys.argv[1:5]
-preprocess([small], out + "_warm", model, workers=1, progress=False)  # imports and caches
+preprocess(PreprocessOptions([small], out + "_warm", model, workers=1))  # imports and caches
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-stats = preprocess([big], out, model, workers=1, progress=False, max_doc_chars=int(sys.argv[5]))
+stats = preprocess(PreprocessOptions([big], out, model, workers=1, max_doc_chars=int(sys.argv[5])))
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"growth": after - before, "tokens": stats.tokens}))
 """
@@ -238,9 +246,9 @@ def test_subset_filter_and_split_keys_and_normalisation(tiny_data, tmp_path):
                for i, name in enumerate(["Pile-CC", "FreeLaw", "Pile-CC", "Ubuntu IRC", "FreeLaw"])]
     path = _write_jsonl(tmp_path / "pile.jsonl.zst", records, zst=True)
     tokenizer = SentencePieceTokenizer(tiny_data.tokenizer)
-    stats = preprocess([str(path)], str(tmp_path / "s"), tiny_data.tokenizer, workers=1, progress=False,
-                       split_by_subset=True, subsets=["Pile-CC", "Ubuntu IRC"], json_key=["title", "text"],
-                       normalize="nfkc")
+    stats = preprocess(PreprocessOptions([str(path)], str(tmp_path / "s"), tiny_data.tokenizer, workers=1,
+                       split_by_subset=True, subsets=["Pile-CC", "Ubuntu IRC"], json_keys=["title", "text"],
+                       normalize="nfkc"))
     assert stats.filtered == 2 and stats.documents == 3
     assert _decoded(str(tmp_path / "s_Pile-CC"), tokenizer) == ["T0\n\ndoc 0 fine", "T2\n\ndoc 2 fine"]
     assert _decoded(str(tmp_path / "s_Ubuntu_IRC"), tokenizer) == ["T3\n\ndoc 3 fine"]
@@ -248,8 +256,8 @@ def test_subset_filter_and_split_keys_and_normalisation(tiny_data, tmp_path):
     assert unicodedata.normalize("NFKC", "\ufb01") == "fi"
     with pytest.raises(CorpusError, match=r"line 1: no 'meta.pile_set_name'"):
         plain = _write_jsonl(tmp_path / "plain.jsonl", [{"text": "x"}])
-        preprocess([str(plain)], str(tmp_path / "x"), tiny_data.tokenizer, workers=1, progress=False,
-                   split_by_subset=True)
+        preprocess(PreprocessOptions([str(plain)], str(tmp_path / "x"), tiny_data.tokenizer, workers=1,
+                   split_by_subset=True))
 
 
 def test_hugging_face_tokenizer_json_and_int32_tokens(docs, tmp_path):
@@ -262,8 +270,8 @@ def test_hugging_face_tokenizer_json_and_int32_tokens(docs, tmp_path):
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(tmp_path / "tokenizer.json"))
     path = _write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs[:30]])
-    preprocess([str(path)], str(tmp_path / "hf"), str(tmp_path / "tokenizer.json"), workers=2,
-               max_doc_chars=2000, progress=False)
+    preprocess(PreprocessOptions([str(path)], str(tmp_path / "hf"), str(tmp_path / "tokenizer.json"), workers=2,
+               max_doc_chars=2000))
     hf = load_tokenizer(tmp_path / "tokenizer.json")
     assert hf.eod == tok.token_to_id("<|endoftext|>")
     assert _decoded(str(tmp_path / "hf"), hf) == docs[:30]
@@ -282,8 +290,8 @@ def test_progress_inspect_and_merge(tiny_data, docs, tmp_path, caplog, capsys):
 
     files = _three_files(tmp_path / "in", docs)
     with caplog.at_level(logging.INFO, logger="megalong"):
-        preprocess(files, str(tmp_path / "p"), tiny_data.tokenizer, workers=1, log_interval=0,
-                   chunk_bytes=1 << 14)
+        preprocess(PreprocessOptions(files, str(tmp_path / "p"), tiny_data.tokenizer, workers=1, log_interval=0,
+                   chunk_bytes=1 << 14))
     line = next(r.getMessage() for r in caplog.records if "file 2/3" in r.getMessage())
     for what in ("docs/s", "MB/s", "tokens/s", "ETA"):
         assert line.count(what) == 2, line  # for the file and overall
@@ -321,7 +329,7 @@ def test_blend_counts_are_the_samples_training_sees(tiny_data, tmp_path):
 
 
 def test_tokenizer_samples_every_file(docs, tmp_path):
-    from megalong.data.tokenizer import train_sentencepiece
+    from megalong.data.tokenizer_training import train_sentencepiece
 
     files = _three_files(tmp_path / "in", docs)
     train_sentencepiece(files, str(tmp_path / "t"), vocab_size=600, sample_docs=12, max_doc_chars=2000)

@@ -19,9 +19,10 @@ from conftest import REPO
 from megalong.config import ConfigError
 from megalong.data.corpus import CorpusError, ReadStats, iter_documents, write_jsonl_zst
 from megalong.data.datasets import SAMPLE_KEYS, build_gpt_datasets, collate
-from megalong.data.preprocess import preprocess
+from megalong.data.preprocess import PreprocessOptions, preprocess
 from megalong.data.stdlib_corpus import PILE_SET_NAME, build_stdlib_corpus
-from megalong.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from megalong.data.tokenizer import SentencePieceTokenizer
+from megalong.data.tokenizer_training import train_sentencepiece
 from megalong.errors import DatasetError
 
 DOCS = [
@@ -120,8 +121,7 @@ def test_tokenizer_round_trips_text_exactly(corpus):
 @pytest.mark.parametrize("name", ["docs.jsonl.zst", "docs.jsonl"])
 def test_round_trip_through_megatron_reader(corpus, name):
     root, tokenizer_model = corpus
-    stats = preprocess([str(root / name)], str(root / f"out_{name}"), tokenizer_model, workers=2,
-                       progress=False)
+    stats = preprocess(PreprocessOptions([str(root / name)], str(root / f"out_{name}"), tokenizer_model, workers=2))
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     dataset = IndexedDataset(str(root / f"out_{name}"))
     assert stats.documents == len(dataset) == len(DOCS) and stats.bad_lines == 0
@@ -136,8 +136,8 @@ def test_round_trip_through_megatron_reader(corpus, name):
 
 def test_without_end_of_document(corpus):
     root, tokenizer_model = corpus
-    preprocess([str(root / "docs.jsonl")], str(root / "noeod"), tokenizer_model, workers=1,
-               append_eod=False, progress=False)
+    preprocess(PreprocessOptions([str(root / "docs.jsonl")], str(root / "noeod"), tokenizer_model, workers=1,
+               append_eod=False))
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     dataset = IndexedDataset(str(root / "noeod"))  # keep it alive: items are views of its mmap
     assert [tokenizer.decode(dataset[i].tolist()) for i in range(len(dataset))] == DOCS
@@ -149,17 +149,17 @@ def test_malformed_line_fails_with_file_and_line_and_writes_nothing(corpus, tmp_
     _write_zst(bad, [json.dumps({"text": "fine"}).encode(), json.dumps({"text": "also fine"}).encode(),
                      b'{"text": "broken', json.dumps({"text": "after"}).encode()])
     with pytest.raises(CorpusError, match=r"bad.jsonl.zst: line 3: not valid JSON"):
-        preprocess([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=2, progress=False)
+        preprocess(PreprocessOptions([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=2))
     assert list(tmp_path.iterdir()) == [bad]  # no final and no temporary .bin/.idx left behind
-    stats = preprocess([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=2,
-                       skip_bad_lines=True, progress=False)
+    stats = preprocess(PreprocessOptions([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=2,
+                       on_bad="skip"))
     assert (stats.documents, stats.bad_lines) == (3, 1)
     assert "line 3" in stats.bad_examples[0] and "1 bad lines skipped" in str(stats)
     assert len(IndexedDataset(str(tmp_path / "out"))) == 3
     # A failing run leaves a previous good result under the final names untouched.
     before = (tmp_path / "out.bin").read_bytes()
     with pytest.raises(CorpusError, match=r"line 3"):
-        preprocess([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=1, progress=False)
+        preprocess(PreprocessOptions([str(bad)], str(tmp_path / "out"), tokenizer_model, workers=1))
     assert (tmp_path / "out.bin").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.zst", "out.bin", "out.done.json",
                                                           "out.idx"]
@@ -168,12 +168,11 @@ def test_malformed_line_fails_with_file_and_line_and_writes_nothing(corpus, tmp_
 def test_preprocess_argument_errors(corpus, tmp_path):
     root, tokenizer_model = corpus
     with pytest.raises(ConfigError, match=r"--tokenizer-model.*nope.model not found"):
-        preprocess([str(root / "docs.jsonl")], str(tmp_path / "o"), str(tmp_path / "nope.model"))
+        preprocess(PreprocessOptions([str(root / "docs.jsonl")], str(tmp_path / "o"), str(tmp_path / "nope.model")))
     with pytest.raises(CorpusError, match=r"missing.jsonl.zst: file not found"):
-        preprocess([str(tmp_path / "missing.jsonl.zst")], str(tmp_path / "o"), tokenizer_model)
+        preprocess(PreprocessOptions([str(tmp_path / "missing.jsonl.zst")], str(tmp_path / "o"), tokenizer_model))
     with pytest.raises(CorpusError, match=r"docs.jsonl: line 1: no 'body' key"):
-        preprocess([str(root / "docs.jsonl")], str(tmp_path / "o"), tokenizer_model, json_key="body",
-                   progress=False)
+        preprocess(PreprocessOptions([str(root / "docs.jsonl")], str(tmp_path / "o"), tokenizer_model, json_keys="body"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -289,7 +288,7 @@ def test_split_of_empty_documents_is_refused(corpus, tmp_path):
     root, tokenizer_model = corpus
     path = tmp_path / "empty.jsonl"
     path.write_text(json.dumps({"text": "some text"}) + "\n" + json.dumps({"text": ""}) + "\n")
-    preprocess([str(path)], str(tmp_path / "e"), tokenizer_model, workers=1, append_eod=False, progress=False)
+    preprocess(PreprocessOptions([str(path)], str(tmp_path / "e"), tokenizer_model, workers=1, append_eod=False))
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     with pytest.raises(ValueError, match=r"gives the valid split 1 empty documents \(0 tokens\)"):
         build_gpt_datasets([(1.0, str(tmp_path / "e"))], "50,50", 8, 1, tokenizer, (4, 4, 0), None)

@@ -132,7 +132,7 @@ def test_deepspeed_config_is_derived_from_the_train_section(tiny_data, tmp_path)
     args = [a for a in tiny_overrides(tiny_data, tmp_path, **{
         "train.engine": "deepspeed", "deepspeed.zero_stage": 3, "deepspeed.offload_optimizer": "true",
         "deepspeed.config": "{zero_optimization: {reduce_bucket_size: 1000}, communication_data_type: fp32}",
-        "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.precision": "bf16"}) if a != "--set"]
+        "train.global_batch_size": 8, "train.micro_batch_size": 2, "execution.precision": "bf16"}) if a != "--set"]
     ds = deepspeed_config(load_config([], args, world_size=2), data_parallel=2)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"] == {"enabled": True}

@@ -2,11 +2,14 @@
 TP=1 and TP=2 (merged) checkpoints; the tokenizer loads with AutoTokenizer; refusals say why."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from conftest import run_cli, tiny_overrides
-from megalong.config import load_config
+from megalong.config import ExecutionConfig, ModelConfig, load_config
 from megalong.data.corpus import iter_documents
 from megalong.data.tokenizer import SentencePieceTokenizer
 from megalong.export.hf import ExportError, export_checkpoint
@@ -217,7 +220,8 @@ MEGALONG_SHAPES = {
                   "model.mlp_layers": '[[["dense", "moe"], 1]]',
                   "model.moe": "{num_experts: 4, top_k: 2, capacity_factor: 1.0, num_shared_experts: 1}"},
     "rope_tp2": {"model.position_embedding": "rope", "model.activation": "gelu", "model.tie_embeddings": "false",
-                 "model.scale_attention": "true", "parallel.tensor": 2},
+                 "model.scale_attention": "true", "parallel.tensor": 2, "execution.loss_chunks": 2,
+                 "execution.kernels": "reference"},
 }
 
 
@@ -232,6 +236,23 @@ def test_other_models_export_as_megalong_class_with_equal_logits(tiny_data, tmp_
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(hf).__name__ == "MegalongForCausalLM"
     assert_same_logits_and_greedy_tokens(hf, tmp_path / "ckpt", length=30, prompt="Return the", new_tokens=8)
+    # config.json holds the architecture only: the model section's keys, no execution key
+    exported = json.loads((out / "config.json").read_text())["megalong_model"]
+    assert set(exported) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not set(exported) & {f.name for f in dataclasses.fields(ExecutionConfig)}
+
+
+def test_export_config_written_before_the_execution_section_still_loads():
+    """An exported config.json whose megalong_model still holds kernels/loss_chunks/recompute keys
+    (written before they moved to `execution`) gives the same model config without them."""
+    from megalong.export.modeling import MegalongConfig
+
+    model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "attention_layers": [[["global"], 2]]}
+    old = {**model, "kernels": "reference", "loss_chunks": 2, "ffn_chunks": 1,
+           "recompute_granularity": None, "recompute_method": None, "recompute_num_layers": None}
+    cfg = MegalongConfig(megalong_model=old, vocab_size=128).megalong_config()
+    assert cfg.to_dict()["model"] == MegalongConfig(megalong_model=model, vocab_size=128).megalong_config().to_dict()["model"]
+    assert (cfg.execution.kernels, cfg.execution.loss_chunks) == ("reference", 2)
 
 
 MIXTRAL_SHAPE = {

@@ -631,7 +631,7 @@ def test_selection_runs_reference_on_cpu_and_when_forced():
         assert not select.use_kernels(x)
     finally:
         select.set_mode("auto")
-    with pytest.raises(ValueError, match="model.kernels"):
+    with pytest.raises(ValueError, match="execution.kernels"):
         select.set_mode("fast")
 
 

@@ -210,8 +210,8 @@ def test_one_expert_top1_equals_a_dense_mlp():
     ({"router": "hash"}, "model.moe.router: must be one of"),
 ])
 def test_bad_moe_config_names_the_key(moe, message):
-    cfg = config_from_dict({"model": {"mlp_layers": [[["dense", "moe"], 1]], "moe": moe}})
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):  # unknown keys and types at load, values in validate
+        cfg = config_from_dict({"model": {"mlp_layers": [[["dense", "moe"], 1]], "moe": moe}})
         validate(cfg, check_paths=False)
 
 

@@ -252,14 +252,14 @@ def test_uneven_split_is_accepted():
 
 CPU_COMPAT_CHECK = """
 import torch
-from megalong.parallel import cpu_compat
+from megalong.compat import cuda_on_cpu
 try:
     torch.empty(2, device="cuda")
     raise SystemExit("CUDA tensor without CUDA and without the compatibility layer")
 except (RuntimeError, AssertionError):
     pass
-assert not cpu_compat.is_enabled()
-assert cpu_compat.enable() and cpu_compat.enable() and cpu_compat.is_enabled()
+assert not cuda_on_cpu.is_enabled()
+assert cuda_on_cpu.enable() and cuda_on_cpu.enable() and cuda_on_cpu.is_enabled()
 assert not torch.cuda.is_available()  # megatron still takes its CPU branches
 x = torch.arange(3.0)
 assert torch.empty(2, device="cuda").device.type == "cpu"
@@ -290,7 +290,7 @@ def test_cpu_compat_maps_cuda_to_cpu_only_when_enabled():
 def test_rotary_embedding_patch_matches_megatron_formula():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megalong.parallel.cpu_compat import keep_rotary_embedding_on_cpu
+    from megalong.compat import keep_rotary_embedding_on_cpu
 
     rotary = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000,
                              use_cpu_initialization=True)

@@ -1,6 +1,7 @@
 """Reversible layers, chunked feed-forward, megatron-core recompute: against plain stacks (float64)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from megalong.attention.registry import ATTENTION_KINDS
-from megalong.config import ConfigError, config_from_dict, validate
+from megalong.config import ConfigError, ExecutionConfig, config_from_dict, validate
 from megalong.model.chunked_ffn import ChunkedMLP
 from megalong.model.gpt import build_model, position_ids_for
 from megalong.model.reversible import ReversibleTransformerBlock, run_reversible
@@ -19,6 +20,7 @@ from megalong.moe.layer import moe_aux_loss
 from megalong.parallel.distributed import initialize, shutdown
 
 SEQ, BATCH, HIDDEN = 16, 2, 32
+EXECUTION_KEYS = {f.name for f in dataclasses.fields(ExecutionConfig)}
 KIND_OPTIONS = {"local": {"window": 4}, "lsh": {"bucket_size": 4, "n_hashes": 2}, "linear": {"chunk_size": 4},
                 "axial": {"axial_shape": [4, 4]}, "fam": {"block_size": 4, "fam_length": 2}}
 MOE = {"num_experts": 4, "top_k": 2, "router": "noisy_topk", "router_dtype": "fp64", "dropless": True,
@@ -44,7 +46,8 @@ def _cfg(kind: str = "global", layers: int = 3, moe: bool = True, **model):
             kinds = [kind] * layers
             kinds[layers // 2] = "global"
             raw["attention_layers"] = [[kinds, 1]]
-    cfg = config_from_dict({"model": raw})
+    execution = {k: raw.pop(k) for k in list(raw) if k in EXECUTION_KEYS}
+    cfg = config_from_dict({"model": raw, "execution": execution})
     validate(cfg, check_paths=False)
     return cfg
 
@@ -268,17 +271,17 @@ def test_activation_memory_is_flat_in_depth_for_reversible_and_linear_for_plain(
 
 
 def test_config_validation_names_the_key():
-    with pytest.raises(ConfigError, match="model.ffn_chunks: 3 does not divide the sequence length 16"):
+    with pytest.raises(ConfigError, match="execution.ffn_chunks: 3 does not divide the sequence length 16"):
         _cfg(moe=False, ffn_chunks=3)
-    with pytest.raises(ConfigError, match="model.ffn_chunks: must be >= 1"):
+    with pytest.raises(ConfigError, match="execution.ffn_chunks: must be >= 1"):
         _cfg(moe=False, ffn_chunks=0)
     with pytest.raises(ConfigError, match="model.reversible_merge: must be one of"):
         _cfg(moe=False, reversible=True, reversible_merge="concat")
-    with pytest.raises(ConfigError, match="model.recompute_granularity: reversible layers"):
+    with pytest.raises(ConfigError, match="execution.recompute_granularity: reversible layers"):
         _cfg(moe=False, reversible=True, recompute_granularity="selective")
-    with pytest.raises(ConfigError, match="model.recompute_granularity: full recompute needs"):
+    with pytest.raises(ConfigError, match="execution.recompute_granularity: full recompute needs"):
         _cfg(moe=False, recompute_granularity="full")
-    with pytest.raises(ConfigError, match="model.recompute_method: only used"):
+    with pytest.raises(ConfigError, match="execution.recompute_method: only used"):
         _cfg(moe=False, recompute_method="uniform")
 
 
@@ -308,7 +311,7 @@ def test_reversible_model_trains_via_cli_and_exports_to_hugging_face(tiny_data, 
     from megalong.export.hf import export_checkpoint
     from test_export import assert_same_logits_and_greedy_tokens
 
-    extra = {"model.reversible": "true", "model.ffn_chunks": 4, "model.mlp_layers": "[dense, moe]",
+    extra = {"model.reversible": "true", "execution.ffn_chunks": 4, "model.mlp_layers": "[dense, moe]",
              "model.moe": "{num_experts: 4, top_k: 2, dropless: true, capacity_factor: null}", "train.lr": 3e-3}
     proc = run_cli(["train", *tiny_overrides(tiny_data, tmp_path / "ckpt", 4, **extra)])
     assert proc.returncode == 0, proc.stderr[-3000:]

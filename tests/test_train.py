@@ -65,6 +65,53 @@ def test_checkpoint_from_another_config_is_refused(tiny_data, tmp_path):
         run(other)
 
 
+EXECUTION_AUTO = {"execution.kernels": "auto", "execution.loss_chunks": 1}
+EXECUTION_CHANGED = {"execution.kernels": "reference", "execution.loss_chunks": 2, "execution.ffn_chunks": 2,
+                     "execution.recompute_granularity": "full", "execution.recompute_method": "uniform",
+                     "execution.recompute_num_layers": 1}
+
+
+def test_resume_with_only_execution_keys_changed(tiny_data, tmp_path):
+    """Execution keys are not the architecture: a checkpoint saved with kernels auto, one loss
+    chunk and no recompute resumes with kernels reference, chunked loss and FFN and full recompute,
+    and continues as the uninterrupted run does (the same function, summed in another order)."""
+    straight = run(tiny_config(tiny_data, tmp_path / "a", steps=4, **EXECUTION_AUTO))
+    run(tiny_config(tiny_data, tmp_path / "b", steps=4, **EXECUTION_AUTO, **{"train.stop_at_step": 2}))
+    resumed = run(tiny_config(tiny_data, tmp_path / "b", steps=4, **EXECUTION_CHANGED, **{"train.load": "auto"}))
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):
+        assert abs(resumed.losses[step] - straight.losses[step]) < 1e-5, (step, resumed.losses, straight.losses)
+    saved = ckpt.read_checkpoint_info(tmp_path / "b").config
+    assert (saved.execution.kernels, saved.execution.loss_chunks) == ("reference", 2)
+
+    # An architecture key is still refused, named alone (the execution keys that differ are not).
+    other = tiny_config(tiny_data, tmp_path / "c", steps=4,
+                        **{"model.qkv_bias": "true", "train.load": str(tmp_path / "b" / "step_00000002")})
+    with pytest.raises(ckpt.CheckpointError, match=r"another model config: model.qkv_bias: checkpoint False, "
+                                                   r"config True$"):
+        run(other)
+
+
+def test_checkpoint_saved_before_the_execution_section_resumes(tiny_data, tmp_path):
+    """A config.yaml written when kernels/loss_chunks/recompute sat in `model` and precision/compile
+    in `train` is migrated when read: the checkpoint resumes, bit-identical to the straight run."""
+    import yaml
+
+    straight = run(tiny_config(tiny_data, tmp_path / "a", steps=4))
+    run(tiny_config(tiny_data, tmp_path / "b", steps=4, **{"train.stop_at_step": 2}))
+    saved = tmp_path / "b" / "step_00000002" / "config.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    execution = raw.pop("execution")
+    for key in ("precision", "compile"):
+        raw["train"][key] = execution.pop(key)
+    raw["model"].update(execution)  # the old layout: every other execution key in `model`
+    saved.write_text(yaml.safe_dump(raw, sort_keys=False))
+    info = ckpt.read_checkpoint_info(saved.parent)
+    assert info.config.execution.loss_chunks == 1 and "kernels" not in info.config.to_dict()["model"]
+    resumed = run(tiny_config(tiny_data, tmp_path / "b", steps=4, **{"train.load": "auto"}))
+    assert [resumed.losses[s] for s in (3, 4)] == [straight.losses[s] for s in (3, 4)]
+
+
 def test_kill_during_save_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     """A process killed while writing step 4's checkpoint leaves step 2 intact and loadable."""
     args = tiny_overrides(tiny_data, tmp_path, 4, **{"train.save_interval": 2})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megalong.cli import setup_logging  # noqa: E402
-from megalong.export.hf import add_export_args, run_export  # noqa: E402
+from megalong.cli.commands_model import add_export_args, run_export  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megalong.cli import quiet_megatron_warnings, setup_logging  # noqa: E402
-from megalong.data.preprocess import add_preprocess_args, run_preprocess  # noqa: E402
+from megalong.cli.commands_data import add_preprocess_args, run_preprocess  # noqa: E402
 
 
 def main() -> int:

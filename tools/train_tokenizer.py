@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megalong.cli import setup_logging  # noqa: E402
-from megalong.data.tokenizer import add_tokenizer_args, run_tokenizer_train  # noqa: E402
+from megalong.cli.commands_data import add_tokenizer_args, run_tokenizer_train  # noqa: E402
 
 
 def main() -> int:

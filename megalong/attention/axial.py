@@ -26,11 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from megalong.attention.base import CoreAttention
+from megalong.attention.options import AxialOptions
 
 
 class AxialAttention(CoreAttention):
-    def __init__(self, *args: Any, axial_shape: list | None = None, **kwargs: Any):
+    options_class = AxialOptions
+    options: AxialOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        axial_shape = self.options.axial_shape
         if not axial_shape or len(axial_shape) != 2:
             raise ValueError(f"axial attention needs axial_shape [rows, cols], got {axial_shape!r}")
         self.rows, self.cols = axial_shape

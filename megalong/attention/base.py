@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalong.attention.alibi import alibi_bias, alibi_slopes
+from megalong.attention.options import AttentionOptions, GlobalOptions
 
 
 def tensor_parallel_rank_and_size(pg_collection: Any = None) -> tuple[int, int]:
@@ -29,11 +30,25 @@ def tensor_parallel_rank_and_size(pg_collection: Any = None) -> tuple[int, int]:
 
 
 class CoreAttention(nn.Module):
+    """`options`: the kind's typed options (the config's, built once when it was loaded); or,
+    for a module built by hand, its fields as keyword arguments (`window=8`)."""
+
+    options_class: type[AttentionOptions] = GlobalOptions
+
     def __init__(self, config: Any, layer_number: int, attn_mask_type: Any = None,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Any = None,
-                 pg_collection: Any = None, alibi: bool = False):
+                 pg_collection: Any = None, alibi: bool = False,
+                 options: Optional[AttentionOptions] = None, **option_values: Any):
         super().__init__()
+        if options is None:
+            options = self.options_class(**option_values)
+        elif option_values:
+            raise TypeError(f"{type(self).__name__}: give options or {sorted(option_values)}, not both")
+        if not isinstance(options, self.options_class):
+            raise TypeError(f"{type(self).__name__}: options must be {self.options_class.__name__}, "
+                            f"got {type(options).__name__}")
+        self.options = options
         self.layer_number = layer_number
         tp_rank, tp_size = tensor_parallel_rank_and_size(pg_collection)
         self.heads_per_rank = config.num_attention_heads // tp_size

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
+from megalong.attention.options import FamOptions
 from megalong.kernels import select as kernels
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -35,10 +36,13 @@ class FamAttention(CoreAttention):
     """The attention of a `fam` layer; run by `FamTransformerLayer` (or `run_fam_layer`), which
     hands it queries, keys and values of block tokens and of FAM tokens on [b, heads, s, d]."""
 
-    def __init__(self, *args: Any, block_size: int = 256, memory_segments: int = 1, fam_length: int = 64,
-                 **kwargs: Any):
+    options_class = FamOptions
+    options: FamOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.block_size, self.memory_segments, self.fam_length = block_size, memory_segments, fam_length
+        o = self.options
+        self.block_size, self.memory_segments, self.fam_length = o.block_size, o.memory_segments, o.fam_length
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("fam attention needs its FAM tokens: it runs inside FamTransformerLayer "

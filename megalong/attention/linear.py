@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from megalong.attention.base import CoreAttention
+from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
 
 State = tuple[torch.Tensor, ...]
@@ -80,9 +81,12 @@ def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: St
 
 
 class LinearAttention(CoreAttention):
-    def __init__(self, *args: Any, normalization: str = "elu", eps: float = 1e-6, chunk_size: int = 64,
-                 **kwargs: Any):
+    options_class = LinearOptions
+    options: LinearOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        normalization, eps, chunk_size = self.options.normalization, self.options.eps, self.options.chunk_size
         if normalization not in ("elu", "efficient"):
             raise ValueError(f"linear attention: unknown normalization '{normalization}'")
         if self.alibi:

@@ -33,11 +33,14 @@ from megalong.kernels import select as kernels
 
 
 class LocalAttention(CoreAttention):
-    def __init__(self, *args: Any, window: int = 256, dilation: Any = 1, global_tokens: Any = 0,
-                 **kwargs: Any):
+    options_class = LocalOptions
+    options: LocalOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.window = window
-        options = LocalOptions(window=window, dilation=dilation, global_tokens=global_tokens)
+        options = self.options
+        self.window = options.window
+        dilation = options.dilation
         dilations = dilation if isinstance(dilation, list) else [dilation] * self.total_heads
         if len(dilations) != self.total_heads:
             raise ValueError(f"local attention: {len(dilations)} dilations for {self.total_heads} heads")
@@ -163,7 +166,8 @@ class LocalSelfAttention(SelfAttention):
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)
         params = getattr(submodules.core_attention, "params", None) or {}
-        self.has_global_tokens = bool(params.get("global_tokens"))
+        options = params.get("options")
+        self.has_global_tokens = bool(options is not None and options.global_tokens)
         if not self.has_global_tokens:
             return
         if self.config.num_query_groups < self.world_size or config.attention_output_gate:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.attention import Attention, SelfAttention
 
 from megalong.attention.base import CoreAttention
+from megalong.attention.options import LshOptions
 from megalong.kernels import select as kernels
 
 # Score given to a token's own key: finite (so a row that sees nothing else stays defined), and so
@@ -51,10 +52,13 @@ class LshAttention(CoreAttention):
     # changes as the context grows, so generation reruns this layer (and those after it).
     prefix_stable = False
 
-    def __init__(self, *args: Any, n_hashes: int = 2, bucket_size: int = 64, seed: int = 0,
-                 n_buckets: Optional[int] = None, **kwargs: Any):
+    options_class = LshOptions
+    options: LshOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.n_hashes, self.bucket_size, self.seed, self.n_buckets = n_hashes, bucket_size, seed, n_buckets
+        o = self.options
+        self.n_hashes, self.bucket_size, self.seed, self.n_buckets = o.n_hashes, o.bucket_size, o.seed, o.n_buckets
         self._rotations: dict[tuple, torch.Tensor] = {}
 
     def buckets_for(self, length: int) -> int:

@@ -1,11 +1,14 @@
 """Per-kind attention options: the keys a config may set under `model.attention.<kind>`.
 
+The config builds one typed options object per kind when it is loaded (`Config.attention_options`)
+and the model hands that object to the kind's module. What a kind supports (ALiBi, RoPE, an MoE
+MLP) is said by class attributes here, so config validation never branches on kind names.
 Kept free of torch so that the config can be validated before anything heavy is imported.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 class OptionError(ValueError):
@@ -27,12 +30,28 @@ class ModelShape:
 
 
 @dataclass
-class GlobalOptions:
+class AttentionOptions:
+    """Base of every kind's options: capability flags and the checks config validation calls."""
+
+    supports_alibi: ClassVar[bool] = True  # has attention scores for ALiBi to bias
+    supports_rope: ClassVar[bool] = True  # every token has a position for RoPE to rotate q and k by
+    dense_mlp_only: ClassVar[bool] = False  # its layer's MLP must be dense (not moe)
+
+    def check(self, shape: ModelShape) -> None:
+        """Raise OptionError for a value that does not fit the sequence length or the layout."""
+
+    def attended_keys(self, shape: ModelShape) -> float:
+        """Keys one query attends to on average (its FLOPs): the causal triangle by default."""
+        return (shape.seq_length + 1) / 2
+
+
+@dataclass
+class GlobalOptions(AttentionOptions):
     """Full causal attention: every token sees itself and everything before it."""
 
 
 @dataclass
-class LocalOptions:
+class LocalOptions(AttentionOptions):
     """Causal sliding window: a token sees itself and the previous `window - 1` tokens (GPT-Neo).
 
     `dilation`: one integer for every head or a list with one per head (global head index): a head
@@ -78,7 +97,7 @@ class LocalOptions:
 
 
 @dataclass
-class LinearOptions:
+class LinearOptions(AttentionOptions):
     """Causal linear attention (linear.py): `normalization: elu` is Katharopoulos et al.'s
     phi(x) = elu(x) + 1 with `eps` in the denominator; `efficient` is Shen et al.'s softmax over
     features for queries and over the positions seen so far for keys. Computed in chunks of
@@ -87,7 +106,7 @@ class LinearOptions:
     normalization: Literal["elu", "efficient"] = "elu"
     eps: float = 1e-6
     chunk_size: int = 64
-    alibi = False  # no attention scores to bias (config validation refuses model.alibi)
+    supports_alibi: ClassVar[bool] = False  # no attention scores to bias
 
     def attended_keys(self, shape: ModelShape) -> float:
         """Per token: a state update and a read of head_dim x head_dim, about head_dim keys' work."""
@@ -101,11 +120,11 @@ class LinearOptions:
 
 
 @dataclass
-class AxialOptions:
+class AxialOptions(AttentionOptions):
     """Axial attention (axial.py): the sequence folded row by row into `axial_shape: [rows, cols]`
     (rows x cols = the sequence length), attention along its row and its column, causal."""
 
-    axial_shape: list = None
+    axial_shape: Optional[list] = None
 
     def check(self, shape: ModelShape) -> None:
         a = self.axial_shape
@@ -118,12 +137,14 @@ class AxialOptions:
 
     def attended_keys(self, shape: ModelShape) -> float:
         """The whole row (row summaries), then on average half the row and half the column."""
+        if self.axial_shape is None:
+            raise OptionError("axial_shape", "missing: [rows, cols]")
         rows, cols = self.axial_shape
         return cols + (rows + cols) / 2
 
 
 @dataclass
-class LshOptions:
+class LshOptions(AttentionOptions):
     """Reformer LSH attention: `n_hashes` rounds of buckets, chunks of `bucket_size` (lsh.py).
 
     `n_buckets`: hash buckets per round. null (default): one per chunk of the sequence being run,
@@ -160,9 +181,12 @@ class LshOptions:
 
 
 @dataclass
-class FamOptions:
+class FamOptions(AttentionOptions):
     """TransformerFAM: blocks of `block_size`, `memory_segments` previous blocks, `fam_length`
     feedback-memory tokens per layer (0: block sliding-window attention without FAM) (fam.py)."""
+
+    supports_rope: ClassVar[bool] = False  # FAM tokens have no position to rotate by
+    dense_mlp_only: ClassVar[bool] = True  # FAM tokens pass the MLP once per block
 
     block_size: int = 256
     memory_segments: int = 1
@@ -189,9 +213,7 @@ class FamOptions:
             raise OptionError("fam_length", f"must be >= 0, got {self.fam_length}")
 
 
-# Every options class may define `check(self, shape: ModelShape) -> None`, raising OptionError for
-# a value that does not fit the sequence length or the parallel layout; config validation calls it.
-ATTENTION_OPTIONS: dict[str, type] = {
+ATTENTION_OPTIONS: dict[str, type[AttentionOptions]] = {
     "global": GlobalOptions,
     "local": LocalOptions,
     "lsh": LshOptions,

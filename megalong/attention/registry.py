@@ -7,9 +7,7 @@ also pass the layer's MLP (FAM) replace the `TransformerLayer` class.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -22,7 +20,7 @@ from megalong.attention.linear import LinearAttention
 from megalong.attention.axial import AxialAttention
 from megalong.attention.lsh import LshAttention, LshSelfAttention
 from megalong.attention.fam import FamAttention, FamTransformerLayer
-from megalong.attention.options import ATTENTION_OPTIONS
+from megalong.attention.options import ATTENTION_OPTIONS, AttentionOptions
 
 
 @dataclass(frozen=True)
@@ -41,11 +39,13 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
     "axial": AttentionKind(AxialAttention),
 }
 CORE_ATTENTION: dict[str, type[CoreAttention]] = {k: v.core for k, v in ATTENTION_KINDS.items()}
-if ATTENTION_KINDS.keys() != ATTENTION_OPTIONS.keys():
-    raise ImportError("megalong.attention: options.py and registry.py must list the same kinds")
+if ATTENTION_KINDS.keys() != ATTENTION_OPTIONS.keys() or any(
+        CORE_ATTENTION[kind].options_class is not options for kind, options in ATTENTION_OPTIONS.items()):
+    raise ImportError("megalong.attention: options.py and registry.py must list the same kinds, "
+                      "each module taking its kind's options class")
 
 
-def core_attention_spec(kind: str, options: Any, alibi: bool) -> ModuleSpec:
-    """The ModuleSpec for the `core_attention` slot of the kind's self-attention."""
-    return ModuleSpec(module=CORE_ATTENTION[kind],
-                      params={"alibi": alibi, **dataclasses.asdict(options)})
+def core_attention_spec(kind: str, options: AttentionOptions, alibi: bool) -> ModuleSpec:
+    """The ModuleSpec for the `core_attention` slot of the kind's self-attention: the typed
+    options object reaches the module as it is."""
+    return ModuleSpec(module=CORE_ATTENTION[kind], params={"alibi": alibi, "options": options})

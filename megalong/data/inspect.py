@@ -1,7 +1,7 @@
-"""`megalong data inspect PREFIX` and `megalong data merge`: look into and join .bin/.idx datasets."""
+"""What `megalong data inspect PREFIX` reports of a .bin/.idx dataset (`megalong data merge` is
+megalong/data/indexed.py's `merge`)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -9,9 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from megalong.argtypes import non_negative_int, positive_int
-from megalong.config import ConfigError
-from megalong.data.indexed import expand_prefixes, merge, read_index
+from megalong.data.indexed import expand_prefixes, read_index
 
 
 def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
@@ -72,33 +70,3 @@ def inspect_dataset(prefix: str, tokenizer_model: Optional[str] = None, samples:
             lines.append("(token ids shown: give --tokenizer-model to decode them)")
         del data
     return "\n".join(lines)
-
-
-def add_data_args(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="documents, tokens, length histogram and a decoded sample")
-    p.add_argument("prefix", help="a .bin/.idx prefix")
-    p.add_argument("--tokenizer-model", default=None,
-                   help="to decode samples (default: the one recorded by preprocess)")
-    p.add_argument("--samples", type=non_negative_int, default=1,
-                   help="documents to show (spread over the dataset)")
-    p.add_argument("--sample-tokens", type=positive_int, default=200, help="tokens shown per sample")
-    p.set_defaults(func=run_inspect)
-    p = sub.add_parser("merge", help="concatenate .bin/.idx datasets into one")
-    p.add_argument("--input", nargs="+", required=True, help="prefixes or globs of prefixes, in order")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.set_defaults(func=run_merge)
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    print(inspect_dataset(args.prefix, args.tokenizer_model, args.samples, args.sample_tokens))
-    return 0
-
-
-def run_merge(args: argparse.Namespace) -> int:
-    prefixes = expand_prefixes(args.input)
-    if not prefixes:
-        raise ConfigError("--input: no datasets given")
-    documents, tokens = merge(prefixes, args.output_prefix)
-    print(f"merged {len(prefixes)} datasets: {documents} documents, {tokens} tokens -> "
-          f"{args.output_prefix}.bin/.idx")
-    return 0

@@ -1,161 +1,26 @@
-"""SentencePiece tokenizer: training on a sample of a corpus, and the tokenizer object that
-megalong and megatron-core's GPTDataset use.
+"""The tokenizer objects megalong and megatron-core's GPTDataset use: a SentencePiece `.model`
+(`SentencePieceTokenizer`, what `megalong tokenizer train` writes) or a Hugging Face
+`tokenizer.json` (`HFTokenizer`); `load_tokenizer` picks by the file name.
 
-Trained so that decode(encode(text)) == text: identity normalisation, no collapsing of
-whitespace, byte fallback for characters outside the vocabulary, and "\\n" as a piece of its own
-(SentencePiece trains on single lines, so it would otherwise never see a newline and map it to
-bytes or, without byte fallback, to <unk>). Ids: 0 <unk>, 1 <s>, 2 </s> (end of document), no pad.
+megalong's SentencePiece models are trained (megalong/data/tokenizer_training.py) so that
+decode(encode(text)) == text. Ids: 0 <unk>, 1 <s>, 2 </s> (end of document), no pad.
 """
 from __future__ import annotations
 
-import argparse
-import collections
 import hashlib
 import itertools
-import json
-import logging
-import os
-import random
 import re
-import tempfile
-import time
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import sentencepiece as spm
 
-from megalong.argtypes import int_at_least, positive_int
 from megalong.config import ConfigError
-from megalong.data.corpus import CorpusError, Document, ReadStats, expand_inputs, iter_documents
 from megalong.errors import TokenizerError
-from megalong.paths import check_output_prefix, writing
 
-log = logging.getLogger("megalong")
-
-MODEL_TYPES = ("bpe", "unigram")
+_WORDS = re.compile(r" *[^ ]+| +")
 
 
-def sample_documents(inputs: Iterable[str] | str, sample_docs: int, json_key: str = "text",
-                     max_doc_chars: int = 20_000, seed: int = 0,
-                     skip_bad_lines: bool = False) -> tuple[list[str], ReadStats]:
-    """A uniform sample (reservoir) of up to `sample_docs` documents over all input files, each
-    cut to `max_doc_chars` characters: memory stays under sample_docs x max_doc_chars."""
-    if sample_docs < 1:
-        raise ConfigError(f"sample_docs (--sample-docs): expected a positive number, got {sample_docs}")
-    rng = random.Random(seed)
-    stats = ReadStats()
-    reservoir: list = []
-    for seen, doc in enumerate(iter_documents(inputs, json_key, skip_bad_lines, stats)):
-        text = Document(doc[:max_doc_chars], doc.path, doc.line_number)
-        if len(reservoir) < sample_docs:
-            reservoir.append(text)
-        else:
-            j = rng.randint(0, seen)
-            if j < sample_docs:
-                reservoir[j] = text
-    return reservoir, stats
-
-
-def trainer_settings(vocab_size: int, model_type: str, max_sentence_bytes: int) -> dict:
-    """The SentencePiece trainer options megalong uses (recorded in <prefix>.settings.json)."""
-    return {
-        "vocab_size": vocab_size, "model_type": model_type,
-        "byte_fallback": True, "normalization_rule_name": "identity",
-        "remove_extra_whitespaces": False, "add_dummy_prefix": True,
-        "split_digits": True, "allow_whitespace_only_pieces": True,
-        "user_defined_symbols": ["\n"],
-        "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1,
-        "character_coverage": 0.9995, "hard_vocab_limit": False,
-        "max_sentence_length": max_sentence_bytes, "input_sentence_size": 5_000_000,
-        "shuffle_input_sentence": True, "num_threads": min(16, os.cpu_count() or 1),
-    }
-
-
-def _train(sample_file: Path, prefix: Path, settings: dict) -> None:
-    spm.SentencePieceTrainer.train(input=str(sample_file), model_prefix=str(prefix), minloglevel=2,
-                                   **settings)
-
-
-def _coverage_of_top_chars(sample_file: Path, keep: int) -> float:
-    """The character_coverage at which SentencePiece keeps the `keep` most frequent characters."""
-    counts: collections.Counter = collections.Counter()
-    with open(sample_file, encoding="utf-8") as f:
-        for line in f:
-            counts.update(line.rstrip("\n"))
-    total = sum(counts.values())
-    kept = sum(n for _, n in counts.most_common(keep))
-    return kept / total
-
-
-def train_sentencepiece(inputs: Iterable[str] | str, model_prefix: str | Path, vocab_size: int,
-                        model_type: str = "bpe", sample_docs: int = 50_000, json_key: str = "text",
-                        max_doc_chars: int = 20_000, seed: int = 0,
-                        skip_bad_lines: bool = False) -> Path:
-    """Train a SentencePiece model on a sample of the corpus; returns `<model_prefix>.model` and
-    writes `<model_prefix>.vocab` and `<model_prefix>.settings.json` beside it."""
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"model_type (--model-type): expected one of {MODEL_TYPES}, got {model_type!r}")
-    if vocab_size < 260:
-        raise ConfigError(f"vocab_size (--vocab-size): {vocab_size} is too small; byte fallback alone "
-                          f"needs 256 pieces plus the special ones (at least 260)")
-    prefix = check_output_prefix(model_prefix, "model_prefix (--model-prefix)")
-    files = expand_inputs(inputs)
-    started = time.perf_counter()
-    docs, stats = sample_documents(files, sample_docs, json_key, max_doc_chars, seed, skip_bad_lines)
-    if not any(doc.strip() for doc in docs):
-        raise CorpusError(f"{', '.join(files)}: no non-empty documents under '{json_key}' to train "
-                          f"a tokenizer on")
-    if stats.bad_lines:
-        log.warning("tokenizer: skipped %d bad lines, e.g. %s", stats.bad_lines, stats.examples[0])
-    settings = trainer_settings(vocab_size, model_type, max_sentence_bytes=4 * max_doc_chars + 16)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="megalong-spm-") as tmp:
-        # One line per sentence: the newlines inside documents become sentence breaks ("\n" is
-        # a user-defined piece, so it needs no statistics).
-        sample_file = Path(tmp) / "sample.txt"
-        with writing(sample_file), open(sample_file, "w", encoding="utf-8") as f:
-            for doc in docs:
-                for line in doc.split("\n"):
-                    if line.strip():
-                        f.write(line + "\n")
-        sampled = len(docs)
-        per_file = collections.Counter(doc.path for doc in docs)
-        check = [str(doc) for doc in docs[:200]]
-        del docs
-        try:
-            _train(sample_file, prefix, settings)
-        except (RuntimeError, OSError) as e:
-            if "required_chars" not in str(e):
-                raise TokenizerError(f"{prefix}.model: SentencePiece could not train or write the "
-                                     f"tokenizer: {e}") from None
-            # More distinct characters than a small vocabulary holds: keep the most frequent ones
-            # within half the pieces left after bytes and specials; the rest use byte fallback.
-            keep = max(1, (vocab_size - 260) // 2)
-            settings["character_coverage"] = _coverage_of_top_chars(sample_file, keep)
-            log.info("tokenizer: too many distinct characters for %d pieces; character_coverage "
-                     "lowered to %.4f", vocab_size, settings["character_coverage"])
-            try:
-                _train(sample_file, prefix, settings)
-            except RuntimeError as e2:
-                raise ConfigError(f"vocab_size (--vocab-size): SentencePiece cannot train {vocab_size} "
-                                  f"pieces on this sample: {e2}") from None
-    model = Path(f"{prefix}.model")
-    record = {**settings, "inputs": files, "sampled_documents": sampled,
-              "sampled_per_file": {f: per_file.get(f, 0) for f in files},
-              "documents_read": stats.documents, "memory_bound_chars": sample_docs * max_doc_chars,
-              "json_key": json_key,
-              "max_doc_chars": max_doc_chars, "seed": seed, "skipped_bad_lines": stats.bad_lines}
-    with writing(f"{prefix}.settings.json"):
-        Path(f"{prefix}.settings.json").write_text(json.dumps(record, indent=1))
-    tokenizer = SentencePieceTokenizer(model)
-    broken = sum(tokenizer.decode(tokenizer.encode(doc)) != doc for doc in check)
-    if broken:
-        log.warning("tokenizer: %d of %d sampled documents do not decode back to themselves",
-                    broken, len(check))
-    log.info("tokenizer: %d pieces (%s) from %d sampled documents in %.1f s -> %s", tokenizer.vocab_size,
-             model_type, sampled, time.perf_counter() - started, model)
-    return model
 
 
 class SentencePieceTokenizer:
@@ -352,74 +217,3 @@ def load_tokenizer(path: str | Path, eod_token: str | None = None):
     if eod_token:
         raise ConfigError("eod_token (--eod-token): only for tokenizer.json; SentencePiece uses its eos piece")
     return SentencePieceTokenizer(path)
-
-
-def _split_points(text: str, max_chars: int) -> list[int]:
-    """Cut positions at most ~max_chars apart, each just before a newline that follows a
-    non-whitespace character (there both SentencePiece and byte-level BPE start a new piece)."""
-    points, start, n = [], 0, len(text)
-    while n - start > max_chars:
-        end = start + max_chars
-        cut = text.rfind("\n", start + 1, end)
-        while cut > start and text[cut - 1].isspace():
-            cut = text.rfind("\n", start + 1, cut)
-        if cut <= start:  # no cut in the window: take the next one after it
-            cut = end
-            while (cut := text.find("\n", cut + 1)) > 0 and text[cut - 1].isspace():
-                pass
-            if cut < 0:
-                break
-        points.append(cut)
-        start = cut
-    return points
-
-
-def encode_long(tokenizer, text: str, max_chars: int, dtype, encode=None) -> np.ndarray:
-    """The tokens of one long document, encoded piece by piece (at most about `max_chars`
-    characters at a time, cut before line breaks) so that memory stays bounded. A piece after a
-    cut starts with "\n"; the tokens the tokenizer puts before that newline on its own (the
-    dummy-prefix "▁" of SentencePiece) are dropped, which makes the result equal to encoding
-    the whole text; if they are not what is expected the whole text is encoded at once.
-    `encode` (default tokenizer.encode) must give the tokenizer's tokens."""
-    encode = encode or tokenizer.encode
-    points = _split_points(text, max_chars)
-    if not points:
-        return np.asarray(encode(text), dtype=dtype)
-    lead = tokenizer.encode("\n")[:-1]
-    pieces = [np.asarray(encode(text[:points[0]]), dtype=dtype)]
-    for begin, end in zip(points, points[1:] + [len(text)]):
-        ids = encode(text[begin:end])
-        if ids[:len(lead)] != lead:
-            log.warning("a long document could not be encoded in pieces; encoding it whole")
-            return np.asarray(encode(text), dtype=dtype)
-        pieces.append(np.asarray(ids[len(lead):], dtype=dtype))
-        del ids
-    return np.concatenate(pieces)
-
-
-_WORDS = re.compile(r" *[^ ]+| +")
-
-
-def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.jsonl.zst files or globs")
-    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model, .vocab, .settings.json")
-    parser.add_argument("--vocab-size", type=int_at_least(260), required=True,
-                        help="pieces (at least 260: byte fallback needs 256 plus the special ones)")
-    parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    parser.add_argument("--sample-docs", type=positive_int, default=50_000,
-                        help="documents sampled uniformly across all files (default 50000)")
-    parser.add_argument("--max-doc-chars", type=positive_int, default=20_000,
-                        help="each sampled document is cut to this many characters (bounds memory)")
-    parser.add_argument("--json-key", default="text", help="the key holding the document text")
-    parser.add_argument("--on-bad-input", choices=("stop", "skip"), default=None,
-                        help="a line that is not UTF-8/JSON/Unicode or lacks the key: stop with the "
-                             "file and line (default) or skip and count it")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="the same as --on-bad-input skip")
-    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the document sample")
-
-
-def run_tokenizer_train(args: argparse.Namespace) -> int:
-    skip = args.on_bad_input == "skip" or (args.on_bad_input is None and args.skip_bad_lines)
-    train_sentencepiece(args.input, args.model_prefix, args.vocab_size, args.model_type,
-                        args.sample_docs, args.json_key, args.max_doc_chars, args.seed, skip)
-    return 0

@@ -40,7 +40,7 @@ def compact_pattern(kinds: list[str]) -> list:
     raise AssertionError("unreachable: the whole list is always a period")
 
 
-def _split_qkv(weight: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(weight: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """megatron's fused [3h, h] q/k/v weight is laid out per head as [heads, (q, k, v), head_dim, h]."""
     hidden = weight.shape[1]
     per_head = weight.view(heads, 3, -1, hidden)
@@ -80,7 +80,7 @@ def to_gpt_neo(cfg: Config, state: dict[str, torch.Tensor], bos_id: int, eos_id:
     }
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        q, k, v = _split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
+        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
         out.update({
             dst + "ln_1.weight": state[src + "input_layernorm.weight"],
             dst + "ln_1.bias": state[src + "input_layernorm.bias"],

@@ -3,7 +3,6 @@ as GPTNeoForCausalLM or MixtralForCausalLM when the model is one, else as megalo
 MegalongForCausalLM (transformers' Auto classes with trust_remote_code=True, megalong installed)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -125,7 +124,7 @@ def _write_gpt_neo(cfg, state, tokenizer, folder: Path) -> int:
 
 def megalong_refusal(cfg) -> Optional[str]:
     """Why even megalong's own Hugging Face class cannot hold this model (None when it can)."""
-    from megalong.export.modeling import export_refusal
+    from megalong.export.hf_layers import export_refusal
 
     if (reason := export_refusal(cfg)) is not None:
         return reason
@@ -176,13 +175,3 @@ def _write_mixtral(cfg, state, tokenizer, folder: Path) -> int:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     return hf_config.vocab_size
-
-
-def add_export_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a step_* directory, or a save_dir (its newest checkpoint)")
-    parser.add_argument("out_dir", help="the Hugging Face folder to write")
-
-
-def run_export(args: argparse.Namespace) -> Optional[int]:
-    export_checkpoint(args.checkpoint, args.out_dir)
-    return 0

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from megalong.config import Config
-from megalong.export.gpt_neo import _split_qkv
+from megalong.export.gpt_neo import split_qkv
 
 
 def mixtral_refusal(cfg: Config) -> Optional[str]:
@@ -16,7 +16,7 @@ def mixtral_refusal(cfg: Config) -> Optional[str]:
     checks = [
         (set(cfg.mlp_kinds()) == {"moe"}, "model.mlp_layers: Mixtral has an MoE MLP in every layer"),
         (not m.reversible, "model.reversible is true (Mixtral's layers are not reversible pairs)"),
-        (m.activation == "swiglu", f"model.activation is '{m.activation}' (Mixtral experts are SwiGLU)"),
+        (m.gated_mlp, f"model.activation is '{m.activation}' (Mixtral experts are SwiGLU)"),
         (m.normalization == "RMSNorm", f"model.normalization is '{m.normalization}' (Mixtral uses RMSNorm)"),
         (m.position_embedding == "rope", f"model.position_embedding is '{m.position_embedding}' (Mixtral uses RoPE)"),
         (not m.alibi, "model.alibi is true (Mixtral has no ALiBi)"),
@@ -63,7 +63,7 @@ def to_mixtral(cfg: Config, state: dict[str, torch.Tensor], bos_id: int, eos_id:
         out["lm_head.weight"] = state["output_layer.weight"]
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = _split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
+        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
         out.update({
             dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
             dst + "self_attn.q_proj.weight": q,

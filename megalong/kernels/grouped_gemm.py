@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
 from megalong.kernels.arch import device_arch
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)

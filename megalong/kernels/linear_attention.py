@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
 from megalong.attention.linear import causal_linear_attention, elu_feature_map
 
 

@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
 
 SELF_SCORE = -1e5  # as megalong.attention.lsh.SELF_SCORE
 

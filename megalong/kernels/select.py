@@ -1,8 +1,8 @@
 """Kernel selection, and the attention kinds' `attend` written on the Triton kernels.
 
-`model.kernels: auto` (the default) runs a kernel when its tensors are on CUDA, Triton imports and
+`execution.kernels: auto` (the default) runs a kernel when its tensors are on CUDA, Triton imports and
 the kernel covers the case (no attention dropout, supported shapes); `reference` always runs the
-torch path. The mode is process-wide: the model builder calls `set_mode(config.model.kernels)`.
+torch path. The mode is process-wide: the model builder calls `set_mode(config.execution.kernels)`.
 
 An attention module uses a kernel with one additive line at the top of its `attend`:
 
@@ -26,10 +26,10 @@ _mode = "auto"
 
 
 def set_mode(mode: str) -> None:
-    """`auto` or `reference` (config key `model.kernels`)."""
+    """`auto` or `reference` (config key `execution.kernels`)."""
     global _mode
     if mode not in MODES:
-        raise ValueError(f"model.kernels: '{mode}' is not one of {', '.join(MODES)}")
+        raise ValueError(f"execution.kernels: '{mode}' is not one of {', '.join(MODES)}")
     _mode = mode
 
 
@@ -49,7 +49,7 @@ def use_kernels(*tensors: torch.Tensor, dropout: float = 0.0) -> bool:
 
 def _eager(fn):
     """Entry points that launch Triton kernels run eagerly inside a torch.compile'd layer
-    (`train.compile`): dynamo stops its graph before them and resumes after, instead of tracing the
+    (`execution.compile`): dynamo stops its graph before them and resumes after, instead of tracing the
     launches (the kernels are fused already; tracing them is what fails, e.g. under the interpreter)."""
     return torch.compiler.disable(fn, recursive=True)
 
@@ -159,7 +159,7 @@ def lsh_attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 def topk_route(router: Any, x: torch.Tensor) -> Optional[Any]:
     """`TopKRouter.forward` (topk and switch routers) with the fused gating kernel; None for a
     float64 router (`router_dtype: fp64`), which keeps its torch path. Like the router, it runs
-    with autocast off (float32 logits also under `train.precision: bf16`)."""
+    with autocast off (float32 logits also under `execution.precision: bf16`)."""
     from megalong.moe.router import in_router_dtype
 
     if router.dtype != torch.float32:

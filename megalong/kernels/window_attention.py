@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.kernels import _interpret  # noqa: F401  (CPU interpreter fix, no-op on the GPU)
 
 LOG2E = 1.4426950408889634
 

@@ -1,4 +1,4 @@
-"""Chunked feed-forward (`model.ffn_chunks: n`): a dense MLP run over n slices of the sequence.
+"""Chunked feed-forward (`execution.ffn_chunks: n`): a dense MLP run over n slices of the sequence.
 
 Each slice goes through the MLP under `torch.utils.checkpoint` (non-reentrant, RNG preserved):
 the forward keeps only the slice's input, and the backward recomputes that slice's 4x-wide
@@ -37,7 +37,7 @@ def chunk_mlps(model: torch.nn.Module, chunks: int) -> int:
     """Make every dense megatron MLP of `model` a ChunkedMLP of `chunks` slices, in place (same
     parameters and names). Returns how many MLPs were changed."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"model.ffn_chunks: must be an integer >= 1, got {chunks!r}")
+        raise ValueError(f"execution.ffn_chunks: must be an integer >= 1, got {chunks!r}")
     changed = 0
     for module in model.modules():
         if type(module) is MLP or type(module) is ChunkedMLP:

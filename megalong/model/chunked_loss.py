@@ -1,4 +1,4 @@
-"""Chunked output layer and cross-entropy (`model.loss_chunks: n`).
+"""Chunked output layer and cross-entropy (`execution.loss_chunks: n`).
 
 The last stage's logits are [seq, batch, vocab / TP] float32: at a 50k vocabulary they outweigh
 every other activation of a small model, and the unchunked path keeps them (as the softmax saved
@@ -58,13 +58,13 @@ def attach_chunked_loss(model: GPTModel, chunks: int) -> None:
     """Make `model` (a GPTModel holding the output layer) compute its loss in `chunks` sequence
     slices, in place: same parameters, names and outputs."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"model.loss_chunks: must be an integer >= 1, got {chunks!r}")
+        raise ValueError(f"execution.loss_chunks: must be an integer >= 1, got {chunks!r}")
     if not model.post_process:
-        raise ValueError("model.loss_chunks: this model part has no output layer (not the last pipeline stage)")
+        raise ValueError("execution.loss_chunks: this model part has no output layer (not the last pipeline stage)")
     if type(model) not in (GPTModel, ChunkedLossGPTModel):
-        raise TypeError(f"model.loss_chunks: expects megatron-core's GPTModel, got {type(model).__name__}")
+        raise TypeError(f"execution.loss_chunks: expects megatron-core's GPTModel, got {type(model).__name__}")
     if model.config.sequence_parallel:
         # the output layer would gather sequence-parallel slices of every rank into one chunk
-        raise ValueError("model.loss_chunks: not supported with sequence parallelism")
+        raise ValueError("execution.loss_chunks: not supported with sequence parallelism")
     model.__class__ = ChunkedLossGPTModel
     model.loss_chunks = chunks

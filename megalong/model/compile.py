@@ -1,4 +1,4 @@
-"""`train.compile`: torch.compile applied to each transformer layer, in place.
+"""`execution.compile`: torch.compile applied to each transformer layer, in place.
 
 Layers are compiled one by one (as torchtitan compiles blocks), not the whole GPTModel: a layer is
 the region where compilation pays (norms, bias, activation and residual adds fused around the

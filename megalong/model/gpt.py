@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalong.config import Config, padded_vocab_size
 from megalong.kernels import select as kernels
 from megalong.model.spec import decoder_spec
-from megalong.parallel.cpu_compat import autocast_parallel_linears_on_cpu, keep_rotary_embedding_on_cpu
+from megalong import compat
 
 POSITION_EMBEDDING = {"learned": "learned_absolute", "rope": "rope", "none": "none", "axial": "none"}
 
@@ -51,7 +51,7 @@ def transformer_config(cfg: Config, whole: bool = False) -> TransformerConfig:
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_std,
         activation_func=activation,
-        gated_linear_unit=m.activation == "swiglu",
+        gated_linear_unit=m.gated_mlp,
         softmax_scale=None if m.scale_attention else 1.0,
         # Initialise the full weights on the CPU from one seed and slice them per rank, so that
         # any tensor-parallel size starts from the same model.
@@ -62,9 +62,9 @@ def transformer_config(cfg: Config, whole: bool = False) -> TransformerConfig:
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        recompute_granularity=m.recompute_granularity,
-        recompute_method=m.recompute_method,
-        recompute_num_layers=m.recompute_num_layers,
+        recompute_granularity=cfg.execution.recompute_granularity,
+        recompute_method=cfg.execution.recompute_method,
+        recompute_num_layers=cfg.execution.recompute_num_layers,
     )
 
 
@@ -72,12 +72,12 @@ def build_model(cfg: Config, tokenizer_vocab_size: int, vp_stage: Optional[int] 
                 whole: bool = False) -> GPTModel:
     """megatron-core GPTModel with megalong's per-layer spec, on the CPU, in float32: with
     pipeline stages (and not `whole`), the part of this rank's stage (model chunk `vp_stage`)."""
-    m = cfg.model
-    kernels.set_mode(m.kernels)
+    m, e = cfg.model, cfg.execution
+    kernels.set_mode(e.kernels)
     vocab = padded_vocab_size(m.vocab_size or tokenizer_vocab_size, m.make_vocab_size_divisible_by,
                               cfg.parallel.tensor)
     config = transformer_config(cfg, whole)
-    autocast_parallel_linears_on_cpu()  # train.precision: bf16 without CUDA (nothing with CUDA)
+    compat.install()  # megatron-core without CUDA: bf16 autocast, recompute (nothing with CUDA)
     first = last = True
     if config.pipeline_model_parallel_size > 1:
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -95,19 +95,15 @@ def build_model(cfg: Config, tokenizer_vocab_size: int, vp_stage: Optional[int] 
         rotary_base=m.rotary_base,
     )
     if m.position_embedding == "rope":
-        keep_rotary_embedding_on_cpu(model.rotary_pos_emb)
-    if m.recompute_granularity is not None:
-        from megalong.parallel.cpu_compat import enable_cpu_recompute
-
-        enable_cpu_recompute()
-    if m.reversible or m.ffn_chunks > 1:
+        compat.keep_rotary_embedding_on_cpu(model.rotary_pos_emb)
+    if m.reversible or e.ffn_chunks > 1:
         from megalong.model.reversible import apply_memory_options
 
-        apply_memory_options(model, m)
-    if m.loss_chunks > 1 and model.post_process:
+        apply_memory_options(model, cfg)
+    if e.loss_chunks > 1 and model.post_process:
         from megalong.model.chunked_loss import attach_chunked_loss
 
-        attach_chunked_loss(model, m.loss_chunks)
+        attach_chunked_loss(model, e.loss_chunks)
     if m.position_embedding == "axial" and model.pre_process:
         from megalong.model.axial_position import attach_axial_position_embedding
 
@@ -170,15 +166,7 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 def attended_keys(cfg: Config, kind: str) -> float:
     """Keys one query attends to on average (the attention FLOPs of a layer of this kind)."""
-    from megalong.attention.options import ModelShape
-
-    L, options = cfg.seq_length, cfg.attention_options(kind)
-    if hasattr(options, "attended_keys"):  # kinds whose cost is neither a window nor the causal triangle
-        m = cfg.model
-        return options.attended_keys(ModelShape(seq_length=L, num_heads=m.num_attention_heads,
-                                                head_dim=m.hidden_size // m.num_attention_heads,
-                                                tensor_parallel=cfg.parallel.tensor))
-    return (L + 1) / 2 if kind == "global" else min(getattr(options, "window", L), L)
+    return cfg.attention_options(kind).attended_keys(cfg.model_shape())
 
 
 def model_flops_per_token(cfg: Config, vocab_size: int) -> float:
@@ -188,7 +176,7 @@ def model_flops_per_token(cfg: Config, vocab_size: int) -> float:
     """
     m = cfg.model
     h, f = m.hidden_size, cfg.ffn_hidden_size
-    mlp_mats = 3 if m.activation == "swiglu" else 2
+    mlp_mats = 3 if m.gated_mlp else 2
     moe = cfg.moe_options()
     expert_f = moe.expert_hidden_size or f
     forward = 2 * h * vocab_size

@@ -323,11 +323,11 @@ def make_reversible(block: TransformerBlock, merge: str = "mean") -> Transformer
     return block
 
 
-def apply_memory_options(model: torch.nn.Module, m: Any) -> None:
-    """`model.reversible` and `model.ffn_chunks` of ModelConfig `m` applied to a built GPTModel."""
+def apply_memory_options(model: torch.nn.Module, cfg: Any) -> None:
+    """`model.reversible` and `execution.ffn_chunks` of Config `cfg` applied to a built GPTModel."""
     from megalong.model.chunked_ffn import chunk_mlps
 
-    if m.ffn_chunks > 1:
-        chunk_mlps(model, m.ffn_chunks)
-    if m.reversible:
-        make_reversible(model.decoder, m.reversible_merge)
+    if cfg.execution.ffn_chunks > 1:
+        chunk_mlps(model, cfg.execution.ffn_chunks)
+    if cfg.model.reversible:
+        make_reversible(model.decoder, cfg.model.reversible_merge)

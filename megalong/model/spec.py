@@ -42,7 +42,7 @@ def mlp_spec(cfg: Config, mlp_kind: str) -> ModuleSpec:
     if mlp_kind == "moe":
         from megalong.moe.layer import MoELayer
 
-        return ModuleSpec(module=MoELayer, params={"options": dict(cfg.model.moe),
+        return ModuleSpec(module=MoELayer, params={"options": cfg.model.moe,
                                                    "ffn_hidden_size": cfg.ffn_hidden_size})
     return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                            linear_fc2=RowParallelLinear))

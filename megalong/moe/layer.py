@@ -29,10 +29,11 @@ class RoutingStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config: Any, options: Optional[dict] = None, ffn_hidden_size: Optional[int] = None,
-                 **unused: Any):
+    def __init__(self, config: Any, options: MoEOptions | dict | None = None,
+                 ffn_hidden_size: Optional[int] = None, **unused: Any):
+        """`options`: the config's typed model.moe (or, built by hand, its fields as a dict)."""
         super().__init__()
-        self.options = MoEOptions(**(options or {}))
+        self.options = options if isinstance(options, MoEOptions) else MoEOptions(**(options or {}))
         o = self.options
         hidden = config.hidden_size
         ffn = o.expert_hidden_size or ffn_hidden_size or config.ffn_hidden_size

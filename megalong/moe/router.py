@@ -25,7 +25,7 @@ class Routing:
 
 def in_router_dtype(forward):
     """Run a router's forward with autocast off, so that it computes in its `router_dtype` (fp32 or
-    fp64) also under `train.precision: bf16`: autocast would otherwise run its `F.linear` (the
+    fp64) also under `execution.precision: bf16`: autocast would otherwise run its `F.linear` (the
     logits) in bf16 whatever the dtype its inputs were cast to."""
 
     @functools.wraps(forward)

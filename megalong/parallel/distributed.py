@@ -34,7 +34,7 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
                pipeline_parallel: int = 1, virtual_stages: int = 1) -> ParallelLayout:
     """Start torch.distributed (from torchrun's environment, or a one-process group) and
     megatron-core's model-parallel groups. NCCL on GPUs, gloo on the CPU (where pipeline stages
-    need megalong.parallel.cpu_compat, enabled here)."""
+    need megalong/compat/cuda_on_cpu.py, installed here)."""
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
@@ -56,9 +56,9 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        from megalong.parallel import cpu_compat
+        from megalong import compat
 
-        cpu_compat.enable()
+        compat.install(cuda_on_cpu=True)
     return ParallelLayout(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megalong.config import Config, ConfigError, config_from_dict
+from megalong.config import Config, ConfigError, architecture_differences, config_from_dict
 from megalong.model.tp_shard import merge_tensor_parallel
 from megalong.parallel.distributed import ParallelLayout
 from megalong.train.checkpoint_files import (  # noqa: F401  (CheckpointError: the public name)
@@ -148,7 +148,7 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, model,
             "expert_parallel": layout.expert_parallel,
             "world_size": layout.world_size,
             "tokenizer_vocab_size": tokenizer_vocab_size,
-            "gated_mlp": cfg.model.activation == "swiglu",
+            "gated_mlp": cfg.model.gated_mlp,
             "partition_dims": dims,
             "optimizer_param_groups": json_safe_groups(optimizer.param_groups),
         }
@@ -173,12 +173,11 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 
 def check_compatible(saved: Config, current: Config, path: Path) -> None:
-    """Refuse a checkpoint whose model differs from the current config (any parallel layout loads)."""
-    saved_model, current_model = saved.to_dict()["model"], current.to_dict()["model"]
-    differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
+    """Refuse a checkpoint whose architecture (model section) differs from the current config's;
+    any parallel layout and any execution, train or data settings load."""
+    differing = architecture_differences(saved, current)
     if differing:
-        details = "; ".join(f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current_model[k]!r}"
-                            for k in differing)
+        details = "; ".join(differing)
         raise CheckpointError(f"checkpoint {path} was trained with another model config: {details}")
 
 

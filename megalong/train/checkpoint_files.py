@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from megalong.config import Config, ConfigError, config_from_dict
+from megalong.config import Config, ConfigError, config_from_dict, migrate_saved_config
 from megalong.errors import CheckpointError, TokenizerError
 from megalong.train.save_dir import META
 
@@ -149,7 +149,7 @@ def read_config(step_dir: Path) -> Config:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
     try:
-        return config_from_dict(raw)
+        return config_from_dict(migrate_saved_config(raw))  # written before keys moved: migrated
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (TypeError, ValueError, AttributeError) as e:  # a value config_from_dict did not expect

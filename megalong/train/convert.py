@@ -15,7 +15,6 @@ megalong/train/library_loads.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -136,21 +135,3 @@ def convert(src: str | Path, dst: str | Path | None = None) -> list[Path]:
         raise
     tmp.rename(dst)
     return [dst / step_dir.relative_to(src) for step_dir in todo]
-
-
-def add_checkpoint_args(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="rewrite checkpoints of the old pickled .pt format as "
-                                       "safetensors and JSON (once; for checkpoints you trust)")
-    p.add_argument("src", help="a step_* directory, or a save_dir (all its old step directories)")
-    p.add_argument("dst", nargs="?", default=None,
-                   help="write a converted copy here instead of converting in place (must not exist)")
-    p.set_defaults(func=run_convert)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    done = convert(args.src, args.dst)
-    if not done:
-        print(f"{args.src}: no checkpoint of the old .pt format there; nothing to convert")
-    for step_dir in done:
-        print(f"converted {step_dir}")
-    return 0

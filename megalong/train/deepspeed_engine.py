@@ -18,8 +18,8 @@ pass met expert weights ZeRO-3 had not gathered). bf16 ran on the CPU at ZeRO-1 
 before ZeRO-3 partitions it (deepspeed.zero.Init is not used), so ZeRO-3 saves memory during
 training but not while building.
 
-Environment: without CUDA this module sets DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo)
-before importing DeepSpeed, unless it is set already, and turns off DeepSpeed's shared-memory CPU
+Environment: without CUDA a DeepSpeed run sets DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo)
+before importing DeepSpeed, unless it is set already (megalong/compat/deepspeed_cpu.py), and turns off DeepSpeed's shared-memory CPU
 all-reduce op (`deepspeed_shm_comm`), which DeepSpeed would otherwise compile with ninja on the first
 `deepspeed.initialize` of every machine (minutes on a small CPU, and a stale build lock left by a
 killed process hangs later runs); torch.distributed's gloo does the communication. The optimizer is torch's AdamW in every
@@ -46,21 +46,19 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from megalong.config import Config, ConfigError, deep_merge, validate  # noqa: E402
-from megalong.model.gpt import build_model, model_flops_per_token  # noqa: E402
-from megalong.model.tp_shard import partition_dims  # noqa: E402
-from megalong.moe.layer import moe_aux_loss, update_router_biases  # noqa: E402
-from megalong.parallel.distributed import ParallelLayout, initialize  # noqa: E402
-from megalong.preflight import check_train_inputs  # noqa: E402
-from megalong.train import checkpoint as ckpt  # noqa: E402
-from megalong.train.batches import fetch, micro_batch_indices  # noqa: E402
-from megalong.train.metrics import Throughput, format_duration, memory_gib  # noqa: E402
-from megalong.train.nonfinite import NonFiniteGuard  # noqa: E402
-from megalong.train.optim import build_optimizer  # noqa: E402
-from megalong.train.schedule import learning_rate  # noqa: E402
+from megalong import compat
+from megalong.config import Config, ConfigError, deep_merge, validate
+from megalong.model.gpt import build_model, model_flops_per_token
+from megalong.model.tp_shard import partition_dims
+from megalong.moe.layer import moe_aux_loss, update_router_biases
+from megalong.parallel.distributed import ParallelLayout, initialize
+from megalong.preflight import check_train_inputs
+from megalong.train import checkpoint as ckpt
+from megalong.train.batches import fetch, micro_batch_indices
+from megalong.train.metrics import Throughput, format_duration, memory_gib
+from megalong.train.nonfinite import NonFiniteGuard
+from megalong.train.optim import build_optimizer
+from megalong.train.schedule import learning_rate
 
 DEEPSPEED_TAG = "deepspeed"  # the sub-directory of a step directory holding DeepSpeed's files
 
@@ -88,7 +86,7 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * data_parallel),
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": cfg.execution.precision == "bf16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # megalong's AdamW (torch's), in every ZeRO stage
         "zero_force_ds_cpu_optimizer": False,  # ... also with CPU offload: no C++ op to build
@@ -124,7 +122,7 @@ def save_checkpoint(save_dir: str | Path, step: int, cfg: Config, engine, layout
                 "tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel,
                 "expert_parallel": 1, "pipeline_parallel": 1, "world_size": layout.world_size,
                 "tokenizer_vocab_size": tokenizer_vocab_size,
-                "gated_mlp": cfg.model.activation == "swiglu", "partition_dims": dims}
+                "gated_mlp": cfg.model.gated_mlp, "partition_dims": dims}
         ckpt.finish_checkpoint(tmp, final, cfg, tokenizer_path, meta, resumed_from)
     dist.barrier()
     return final
@@ -198,16 +196,10 @@ def _mean_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _no_cpu_op_builds() -> None:
-    if not torch.cuda.is_available():
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def train(cfg: Config):
     """Train as configured with DeepSpeed; every process of a torchrun/deepspeed job calls this.
     Returns the megatron engine's TrainResult."""
+    compat.install(deepspeed=True)  # before DeepSpeed is imported: its CPU accelerator, no op builds
     import deepspeed
 
     from megalong.data.tokenizer import SentencePieceTokenizer
@@ -227,8 +219,6 @@ def train(cfg: Config):
     model = build_model(cfg, tokenizer.vocab_size).to(layout.device)
     vocab_size = model.vocab_size
     optimizer = build_optimizer(model, t)
-    _no_cpu_op_builds()
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; a one-process run has none
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMpu(),
                                            config=deepspeed_config(cfg, layout.data_parallel))
     start_step = 0

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megalong.config import Config
-from megalong.parallel.cpu_compat import cuda_on_cpu_temporarily
+from megalong import compat
 from megalong.parallel.distributed import ParallelLayout
 from megalong.train.checkpoint_files import CheckpointError, read_json
 from megalong.train.library_loads import describe_load_error, pickles_without_code, read_dcp_metadata
@@ -114,7 +114,7 @@ def _sharded(entries: dict[str, tuple[torch.Tensor, list]]) -> dict:
 
 def _weights(model, cfg: Config, layout: ParallelLayout) -> dict[str, tuple[torch.Tensor, list]]:
     dims = partition_dims_global(model)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     out = {}
     for name, tensor in global_state(model, cfg.model.tie_embeddings).items():
         if not isinstance(tensor, torch.Tensor):
@@ -128,7 +128,7 @@ def _optimizer(model, optimizer, cfg: Config,
     from megalong.train.megatron_dp import adam_state
 
     dims = partition_dims_global(model)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     whole = adam_state(optimizer)  # collective for megatron's distributed optimizer
     out = {}
     for param, name in param_names(model).items():
@@ -144,19 +144,6 @@ def _optimizer(model, optimizer, cfg: Config,
     return out
 
 
-def _in_process_results_queue() -> None:
-    """megatron's file writer reports back through a queue that it creates on first use from a
-    `spawn` multiprocessing Manager: a new interpreter that re-imports the main module (seconds,
-    and megatron again under torchrun). We save synchronously, so writer and reader are this very
-    process, and a plain thread-safe queue does."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save_distributed(directory: Path, cfg: Config, model, optimizer,
                      layout: ParallelLayout, step: int) -> None:
     """Write weights and Adam state to `directory` (collective; rank 0 creates the directory)."""
@@ -165,9 +152,9 @@ def save_distributed(directory: Path, cfg: Config, model, optimizer,
     if dist.is_initialized():
         dist.barrier()
     state = _sharded({**_weights(model, cfg, layout), **_optimizer(model, optimizer, cfg, layout)})
-    state["megalong"] = {"step": step, "gated_mlp": cfg.model.activation == "swiglu"}  # common.pt
-    _in_process_results_queue()
-    with cuda_on_cpu_temporarily():
+    state["megalong"] = {"step": step, "gated_mlp": cfg.model.gated_mlp}  # common.pt
+    compat.results_queue_in_process()  # megatron's writer reports in this process (megalong/compat)
+    with compat.cuda_on_cpu_temporarily():
         _checkpointing().save(state, str(directory))
 
 
@@ -231,7 +218,7 @@ def load_distributed(directory: Path, cfg: Config, model, optimizer, layout: Par
     verify_dist_dir(directory)
     tied = cfg.model.tie_embeddings
     dims = loading_dims(model, tied)
-    gated = cfg.model.activation == "swiglu"
+    gated = cfg.model.gated_mlp
     stored = set(_megatron(_checkpointing().load_tensors_metadata, directory))
 
     def source(name: str) -> str:  # the last stage's tied output layer reads the embedding

@@ -49,7 +49,7 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16":
+    if cfg.execution.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -189,7 +189,7 @@ def _describe(cfg: Config, model: torch.nn.Module, layout: ParallelLayout) -> st
             f"{cfg.model.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters on this rank; "
             f"processes: {layout.world_size} (tensor {layout.tensor_parallel} x pipeline "
             f"{layout.pipeline_parallel} x data {layout.data_parallel}) on {layout.device.type}"
-            f"{'; layers torch.compiled (the first steps compile)' if cfg.train.compile else ''}")
+            f"{'; layers torch.compiled (the first steps compile)' if cfg.execution.compile else ''}")
 
 
 def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step: int) -> Reporter:
@@ -242,13 +242,13 @@ def train(cfg: Config) -> TrainResult:
 
     torch.manual_seed(t.seed)  # identical on every rank: any TP size starts from the same weights
     chunks = [chunk.to(layout.device) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
-    if t.compile:
+    if cfg.execution.compile:
         for chunk in chunks:
             compile_layers(chunk)
     if layout.data_parallel > 1:  # megatron-core DDP and optimizer (megalong/train/megatron_dp.py)
-        from megalong.parallel import cpu_compat
+        from megalong import compat
 
-        cpu_compat.enable()  # its buffers and optimizer allocate on torch.cuda.current_device()
+        compat.install(cuda_on_cpu=True)  # its buffers and optimizer allocate on torch.cuda.current_device()
         run_chunks = megatron_dp.wrap_data_parallel(chunks, cfg)
         optimizer = megatron_dp.build_megatron_optimizer(run_chunks, cfg)
         if layout.pipeline_parallel > 1:

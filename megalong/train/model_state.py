@@ -139,7 +139,7 @@ def rank_slice(full: dict[str, torch.Tensor], dims: dict, cfg: Config, layout: P
                wanted: set[str]) -> dict[str, torch.Tensor]:
     """This rank's slice of a merged state: its TP slice, its experts."""
     out = split_tensor_parallel({k: v for k, v in full.items() if k in wanted}, dims,
-                                layout.tensor_parallel, layout.tensor_rank, cfg.model.activation == "swiglu")
+                                layout.tensor_parallel, layout.tensor_rank, cfg.model.gated_mlp)
     if layout.expert_parallel > 1:
         for k, v in out.items():
             if is_expert_key(k) and v.ndim:

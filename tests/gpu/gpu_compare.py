@@ -69,7 +69,7 @@ def launched_from(seen: list[str], module: str) -> int:
 
 @contextlib.contextmanager
 def torch_path() -> Iterator[None]:
-    """`model.kernels: reference` inside the block: modules cannot take a kernel."""
+    """`execution.kernels: reference` inside the block: modules cannot take a kernel."""
     from megalong.kernels import select
 
     select.set_mode("reference")

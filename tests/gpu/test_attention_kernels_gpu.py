@@ -3,7 +3,7 @@
 Run on the lent GPU: `python -m pytest -q tests/gpu`. Each kernel is called through its public
 function and each attention kind's module through its `attend` (FAM: `blocks`) on bf16 tensors;
 the reference gets float32 copies of the same values and cannot take a kernel: a reference
-function in plain torch, or the module with `model.kernels: reference` (`torch_path`). A spy on
+function in plain torch, or the module with `execution.kernels: reference` (`torch_path`). A spy on
 Triton launches asserts that the kernel path really ran, forward and backward.
 
 Thresholds (relative error, see gpu_compare.py): outputs and gradients < REL = 1e-2, the

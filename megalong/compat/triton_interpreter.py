@@ -10,21 +10,26 @@ The interpreter also keeps bfloat16 tensors as their raw uint16 bits and hands t
 float32 first (exact: a bf16 product fits a float32), which is what the GPU's bf16 tensor-core dot
 with a float32 accumulator computes. And its float32 -> bf16 cast truncates, where the GPU
 (`cvt.rn.bf16.f32`) rounds to nearest even; the patch rounds. It only touches triton's interpreter
-and only when that is on.
+and only when that is on (`TRITON_INTERPRET=1`, read when the patch is applied: by
+megalong/kernels/__init__.py, so before any kernel runs).
+
+Private triton 3.6.0 API touched: `triton.runtime.interpreter._patch_lang_tensor`,
+`_convert_float`, `TensorHandle`, `InterpreterBuilder.create_dot` and `.cast_impl`.
 """
 from __future__ import annotations
 
 import os
 
 
-def patch_interpreter() -> None:
+def patch_interpreter() -> bool:
+    """Apply the patch when the interpreter is on (idempotent); returns whether it is applied."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return
+        return False
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor
     if getattr(original, "_megalong", False):
-        return
+        return True
 
     def patched(tensor, scope):
         original(tensor, scope)
@@ -62,6 +67,4 @@ def patch_interpreter() -> None:
         return interpreter.TensorHandle(out.reshape(src.data.shape), tl.bfloat16)
 
     builder.cast_impl = cast_impl
-
-
-patch_interpreter()
+    return True

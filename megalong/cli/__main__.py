@@ -1,0 +1,6 @@
+"""`python -m megalong.cli ...`: the `megalong` command."""
+import sys
+
+from megalong.cli import main
+
+sys.exit(main())
