@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="write a JSON report here")
     parser.add_argument("--only", help="a regular expression: only the launches whose kernel or "
                         "case (e.g. gpt-neo-1.3b/bfloat16/linear) it matches; no discovery check")
-    parser.add_argument("--root", default=".", help="directory holding configs/ (default .)")
+    parser.add_argument("--root", default=None,
+                        help="directory holding configs/ (default: the checkout megalong runs from)")
     args = parser.parse_args(argv)
 
+    import megalong
+    from megalong.errors import MegalongError, format_error
     from megalong.kernels.compile_gate import limits
     from megalong.kernels.compile_gate.gate import run_gate
 
@@ -30,16 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             limits.shared_limit(arch)
         except ValueError as error:
-            print(f"megalong: argument error: --arch: {error}", file=sys.stderr)
+            print(format_error("usage", f"--arch: {error}"), file=sys.stderr)
             return 2
-    start = time.time()
+    if args.jobs < 1:
+        print(format_error("usage", f"--jobs: must be >= 1, got {args.jobs}"), file=sys.stderr)
+        return 2
     try:
         re.compile(args.only or "")
     except re.error as error:
-        print(f"megalong: argument error: --only: {error}", file=sys.stderr)
+        print(format_error("usage", f"--only: {error}"), file=sys.stderr)
         return 2
-    run = run_gate(tuple(args.arch), args.jobs, args.root,
-                   on_result=lambda result: print(result.line(), flush=True), only=args.only)
+    root = args.root or str(Path(megalong.__file__).resolve().parents[1])
+    start = time.time()
+    try:
+        run = run_gate(tuple(args.arch), args.jobs, root,
+                       on_result=lambda result: print(result.line(), flush=True), only=args.only)
+    except MegalongError as error:
+        print(format_error(error.kind, error), file=sys.stderr)
+        return 2
     print(run.summary())
     print(f"compile gate: {time.time() - start:.0f} s wall, {args.jobs} jobs")
     if args.report:

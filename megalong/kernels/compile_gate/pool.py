@@ -2,8 +2,9 @@
 
 A process that imported Triton under TRITON_INTERPRET=1 (the CPU tests) holds interpreter objects
 for every @triton.jit function, Triton's own `tl.sum` and friends included, and cannot compile for
-a GPU; a spawned worker drops the variable before anything imports Triton and finds the kernel
-again by module and name. This module imports no Triton at import time, for that reason.
+a GPU. The workers are started with the variable removed from the environment they inherit
+(importing `megalong.kernels` imports Triton at once when it is set) and find each kernel again by
+module and name.
 """
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ def compile_many(tasks: list[CompileTask], jobs: int = 2,
     """CompileReports of `tasks`, in order, from `jobs` spawned workers sharing a Triton cache that
     lives for this call only (nothing compiled is kept between runs). `on_done(i, report)` is called
     as each task finishes (in completion order)."""
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # inherited by the workers at their start
+    try:
+        return _compile_many(tasks, jobs, on_done)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+def _compile_many(tasks: list[CompileTask], jobs: int,
+                  on_done: Callable[[int, Any], None] | None) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="megalong-compile-gate-") as cache:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(jobs, len(tasks) or 1)),

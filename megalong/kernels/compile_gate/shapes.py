@@ -36,15 +36,21 @@ class Shape:
 
 def config_shapes(root: str) -> list[Shape]:
     """(heads, hidden) of each config in CONFIGS under `root`/configs."""
+    from megalong.config import ConfigError
+
     shapes = []
     for name in CONFIGS:
         path = os.path.join(root, "configs", f"{name}.yaml")
-        with open(path) as f:
-            model = (yaml.safe_load(f) or {}).get("model", {})
         try:
+            with open(path) as f:
+                model = (yaml.safe_load(f) or {}).get("model", {})
             shapes.append(Shape(name, int(model["num_attention_heads"]), int(model["hidden_size"])))
-        except KeyError as missing:
-            raise ValueError(f"{path}: model.{missing.args[0]} missing (the compile gate reads it)") from None
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read it ({error.strerror}); the compile gate takes its "
+                              "shapes from there (--root: the directory holding configs/)") from None
+        except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: model.num_attention_heads and model.hidden_size must be "
+                              f"integers (the compile gate reads them): {error}") from None
     return shapes
 
 
