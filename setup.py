@@ -22,7 +22,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "triton==3.6.0", "deepspeed==0.19.8"],  # tests run the DeepSpeed engine
+        "dev": ["pytest>=8", "triton==3.6.0", "deepspeed==0.19.8", "ruff==0.17.6", "mypy==2.4.1"],  # tests run the DeepSpeed engine
         "gpu": ["triton>=3.2"],
         "deepspeed": ["deepspeed==0.19.8"],
         "tensorboard": ["tensorboard"],

@@ -97,7 +97,7 @@ def test_compiled_layers_run_the_triton_kernels_eagerly(one_process, monkeypatch
     calls: list[str] = []
     monkeypatch.setattr(select, "use_kernels", lambda *a, **kw: True)
     for name in KERNEL_ENTRY_POINTS:
-        def counted(*args, _name=name, _run=getattr(select, name), **kwargs):
+        def counted(*args, _name=name, _run=getattr(select, name), **kwargs):  # noqa: B008 (binds the loop value)
             calls.append(_name)
             return _run(*args, **kwargs)
         monkeypatch.setattr(select, name, counted)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megalong.config import ConfigError, config_from_dict, validate
-from megalong.moe.layer import MoELayer, moe_aux_loss
+from megalong.moe.layer import MoELayer
 from megalong.moe.losses import load_balance_loss
 from megalong.moe.options import MoEOptions
 from megalong.moe.router import ExpertChoiceRouter, NoisyTopKRouter, TopKRouter, apply_capacity

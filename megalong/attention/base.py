@@ -8,7 +8,7 @@ masks from positions, on the input's device: megatron's `attention_mask` is not 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -148,10 +148,12 @@ class CoreAttention(nn.Module):
     def _decode_recurrent(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           state: Optional[dict]) -> tuple[torch.Tensor, dict]:
         b, h, n, d = q.shape
-        inner = self.init_state(b, h, d, q.device, q.dtype) if state is None else state["inner"]
+        init_state: Callable[..., Any] = getattr(self, "init_state")  # noqa: B009 (defined by recurrent kinds)
+        step: Callable[..., tuple[torch.Tensor, Any]] = getattr(self, "step")  # noqa: B009
+        inner = init_state(b, h, d, q.device, q.dtype) if state is None else state["inner"]
         outs = []
         for i in range(n):
-            out, inner = self.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], inner)
+            out, inner = step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], inner)
             outs.append(out)
         return torch.cat(outs, dim=2), {"inner": inner}
 

@@ -97,6 +97,7 @@ class FamAttention(CoreAttention):
             visible.append((t >= s).expand(n, B, B))
             distance.append((s * B + i.view(B, 1) - i.view(1, B)).expand(n, B, B))
         if fam_len:
+            assert k_fam is not None and v_fam is not None
             key_parts.append(k_fam)
             value_parts.append(v_fam)
             visible.append(torch.ones(n, B, fam_len, dtype=torch.bool, device=device))
@@ -180,7 +181,7 @@ class FamTransformerLayer(TransformerLayer):
         if not isinstance(core, FamAttention):
             raise TypeError(f"FamTransformerLayer needs FamAttention as core attention, got {type(core).__name__}")
         if core.fam_length > 0:
-            self.fam_init = nn.Parameter(torch.empty(core.fam_length, config.hidden_size))
+            self.fam_init: Optional[nn.Parameter] = nn.Parameter(torch.empty(core.fam_length, config.hidden_size))
             config.init_method(self.fam_init.data)
         else:
             self.fam_init = None

@@ -53,7 +53,7 @@ class LocalAttention(CoreAttention):
             self.dilation_groups.setdefault(d, []).append(i)
 
     @property
-    def kv_cache(self) -> bool:
+    def kv_cache(self) -> bool:  # type: ignore[override]  # a property here; other kinds set the class attribute
         """Generation keeps the keys of the widest window (global tokens: recomputed instead)."""
         return not self.global_positions
 
