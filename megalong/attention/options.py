@@ -36,6 +36,8 @@ class AttentionOptions:
     supports_alibi: ClassVar[bool] = True  # has attention scores for ALiBi to bias
     supports_rope: ClassVar[bool] = True  # every token has a position for RoPE to rotate q and k by
     dense_mlp_only: ClassVar[bool] = False  # its layer's MLP must be dense (not moe)
+    # attend_documents: packed documents kept apart (data.document_mask, megalong/attention/segments.py)
+    supports_document_mask: ClassVar[bool] = False
 
     def check(self, shape: ModelShape) -> None:
         """Raise OptionError for a value that does not fit the sequence length or the layout."""
@@ -123,6 +125,8 @@ class LinearOptions(AttentionOptions):
 class AxialOptions(AttentionOptions):
     """Axial attention (axial.py): the sequence folded row by row into `axial_shape: [rows, cols]`
     (rows x cols = the sequence length), attention along its row and its column, causal."""
+
+    supports_document_mask: ClassVar[bool] = True
 
     axial_shape: Optional[list] = None
 
