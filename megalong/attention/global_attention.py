@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
+from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
 
 
@@ -40,4 +41,19 @@ class GlobalAttention(CoreAttention):
         # [1, heads, L, L]: torch.compile's CPU lowering of SDPA misreads a 3-D mask
         bias = bias.masked_fill(distance < 0, float("-inf"))[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=self.active_dropout, scale=self.scale)
+
+    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor) -> torch.Tensor:
+        """Document-causal attention: a query sees the earlier keys of its own document (torch
+        SDPA with a [b, 1, L, L] mask built here, on the device; the ALiBi kernel takes no segments)."""
+        L = q.shape[2]
+        pos = torch.arange(L, device=q.device)
+        distance = pos[:, None] - pos[None, :]
+        visible = ((distance >= 0) & same_document(segment_ids, segment_ids)).unsqueeze(1)
+        mask: torch.Tensor = visible
+        if self.alibi:
+            bias = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)[None]
+            mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                               dropout_p=self.active_dropout, scale=self.scale)

@@ -51,6 +51,8 @@ class AttentionOptions:
 class GlobalOptions(AttentionOptions):
     """Full causal attention: every token sees itself and everything before it."""
 
+    supports_document_mask: ClassVar[bool] = True
+
 
 @dataclass
 class LocalOptions(AttentionOptions):
@@ -61,6 +63,8 @@ class LocalOptions(AttentionOptions):
     or a list of positions; these attend to everything before them and every later token attends to
     them, through their own q/k/v projections (Longformer, local.py).
     """
+
+    supports_document_mask: ClassVar[bool] = True
 
     window: int = 256
     dilation: Any = 1  # int or list of ints, one per head
@@ -109,6 +113,7 @@ class LinearOptions(AttentionOptions):
     eps: float = 1e-6
     chunk_size: int = 64
     supports_alibi: ClassVar[bool] = False  # no attention scores to bias
+    supports_document_mask: ClassVar[bool] = True
 
     def attended_keys(self, shape: ModelShape) -> float:
         """Per token: a state update and a read of head_dim x head_dim, about head_dim keys' work."""
@@ -156,6 +161,8 @@ class LshOptions(AttentionOptions):
     rotations than training did. A number (1 or even; e.g. seq_length / bucket_size of training)
     fixes the hashing whatever the length, as Reformer/trax configure n_buckets explicitly.
     """
+
+    supports_document_mask: ClassVar[bool] = True
 
     n_hashes: int = 2
     bucket_size: int = 64

@@ -60,6 +60,12 @@ CASES = [  # kind, options, heads, alibi
 ]
 
 
+# Kinds whose blocks, rows or buckets are cut from the packed row itself (so a document is not
+# computed as if alone): tested against their own references with a document mask added.
+OWN_TESTS = {"axial": "test_axial.py::test_axial_keeps_packed_documents_apart",
+             "lsh": "test_lsh.py::test_lsh_masks_cross_document_pairs_in_every_round"}
+
+
 @pytest.mark.parametrize("kind,options,heads,alibi", CASES)
 def test_packed_documents_equal_documents_alone(kind, options, heads, alibi):
     q, k, v = qkv(L, heads, batch=len(ROWS), seed=1)
@@ -72,7 +78,7 @@ def test_packed_documents_equal_documents_alone(kind, options, heads, alibi):
 
 def test_every_kind_that_claims_documents_has_a_case():
     claimed = {kind for kind, options in ATTENTION_OPTIONS.items() if options.supports_document_mask}
-    assert claimed == {kind for kind, *_ in CASES}
+    assert claimed == {kind for kind, *_ in CASES} | set(OWN_TESTS)
     for kind, core in CORE_ATTENTION.items():
         overridden = core.attend_documents is not CoreAttention.attend_documents
         assert overridden == (kind in claimed), kind
@@ -151,3 +157,15 @@ def test_segments_take_the_torch_path_where_a_kernel_would_run(monkeypatch):
         _, alone = packed_and_alone(module, q, k, v)
         monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
         assert (packed - alone).abs().max() < TOL, kind
+
+    # LSH's chunk kernel (bucket_size a power of two >= 16) would run on these if segments were ignored.
+    from megalong.attention.lsh import LshAttention
+
+    module = LshAttention(attention_config(2), 1, n_hashes=2, bucket_size=16, seed=3).double()
+    q, v = (torch.randn(len(ROWS), 2, 32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+            for i in (5, 6))
+    seg = torch.tensor([[0] * 5 + [1] * 20 + [2] * 7, [0] * 32, [0] * 16 + [1] * 16])
+    forced = module.attend_documents(q, q, v, seg)
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **k: False)
+    assert (forced - module.attend_documents(q, q, v, seg)).abs().max() < TOL
+    assert (forced - module.attend(q, q, v)).abs().max() > 1e-3
