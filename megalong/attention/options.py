@@ -197,6 +197,7 @@ class FamOptions(AttentionOptions):
     feedback-memory tokens per layer (0: block sliding-window attention without FAM) (fam.py)."""
 
     supports_rope: ClassVar[bool] = False  # FAM tokens have no position to rotate by
+    supports_document_mask: ClassVar[bool] = True
     dense_mlp_only: ClassVar[bool] = True  # FAM tokens pass the MLP once per block
 
     block_size: int = 256

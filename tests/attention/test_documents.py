@@ -63,7 +63,8 @@ CASES = [  # kind, options, heads, alibi
 # Kinds whose blocks, rows or buckets are cut from the packed row itself (so a document is not
 # computed as if alone): tested against their own references with a document mask added.
 OWN_TESTS = {"axial": "test_axial.py::test_axial_keeps_packed_documents_apart",
-             "lsh": "test_lsh.py::test_lsh_masks_cross_document_pairs_in_every_round"}
+             "lsh": "test_lsh.py::test_lsh_masks_cross_document_pairs_in_every_round",
+             "fam": "test_fam.py::test_fam_packed_documents_equal_per_block_loop"}
 
 
 @pytest.mark.parametrize("kind,options,heads,alibi", CASES)
@@ -84,13 +85,25 @@ def test_every_kind_that_claims_documents_has_a_case():
         assert overridden == (kind in claimed), kind
 
 
-@pytest.mark.parametrize("kind", sorted(k for k, o in ATTENTION_OPTIONS.items() if not o.supports_document_mask))
-def test_kinds_without_documents_refuse_segments(kind):
-    options = {"axial": {"axial_shape": [4, 5]}, "lsh": {"bucket_size": 4}, "fam": {"block_size": 4}}.get(kind, {})
-    module = CORE_ATTENTION[kind](attention_config(2), 1, **options)
+def test_a_kind_without_documents_refuses_segments(monkeypatch):
+    """A core attention that does not define attend_documents raises on segment ids instead of
+    ignoring them, and config validation refuses data.document_mask for its kind first."""
+    from megalong.attention.options import GlobalOptions
+    from megalong.config import ConfigError, config_from_dict, validate
+
+    class Plain(CoreAttention):
+        def attend(self, q, k, v):
+            return q
+
     q, k, v = qkv(L, 2, batch=len(ROWS))
     with pytest.raises(NotImplementedError, match="data.document_mask"):
-        module(q, k, v, packed_seq_params=DocumentSegments(segment_ids=segment_ids()))
+        Plain(attention_config(2), 1)(q, k, v, packed_seq_params=DocumentSegments(segment_ids=segment_ids()))
+    monkeypatch.setattr(GlobalOptions, "supports_document_mask", False)
+    cfg = config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                      "max_position_embeddings": 16, "attention_layers": ["global"]},
+                            "data": {"document_mask": True}})
+    with pytest.raises(ConfigError, match="data.document_mask: 'global' attention"):
+        validate(cfg, check_paths=False)
 
 
 @pytest.mark.parametrize("window,dilation,global_tokens,alibi", [

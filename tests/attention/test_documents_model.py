@@ -92,3 +92,24 @@ def test_recompute_carries_the_segments(one_process):
     assert abs(results[0][0] - results[1][0]) < 1e-9
     for a, b in zip(results[0][1], results[1][1]):
         assert (a - b).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("kind,options,variant", [
+    ("fam", {"block_size": 4, "memory_segments": 1, "fam_length": 2}, {}),
+    ("fam", {"block_size": 4, "memory_segments": 1, "fam_length": 2}, {"reversible": True}),
+    ("axial", {"axial_shape": [4, 6]}, {})])
+def test_first_document_of_a_packed_row_equals_it_alone(one_process, kind, options, variant):
+    """Blocks and rows are cut from the packed row, so only a document starting at position 0 is
+    computed exactly as alone: through GPTModel (FAM's own layer, and its reversible half), the
+    segment ids reach the layer and the rest of the row changes nothing of the first document."""
+    model = small_model([kind], {kind: options}, seq=SEQ, **variant)
+    full = _tokens()
+    full[0, 0] = 7  # row 0's first document: positions 0..7
+    batch = DocumentBatching(EOD, document_mask=True, reset_position_ids=True).apply(
+        {"tokens": full[:, :-1], "labels": full[:, 1:], "loss_mask": torch.ones(2, SEQ)})
+    tokens, positions, kwargs = model_inputs(batch)
+    packed = _per_token(model, tokens, batch["labels"], positions=positions, **kwargs)
+    alone = _per_token(model, tokens[:1, :8], batch["labels"][:1, :8])
+    assert (packed[0, :8] - alone[0]).abs().max() < 1e-9
+    crossing = _per_token(model, tokens, batch["labels"], positions=positions)
+    assert (crossing[0] - packed[0]).abs().max() > 1e-4
