@@ -113,3 +113,32 @@ def test_first_document_of_a_packed_row_equals_it_alone(one_process, kind, optio
     assert (packed[0, :8] - alone[0]).abs().max() < 1e-9
     crossing = _per_token(model, tokens, batch["labels"], positions=positions)
     assert (crossing[0] - packed[0]).abs().max() > 1e-4
+
+
+def test_eval_windows_keep_documents_apart(one_process):
+    """`megalong eval`'s perplexity with the checkpoint's document_mask: each window's per-token
+    losses are those of its documents run alone (the same tokens scored)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from megalong.evaluate import perplexity
+
+    model = small_model([KINDS], OPTIONS, seq=SEQ, layers=3)
+    stream = _tokens().flatten().numpy().astype(np.int64)[:2 * SEQ]
+    documents = DocumentBatching(EOD, document_mask=True, reset_position_ids=True)
+    result = perplexity(model, stream, SEQ, batch_size=2, documents=documents)
+    windows = torch.from_numpy(stream.copy()).view(2, SEQ)
+    seg = documents.apply({"tokens": windows, "loss_mask": torch.ones(2, SEQ)})["segment_ids"]
+    total = 0.0
+    with torch.no_grad():
+        for r in range(2):
+            for s in seg[r].unique().tolist():
+                idx = (seg[r] == s).nonzero().flatten()
+                piece = windows[r:r + 1, int(idx[0]):int(idx[-1]) + 1]
+                logits = model(piece, torch.arange(piece.shape[1]).unsqueeze(0), None)
+                targets = windows[r, int(idx[0]) + 1:int(idx[-1]) + 2]  # the next token, across the boundary
+                n = len(targets)
+                total += float(F.cross_entropy(logits[0, :n].float(), targets, reduction="sum"))
+    assert result.tokens == 2 * (SEQ - 1)
+    assert abs(result.loss - total / result.tokens) < 1e-6
+    assert abs(perplexity(model, stream, SEQ, batch_size=2).loss - result.loss) > 1e-4
