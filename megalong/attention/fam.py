@@ -222,16 +222,17 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
     k_fam = v_fam = None
     documents = None
     if segment_ids is not None:
-        last = segment_ids[:, (torch.arange(1, n + 1, device=x.device) * B).clamp(max=s) - 1]  # [b, n]
-        # F_t's document (that of block t's last token) and its first position
+        ends = (torch.arange(1, n + 1, device=x.device) * B).clamp(max=s) - 1  # each block's last position
+        last = segment_ids[:, ends]  # [b, n]: F_t's document, that of block t's last token
+        starts = ends - document_positions(segment_ids)[:, ends]  # [b, n]: where that document starts
         documents = FamDocuments(segment_ids, torch.cat([segment_ids[:, :1], last[:, :-1]], dim=1))
-        starts = (torch.arange(n, device=x.device) * B + B - 1).clamp(max=s - 1) \
-            - document_positions(segment_ids)[:, (torch.arange(1, n + 1, device=x.device) * B).clamp(max=s) - 1]
     if fam_init is not None:
         initial = fam = fam_init.unsqueeze(1).expand(-1, b, -1)
         k_list, v_list = [], []
+        init_qkv: Optional[tuple[torch.Tensor, ...]] = None
         if documents is not None:
-            q0, documents.k_init, documents.v_init = (heads_first(u) for u in _expand_groups(*qkv(initial)))
+            init_qkv = tuple(heads_first(u) for u in _expand_groups(*qkv(initial)))
+            documents.k_init, documents.v_init = init_qkv[1], init_qkv[2]
         for t in range(n):
             qf, kf, vf = (heads_first(u) for u in _expand_groups(*qkv(fam)))
             k_list.append(kf)
@@ -239,16 +240,15 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
             if t == n - 1:
                 break  # F_{n-1} would only serve a block after the sequence
             block = slice(t * B, (t + 1) * B)
-            if documents is None:
+            if documents is None or init_qkv is None:
                 context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block])
             else:  # restart from the initial FAM where block t's last document started inside it
                 restart = last[:, t] != documents.fam_docs[:, t]  # [b]
-                qf, kf, vf = (torch.where(restart.view(b, 1, 1, 1), u0, u)
-                              for u0, u in ((q0, qf), (documents.k_init, kf), (documents.v_init, vf)))
+                qf, kf, vf = (torch.where(restart.view(b, 1, 1, 1), u0, u) for u0, u in zip(init_qkv, (qf, kf, vf)))
                 fam = torch.where(restart.view(1, b, 1), initial, fam)
                 distance = torch.where(restart, (t + 1) * B - starts[:, t], torch.full_like(starts[:, t], B))
                 context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block],
-                                             segment_ids[:, block] == last[:, t:t + 1], distance)
+                                             documents.segment_ids[:, block] == last[:, t:t + 1], distance)
             fam = mlp_residual(attention_residual(tokens_first(context), fam))
         k_fam, v_fam = torch.stack(k_list, dim=2), torch.stack(v_list, dim=2)
     return tokens_first(attention.blocks(q, k, v, k_fam, v_fam, documents))
