@@ -21,7 +21,7 @@ ALiBi biases every score by -slope * (true distance i - j).
 Packed documents (`attend_documents`): every pair above is also required to lie in one document,
 so a token sees only its own document inside its window, and a global token belongs to its
 document (it sees that document's earlier tokens, and only that document's later tokens see it).
-The torch path runs then (the windowed kernel takes no segment ids).
+The windowed kernel takes the segment ids too (and skips the key tiles of earlier documents).
 """
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ from megalong.kernels import select as kernels
 @kernels.eager
 def window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: Optional[int],
                   dilation: int, slopes: Optional[torch.Tensor], global_keys: Optional[torch.Tensor] = None,
-                  q_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  q_positions: Optional[torch.Tensor] = None,
+                  segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The windowed flash-attention kernel's output (megalong/kernels/window_attention.py)."""
     from megalong.kernels.window_attention import window_attention
 
-    return window_attention(q, k, v, scale, window, dilation, slopes, global_keys, q_positions)[0]
+    return window_attention(q, k, v, scale, window, dilation, slopes, global_keys, q_positions,
+                            segment_ids=segment_ids)[0]
 
 
 class LocalAttention(CoreAttention):
@@ -92,12 +94,11 @@ class LocalAttention(CoreAttention):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        # Triton on CUDA (megalong/kernels); the kernel takes no segment ids
-        fused = segment_ids is None and kernels.use_kernels(q, dropout=self.active_dropout)
+        fused = kernels.use_kernels(q, dropout=self.active_dropout)  # Triton on CUDA (megalong/kernels)
         (q, k, v), (qg, kg, vg), g = self.split_global_heads(q, k, v)
         # The kernel takes float32 slopes; the torch path biases in the inputs' dtype.
         slopes = self.alibi_slopes(q.device, torch.float32 if fused else q.dtype) if self.alibi else None
-        window = self._window_on_kernel if fused else partial(self._window, segment_ids=segment_ids)
+        window = partial(self._window_on_kernel if fused else self._window, segment_ids=segment_ids)
         groups = self.dilation_groups
         if len(groups) == 1:
             out = window(q, k, v, self.dilations[0], slopes, g)
@@ -108,19 +109,22 @@ class LocalAttention(CoreAttention):
                 part = window(q[:, idx], k[:, idx], v[:, idx], d, None if slopes is None else slopes[idx], g)
                 out = out.index_copy(1, idx, part)
         if len(g):
-            rows = self._global_rows_on_kernel if fused else partial(self._global_rows, segment_ids=segment_ids)
+            rows = partial(self._global_rows_on_kernel if fused else self._global_rows, segment_ids=segment_ids)
             out = out.index_copy(2, g, rows(qg, kg, vg, g, slopes))
         return out
 
     def _window_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
-                          slopes: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+                          slopes: Optional[torch.Tensor], g: torch.Tensor,
+                          segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`_window` on the windowed kernel (the global tokens' keys included)."""
-        return window_kernel(q, k, v, self.scale, self.window, d, slopes, g if len(g) else None)
+        return window_kernel(q, k, v, self.scale, self.window, d, slopes, g if len(g) else None,
+                             segment_ids=segment_ids)
 
     def _global_rows_on_kernel(self, qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, g: torch.Tensor,
-                               slopes: Optional[torch.Tensor]) -> torch.Tensor:
+                               slopes: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None
+                               ) -> torch.Tensor:
         """`_global_rows` on the windowed kernel: full causal rows at the positions g."""
-        return window_kernel(qg[:, :, g], kg, vg, self.scale, None, 1, slopes, None, g)
+        return window_kernel(qg[:, :, g], kg, vg, self.scale, None, 1, slopes, None, g, segment_ids)
 
     def split_global_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """((q, k, v) of the local heads, (q, k, v) of the global-projection heads or Nones, the

@@ -156,20 +156,33 @@ def test_linear_recurrent_form_restarts_at_document_starts(normalization):
     assert_close_with_grads(sbh(torch.cat(outs, dim=2)), packed, (q, k, v), TOL)
 
 
-def test_segments_take_the_torch_path_where_a_kernel_would_run(monkeypatch):
-    """A kind whose kernel does not take segment ids runs its torch path with them: with the
-    kernel selection forced on, no kernel is called and the result still equals the documents alone."""
+def test_segments_are_honoured_where_a_kernel_would_run(monkeypatch):
+    """With the kernel selection forced on (kernels interpreted on the CPU), packed documents still
+    equal the documents alone: global and local run the windowed kernel with the segment ids (it
+    is called with them); linear's and LSH's kernels take none and their torch paths run."""
     from megalong.kernels import select
+    from megalong.kernels import window_attention as wa
 
-    monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
+    calls = []
+    kernel = wa.window_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("segment_ids") is not None)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(wa, "window_attention", counted)
     for kind, options, heads, alibi in CASES:
         q, k, v = qkv(L, heads, batch=len(ROWS), seed=4)
+        q32, k32, v32 = (x.detach().float() for x in (q, k, v))
         module = CORE_ATTENTION[kind](attention_config(heads), 1, alibi=alibi, **options)
-        packed = module(q, k, v, packed_seq_params=DocumentSegments(segment_ids=segment_ids()))
+        monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
+        calls.clear()
+        packed = module(q32, k32, v32, packed_seq_params=DocumentSegments(segment_ids=segment_ids()))
+        assert calls == ([True] * len(calls) if kind in ("global", "local") else []) and (
+            kind not in ("global", "local") or calls), (kind, calls)
         monkeypatch.setattr(select, "use_kernels", lambda *a, **k: False)
         _, alone = packed_and_alone(module, q, k, v)
-        monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
-        assert (packed - alone).abs().max() < TOL, kind
+        assert (packed.double() - alone).abs().max() < 1e-5, kind
 
     # LSH's chunk kernel (bucket_size a power of two >= 16) would run on these if segments were ignored.
     from megalong.attention.lsh import LshAttention
@@ -178,6 +191,7 @@ def test_segments_take_the_torch_path_where_a_kernel_would_run(monkeypatch):
     q, v = (torch.randn(len(ROWS), 2, 32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
             for i in (5, 6))
     seg = torch.tensor([[0] * 5 + [1] * 20 + [2] * 7, [0] * 32, [0] * 16 + [1] * 16])
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
     forced = module.attend_documents(q, q, v, seg)
     monkeypatch.setattr(select, "use_kernels", lambda *a, **k: False)
     assert (forced - module.attend_documents(q, q, v, seg)).abs().max() < TOL
