@@ -142,3 +142,19 @@ def test_eval_windows_keep_documents_apart(one_process):
     assert result.tokens == 2 * (SEQ - 1)
     assert abs(result.loss - total / result.tokens) < 1e-6
     assert abs(perplexity(model, stream, SEQ, batch_size=2).loss - result.loss) > 1e-4
+
+
+def test_compiled_layers_take_the_segments(one_process):
+    """execution.compile: the DocumentSegments argument passes torch.compile'd layers (the same
+    per-token losses as eager, float32)."""
+    from megalong.model.compile import compile_layers
+
+    model = small_model([KINDS], OPTIONS, seq=SEQ, layers=3).float()
+    full = _tokens()
+    batch = DocumentBatching(EOD, document_mask=True, reset_position_ids=True).apply(
+        {"tokens": full[:, :-1], "labels": full[:, 1:], "loss_mask": torch.ones(2, SEQ)})
+    tokens, positions, kwargs = model_inputs(batch)
+    eager = _per_token(model, tokens, batch["labels"], positions=positions, **kwargs)
+    compile_layers(model)
+    compiled = _per_token(model, tokens, batch["labels"], positions=positions, **kwargs)
+    assert (compiled - eager).abs().max() < 1e-4
