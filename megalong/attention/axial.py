@@ -45,15 +45,8 @@ class AxialAttention(CoreAttention):
             raise ValueError(f"axial attention needs axial_shape [rows, cols], got {axial_shape!r}")
         self.rows, self.cols = axial_shape
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v, None)
-
-    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         segment_ids: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v, segment_ids)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, h, L, d = q.shape
         C = self.cols
         R = -(-L // C)
@@ -93,6 +86,8 @@ class AxialAttention(CoreAttention):
         p_row, p_col = probs.split([C, R], dim=-1)
         out = torch.matmul(p_row, V) + torch.matmul(p_col.transpose(2, 3), summary.transpose(2, 3)).transpose(2, 3)
         return out.reshape(b, h, R * C, d)[:, :, :L]
+
+    attend_documents = attend  # one implementation serves packed documents too
 
     def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
         return F.dropout(probs, self.active_dropout) if self.active_dropout > 0 else probs

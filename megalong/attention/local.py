@@ -85,15 +85,8 @@ class LocalAttention(CoreAttention):
     def cache_keep(self, k_pos: torch.Tensor, next_pos: int) -> torch.Tensor:
         return k_pos > next_pos - self.window * max(self.dilations)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v, None)
-
-    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         segment_ids: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v, segment_ids)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         fused = kernels.use_kernels(q, dropout=self.active_dropout)  # Triton on CUDA (megalong/kernels)
         (q, k, v), (qg, kg, vg), g = self.split_global_heads(q, k, v)
         # The kernel takes float32 slopes; the torch path biases in the inputs' dtype.
@@ -112,6 +105,8 @@ class LocalAttention(CoreAttention):
             rows = partial(self._global_rows_on_kernel if fused else self._global_rows, segment_ids=segment_ids)
             out = out.index_copy(2, g, rows(qg, kg, vg, g, slopes))
         return out
+
+    attend_documents = attend  # one implementation serves packed documents too
 
     def _window_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
                           slopes: Optional[torch.Tensor], g: torch.Tensor,

@@ -94,15 +94,8 @@ class LshAttention(CoreAttention):
         rotated = torch.einsum("bhld,hrdk->bhrlk", q.to(R.dtype), R)
         return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v, None)
-
-    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         segment_ids: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, k, v, segment_ids)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.bucket_size
         # Triton on CUDA (megalong/kernels) for the chunk attention, when bucket_size is a power of
         # two >= 16 and there are no segment ids.
@@ -140,6 +133,8 @@ class LshAttention(CoreAttention):
         lse = lse.gather(3, undo)
         weights = torch.softmax(lse, dim=2).to(out.dtype).unsqueeze(-1)
         return (out * weights).sum(dim=2)[:, :, :L]
+
+    attend_documents = attend  # one implementation serves packed documents too
 
     def chunk_attention(self, sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
                         chunk_of: torch.Tensor, segment_ids: Optional[torch.Tensor] = None
