@@ -49,25 +49,48 @@ def _args(data, save_dir, **extra) -> list[str]:
     return [a for a in tiny_overrides(data, save_dir, STEPS, **extra) if a != "--set"]
 
 
+def _same_weights(run, reference, name: str) -> None:
+    _, want = load_merged_state(reference)
+    _, got = load_merged_state(run)
+    assert got.keys() == want.keys(), name
+    for key, tensor in want.items():
+        assert (got[key] - tensor).abs().max().item() < WEIGHT_TOL, (name, key)
+
+
 def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_path):  # noqa: F811
     """Losses within 2e-5, gradient norms within 1e-4 relative and the final weights within 1e-4
-    of one process, for both models, through megatron-core's DDP over the data x context ranks."""
+    of one process, for both models, through megatron-core's DDP over the data x context ranks;
+    CP=2 x DP=2 with the distributed optimizer; checkpoints saved at CP=1 resume at CP=2 and the
+    reverse."""
     models = {"mixed": (tiny_data, MIXED), "alibi_documents": (short_docs, ALIBI_DOCUMENTS)}
+    save = {"train.save_interval": 3}
     for name, (data, model) in models.items():
-        _train_here(_args(data, tmp_path / f"{name}_single", **model))
-    run_driver([_args(data, tmp_path / f"{name}_cp2", **model, **{"parallel.context": 2})
-                for name, (data, model) in models.items()], 2, tmp_path)
+        _train_here(_args(data, tmp_path / f"{name}_single", **model, **save))
+    cp2 = {"parallel.context": 2}
+    runs = [_args(data, tmp_path / f"{name}_cp2", **model, **cp2, **save) for name, (data, model) in models.items()]
+    runs.append(_args(tiny_data, tmp_path / "mixed_resumed_cp2", **MIXED, **cp2,
+                      **{"train.load": str(tmp_path / "mixed_single" / "step_00000003")}))
+    run_driver(runs, 2, tmp_path)
+    run_driver([_args(tiny_data, tmp_path / "mixed_dp2_cp2", **MIXED, **cp2, **{
+        "parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true",
+        "parallel.ddp_bucket_size": 20000})], 4, tmp_path)
+    _train_here(_args(tiny_data, tmp_path / "mixed_from_cp2", **MIXED,
+                      **{"train.load": str(tmp_path / "mixed_cp2" / "step_00000003")}))
     for name in models:
-        single, cp2 = tmp_path / f"{name}_single", tmp_path / f"{name}_cp2"
+        single, run = tmp_path / f"{name}_single", tmp_path / f"{name}_cp2"
         reference = read_metrics(single)
         assert reference[STEPS] < reference[1], name  # it trains
-        _close(read_metrics(cp2), reference, range(1, STEPS + 1), name)
-        _close_norms(cp2, single, name)
-        _, want = load_merged_state(single)
-        _, got = load_merged_state(cp2)
-        assert got.keys() == want.keys()
-        for key, tensor in want.items():
-            assert (got[key] - tensor).abs().max().item() < WEIGHT_TOL, (name, key)
+        _close(read_metrics(run), reference, range(1, STEPS + 1), name)
+        _close_norms(run, single, name)
+        _same_weights(run, single, name)
+    single = tmp_path / "mixed_single"
+    for name, steps in (("mixed_dp2_cp2", range(1, STEPS + 1)), ("mixed_resumed_cp2", range(4, STEPS + 1)),
+                        ("mixed_from_cp2", range(4, STEPS + 1))):
+        _close(read_metrics(tmp_path / name), read_metrics(single), steps, name)
+        norms, reference = (read_metrics(d, "train/grad_norm") for d in (tmp_path / name, single))
+        for step in steps:
+            assert abs(norms[step] - reference[step]) < 1e-4 * reference[step], (name, step)
+        _same_weights(tmp_path / name, single, name)
     assert LOSS_TOL == 2e-5
 
 
