@@ -83,6 +83,9 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
         _close(read_metrics(run), reference, range(1, STEPS + 1), name)
         _close_norms(run, single, name)
         _same_weights(run, single, name)
+        held_out, want = read_metrics(run, "valid/loss"), read_metrics(single, "valid/loss")
+        assert held_out.keys() == want.keys() == {STEPS}, name  # the evaluation's loss too
+        assert abs(held_out[STEPS] - want[STEPS]) < LOSS_TOL, name
     single = tmp_path / "mixed_single"
     for name, steps in (("mixed_dp2_cp2", range(1, STEPS + 1)), ("mixed_resumed_cp2", range(4, STEPS + 1)),
                         ("mixed_from_cp2", range(4, STEPS + 1))):
