@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from megalong.config import ConfigError, config_from_dict, validate
-from megalong.hf_import.families import map_model
+from megalong.hf_import.families import architecture, map_model
 from megalong.hf_import.folder import HFImportError, Tensors, read_hf_config, read_hf_tensors
 from megalong.hf_import.hf_keys import HFConfig
 from megalong.paths import check_writable_dir
@@ -62,6 +62,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: Optional[str] 
         raise HFImportError(f"{out}: exists and is not an empty directory; choose a new one")
     check_writable_dir(out, "out_dir")
     c = HFConfig(read_hf_config(folder), str(folder / "config.json"))
+    architecture(c)  # an unknown one is refused before anything is read
     tokenizer_path = find_tokenizer(folder, tokenizer)
     pieces = SentencePieceTokenizer(tokenizer_path).vocab_size
     name, model, state = map_model(c, Tensors(read_hf_tensors(folder), folder))
