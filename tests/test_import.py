@@ -225,3 +225,90 @@ def test_cli_import_error_is_one_line(tmp_path):
         f"megalong: import error: {tmp_path / 'hf' / 'config.json'}: architectures = ['T5ForConditionalGeneration']: "
         "megalong imports GPTNeoForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
         "MixtralForCausalLM, MegalongForCausalLM"]
+
+
+# ---- export targets ------------------------------------------------------------------------------
+
+STOCK = {"gpt_neo": "GPTNeoForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def assert_export_equals_megalong(out, step_dir, class_name: str, new_tokens: int = 10):
+    """The export loads as `class_name`; its logits are megalong's within 1e-5 and greedy
+    generation gives megalong's own sampler's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from megalong.generate import generate, load_for_inference
+
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(hf).__name__ == class_name
+    ids = tokens()
+    try:
+        model, _, tokenizer = load_for_inference(step_dir)
+        with torch.no_grad():
+            ours = model(ids, torch.arange(LENGTH).expand_as(ids), None)
+            theirs = hf(ids).logits
+        assert (ours - theirs).abs().max().item() < 1e-5
+        prompt = ids[0, :7].clamp(max=tokenizer.vocab_size - 1).tolist()
+        mine = generate(model, prompt, new_tokens, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
+    finally:
+        shutdown()
+    with torch.no_grad():
+        generated = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+    assert generated[0, len(prompt):].tolist() == mine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_of_the_import_is_the_same_stock_class_with_identical_tensors(imported, family, tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import load_file
+
+    from megalong.export.hf import export_checkpoint
+
+    _, folder, step_dir = imported[family]
+    with caplog.at_level(logging.INFO, logger="megalong"):
+        out = export_checkpoint(step_dir, tmp_path / "hf")
+    original, exported = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original), family
+    assert json.loads((out / "config.json").read_text())["architectures"] == [STOCK[family]]
+    assert_export_equals_megalong(out, step_dir, STOCK[family])
+    if family == "qwen2":  # auto says why the plainer classes do not fit
+        assert "not as LlamaForCausalLM (model.attention_layers uses ['local']" in caplog.text
+        assert "nor MistralForCausalLM (model.attention_layers uses ['global']" in caplog.text
+
+
+@pytest.mark.parametrize("family, target", [("llama", "qwen2"), ("mistral", "qwen2"), ("llama", "megalong"),
+                                            ("mistral", "megalong"), ("mixtral", "megalong")])
+def test_every_target_that_fits_gives_megalong_logits_and_greedy_tokens(imported, family, target, tmp_path):
+    from megalong.export.hf import export_checkpoint
+    from megalong.export.targets import CLASS_NAMES
+
+    step_dir = imported[family][2]
+    out = export_checkpoint(step_dir, tmp_path / "hf", target=target)
+    assert_export_equals_megalong(out, step_dir, CLASS_NAMES[target])
+
+
+def test_a_target_that_does_not_fit_is_refused_naming_the_key(imported, tmp_path):
+    from megalong.export.hf import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match=r"not as MistralForCausalLM \(model.attention_layers uses \['global'\]"):
+        export_checkpoint(imported["llama"][2], tmp_path / "hf", target="mistral")
+    with pytest.raises(ExportError, match=r"not as LlamaForCausalLM \(.*model.qkv_bias differs"):
+        export_checkpoint(imported["qwen2"][2], tmp_path / "hf", target="llama")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_megalong_class_export_imports_back_to_the_same_checkpoint(imported, tmp_path):
+    from megalong.checkpoint.step import load_merged_state
+    from megalong.export.hf import export_checkpoint
+
+    step_dir = imported["mistral"][2]
+    out = export_checkpoint(step_dir, tmp_path / "hf", target="megalong")
+    try:
+        again = import_hf(out, tmp_path / "again")
+    finally:
+        shutdown()
+    (_, a), (_, b) = load_merged_state(step_dir), load_merged_state(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -36,6 +36,10 @@ def run_convert(args: argparse.Namespace) -> int:
 def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
+    parser.add_argument("--target", default="auto",
+                        choices=("auto", "llama", "mistral", "qwen2", "gpt_neo", "mixtral", "megalong"),
+                        help="the Hugging Face class to write (auto: the plainest stock class that "
+                             "represents the model exactly; the log says why plainer ones do not fit)")
 
 
 def add_import(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +68,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from megalong.export.hf import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out_dir)
+    export_checkpoint(args.checkpoint, args.out_dir, args.target)
     return 0
 
 
