@@ -32,6 +32,17 @@ from megalong.kernels import select as kernels
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+@kernels.eager
+def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: Optional[torch.Tensor],
+                      v_fam: Optional[torch.Tensor], scale: float, block_size: int, memory_segments: int,
+                      slopes: Optional[torch.Tensor]) -> torch.Tensor:
+    """`FamAttention.blocks` on the FAM block kernel (megalong/kernels/fam_attention.py); the FAM
+    chain's `fam_step` stays in torch."""
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes)
+
+
 class FamAttention(CoreAttention):
     """The attention of a `fam` layer; run by `FamTransformerLayer` (or `run_fam_layer`), which
     hands it queries, keys and values of block tokens and of FAM tokens on [b, heads, s, d]."""
@@ -76,7 +87,9 @@ class FamAttention(CoreAttention):
         or None without FAM. Returns [b, h, L, d].
         """
         if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
-            return kernels.fam_blocks_attend(self, q, k, v, k_fam, v_fam)
+            slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
+            return fam_blocks_kernel(q, k, v, k_fam, v_fam, self.scale, self.block_size, self.memory_segments,
+                                     slopes)
         b, h, L, d = q.shape
         B, m = self.block_size, self.memory_segments
         n = -(-L // B)

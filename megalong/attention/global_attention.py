@@ -9,6 +9,15 @@ from megalong.attention.base import CoreAttention
 from megalong.kernels import select as kernels
 
 
+@kernels.eager
+def alibi_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 slopes: torch.Tensor) -> torch.Tensor:
+    """Causal attention with ALiBi on the windowed kernel (no window): no L x L bias tensor."""
+    from megalong.kernels.window_attention import window_attention
+
+    return window_attention(q, k, v, scale, None, 1, slopes)[0]
+
+
 class GlobalAttention(CoreAttention):
     kv_cache = True  # generation keeps every key and value
 
@@ -23,7 +32,7 @@ class GlobalAttention(CoreAttention):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout,
                                                   is_causal=True, scale=self.scale)
         if kernels.use_kernels(q, dropout=self.active_dropout):  # ALiBi without an L x L bias
-            return kernels.global_alibi_attend(self, q, k, v)
+            return alibi_kernel(q, k, v, self.scale, self.alibi_slopes(q.device, torch.float32))
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
         distance = pos[:, None] - pos[None, :]

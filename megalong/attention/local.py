@@ -32,6 +32,17 @@ from megalong.attention.options import LocalOptions
 from megalong.kernels import select as kernels
 
 
+
+@kernels.eager
+def window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: Optional[int],
+                  dilation: int, slopes: Optional[torch.Tensor], global_keys: Optional[torch.Tensor] = None,
+                  q_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The windowed flash-attention kernel's output (megalong/kernels/window_attention.py)."""
+    from megalong.kernels.window_attention import window_attention
+
+    return window_attention(q, k, v, scale, window, dilation, slopes, global_keys, q_positions)[0]
+
+
 class LocalAttention(CoreAttention):
     options_class = LocalOptions
     options: LocalOptions
@@ -66,23 +77,34 @@ class LocalAttention(CoreAttention):
         return k_pos > next_pos - self.window * max(self.dilations)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
-            return kernels.local_attend(self, q, k, v)
+        fused = kernels.use_kernels(q, dropout=self.active_dropout)  # Triton on CUDA (megalong/kernels)
         (q, k, v), (qg, kg, vg), g = self.split_global_heads(q, k, v)
-        slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
+        # The kernel takes float32 slopes; the torch path biases in the inputs' dtype.
+        slopes = self.alibi_slopes(q.device, torch.float32 if fused else q.dtype) if self.alibi else None
+        window = self._window_on_kernel if fused else self._window
         groups = self.dilation_groups
         if len(groups) == 1:
-            out = self._window(q, k, v, self.dilations[0], slopes, g)
+            out = window(q, k, v, self.dilations[0], slopes, g)
         else:
             out = torch.empty_like(q)
             for d, heads in groups.items():
                 idx = torch.tensor(heads, device=q.device)
-                part = self._window(q[:, idx], k[:, idx], v[:, idx], d,
-                                    None if slopes is None else slopes[idx], g)
+                part = window(q[:, idx], k[:, idx], v[:, idx], d, None if slopes is None else slopes[idx], g)
                 out = out.index_copy(1, idx, part)
         if len(g):
-            out = out.index_copy(2, g, self._global_rows(qg, kg, vg, g, slopes))
+            rows = self._global_rows_on_kernel if fused else self._global_rows
+            out = out.index_copy(2, g, rows(qg, kg, vg, g, slopes))
         return out
+
+    def _window_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
+                          slopes: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+        """`_window` on the windowed kernel (the global tokens' keys included)."""
+        return window_kernel(q, k, v, self.scale, self.window, d, slopes, g if len(g) else None)
+
+    def _global_rows_on_kernel(self, qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, g: torch.Tensor,
+                               slopes: Optional[torch.Tensor]) -> torch.Tensor:
+        """`_global_rows` on the windowed kernel: full causal rows at the positions g."""
+        return window_kernel(qg[:, :, g], kg, vg, self.scale, None, 1, slopes, None, g)
 
     def split_global_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """((q, k, v) of the local heads, (q, k, v) of the global-projection heads or Nones, the

@@ -69,11 +69,10 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         fused = kernels.use_kernels(x)  # Triton gating, permutation and grouped GEMM on CUDA
-        routing = kernels.topk_route(self.router, x) if fused and type(self.router) is TopKRouter else None
-        routing = routing if routing is not None else self.router(x)
+        routing = self.router(x, fused=fused) if type(self.router) is TopKRouter else self.router(x)
         dispatch = plan(routing.expert_index, routing.gates, routing.kept, self.options.num_experts)
         if fused and self.ep_size == 1:
-            out = kernels.moe_experts(self.experts, x, dispatch, routing.expert_index.shape[1])
+            out = fused_experts(self.experts, x, dispatch, routing.expert_index.shape[1])
         else:
             out = self._experts_torch(x, dispatch)
         if self.shared is not None:
@@ -99,7 +98,6 @@ class MoELayer(nn.Module):
                             self.tp_size, self.tp_group)
         return unpermute(y, dispatch, x.shape[0])
 
-
     def _experts_across_ranks(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Rows sorted by global expert -> their experts' ranks -> back, in the same order."""
         ex = plan_exchange(tokens_per_expert, self.ep_size, self.ep_group)
@@ -107,6 +105,22 @@ class MoELayer(nn.Module):
         y = self.experts(received[ex.order], ex.local_counts)
         y = torch.empty_like(y).index_copy(0, ex.order, y)  # back to the order rows arrived in
         return all_to_all(y, ex.recv, ex.send, self.ep_group)
+
+
+@kernels.eager
+def fused_experts(experts: Experts, x: torch.Tensor, dispatch: Any, top_k: int) -> torch.Tensor:
+    """`MoELayer._experts_torch` on one expert-parallel rank, on the kernels (megalong/kernels/moe.py,
+    grouped_gemm.py): permute, the experts as grouped GEMMs, combine with the gates: what
+    `unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)` computes (top_k: the most experts
+    a token goes to)."""
+    from megalong.kernels.grouped_gemm import grouped_experts
+    from megalong.kernels.moe import combine_rows, permute_rows, rows_of_tokens
+
+    rows = rows_of_tokens(dispatch.token, x.shape[0], top_k)
+    y = permute_rows(x, dispatch.token, rows)
+    y = grouped_experts(y, dispatch.tokens_per_expert, experts.w1, experts.w2,
+                        getattr(experts, "w3", None) if experts.gated else None, experts.activation)
+    return combine_rows(y, dispatch.gate, dispatch.token, rows)
 
 
 def expert_parallel_layout() -> tuple[int, int, Any]:

@@ -161,11 +161,11 @@ def test_grouped_mm_under_autocast(N, n, m, E, backend):
 
 @pytest.mark.parametrize("T,h,E", [(8192, 2048, 8), (8192, 768, 64)])
 def test_moe_experts_under_autocast(T, h, E):
-    """select.moe_experts (permute, grouped GEMMs, combine) under bf16 autocast against the torch
+    """fused_experts (permute, grouped GEMMs, combine) under bf16 autocast against the torch
     path in float32, the same float32 master weights and rows."""
-    from megalong.kernels import select
     from megalong.moe.dispatch import permute, unpermute
     from megalong.moe.experts import Experts
+    from megalong.moe.layer import fused_experts
 
     k = 2
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_moe_experts_under_autocast(T, h, E):
     x = torch.randn(T, h, generator=torch.Generator().manual_seed(3)).to(gc.DEVICE).requires_grad_()
     params = (x, experts.w1, experts.w2, experts.w3)
     with kernel_launches() as seen, torch.autocast(gc.DEVICE, dtype=torch.bfloat16):
-        got = select.moe_experts(experts, x, d, k)
+        got = fused_experts(experts, x, d, k)
     assert got.dtype == torch.bfloat16 and launched_from(seen, "moe") == 2  # permute, combine
     want = unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)
     compare([got], [want], params, params, CHAIN_REL, CHAIN_REL)
@@ -185,7 +185,6 @@ def test_moe_experts_under_autocast(T, h, E):
                                                                           z_loss_coeff=1e-3)])
 def test_topk_route(T, h, options):
     """The router on the gating kernel against TopKRouter's torch path (float32)."""
-    from megalong.kernels import select
     from megalong.moe.options import MoEOptions
     from megalong.moe.router import TopKRouter
 
@@ -194,7 +193,7 @@ def test_topk_route(T, h, options):
     router = TopKRouter(h, o).to(gc.DEVICE)
     x = torch.randn(T, h, generator=torch.Generator().manual_seed(1)).to(gc.DEVICE)
     with kernel_launches() as seen:
-        got = select.topk_route(router, x)
+        got = router(x, fused=True)
     assert launched_from(seen, "moe") == 1
     want = router(x)
     probs = torch.softmax(F.linear(x, router.weight), dim=-1)
