@@ -34,8 +34,9 @@ def hf_model(family: str, **extra):
                                            attention_types=[[["global", "local"], 2]], window_size=8,
                                            max_position_embeddings=64, **extra),
         "llama": lambda: tf.LlamaConfig(**{**common, "rope_theta": 500000.0, **extra}),
-        "mistral": lambda: tf.MistralConfig(**{**common, "sliding_window": 8, **extra}),
-        "qwen2": lambda: tf.Qwen2Config(**{**common, "use_sliding_window": True, "sliding_window": 8,
+        # grouped-query attention: 2 key/value heads for 4 query heads
+        "mistral": lambda: tf.MistralConfig(**{**common, "sliding_window": 8, "num_key_value_heads": 2, **extra}),
+        "qwen2": lambda: tf.Qwen2Config(**{**common, "num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 8,
                                            "max_window_layers": 2, **extra}),
         "mixtral": lambda: tf.MixtralConfig(**{**common, "num_local_experts": 4, "num_experts_per_tok": 2,
                                                **extra}),
@@ -111,6 +112,7 @@ def test_imported_config_and_files(imported):
     assert m["attention_layers"] == [[["global", "global", "local", "local"], 1]]
     assert m["attention"]["local"]["window"] == 8 and m["qkv_bias"] and not m["linear_bias"]
     assert m["normalization"] == "RMSNorm" and m["activation"] == "swiglu" and m["position_embedding"] == "rope"
+    assert m["num_query_groups"] == 2 and m["num_attention_heads"] == 4
     assert editable["train"]["load"] == str(step_dir) and editable["data"]["tokenizer"] == str(save_dir / "tokenizer.model")
     meta = json.loads((step_dir / "meta.json").read_text())
     assert meta["step"] == 0 and meta["format"] == "megalong"
@@ -158,7 +160,7 @@ def llama_folder(tiny_data, tmp_path):
     ({"architectures": ["BertForMaskedLM"]}, "architectures"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope_parameters.rope_type"),
     ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
-    ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"head_dim": 32}, "head_dim"),
     ({"model_type": "mistral"}, "model_type"),

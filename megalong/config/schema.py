@@ -33,6 +33,9 @@ class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
+    # Grouped-query attention: key/value heads, each shared by num_attention_heads / num_query_groups
+    # query heads (None: one per query head, multi-head attention). Not with lsh (shared QK).
+    num_query_groups: int | None = None
     ffn_hidden_size: int | None = None  # default 4 * hidden_size (Config.ffn_hidden_size)
     max_position_embeddings: int = 256
     # Per-layer attention kinds as (pattern, repeat) pairs, as GPT-Neo writes them:
@@ -70,6 +73,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (num_query_groups, or one per query head)."""
+        return self.num_query_groups or self.num_attention_heads
 
     @property
     def gated_mlp(self) -> bool:

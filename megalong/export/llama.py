@@ -57,11 +57,11 @@ def to_hf(cfg: Config, state: dict[str, torch.Tensor], target: str, bos_id: int,
     import transformers
 
     m = cfg.model
-    heads, kinds = m.num_attention_heads, cfg.layer_kinds()
+    heads, groups, kinds = m.num_attention_heads, m.query_groups, cfg.layer_kinds()
     vocab = state["embedding.word_embeddings.weight"].shape[0]
     window = cfg.attention_options("local").window if "local" in kinds else None
     common = dict(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-                  num_hidden_layers=m.num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                  num_hidden_layers=m.num_layers, num_attention_heads=heads, num_key_value_heads=groups,
                   max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.layernorm_epsilon,
                   rope_theta=float(m.rotary_base), tie_word_embeddings=m.tie_embeddings, hidden_act="silu",
                   attention_dropout=m.attention_dropout, initializer_range=m.init_std,
@@ -83,7 +83,7 @@ def to_hf(cfg: Config, state: dict[str, torch.Tensor], target: str, bos_id: int,
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         attn, mlp = dst + "self_attn.", dst + "mlp."
-        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], heads, heads)
+        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], heads, groups)
         out.update({dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
                     dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
                     attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v,
@@ -92,9 +92,9 @@ def to_hf(cfg: Config, state: dict[str, torch.Tensor], target: str, bos_id: int,
         gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
         out[mlp + "gate_proj.weight"], out[mlp + "up_proj.weight"] = gate, up
         if m.qkv_bias:
-            biases = split_qkv(state[src + "self_attention.linear_qkv.bias"], heads, heads)
+            biases = split_qkv(state[src + "self_attention.linear_qkv.bias"], heads, groups)
         else:  # Qwen2's q/k/v always have biases: zeros compute the same
-            biases = tuple(torch.zeros(m.hidden_size) for _ in range(3))
+            biases = (torch.zeros(q.shape[0]), torch.zeros(k.shape[0]), torch.zeros(v.shape[0]))
         if m.qkv_bias or target == "qwen2":
             out.update({attn + f"{p}_proj.bias": b for p, b in zip("qkv", biases)})
         if m.linear_bias:

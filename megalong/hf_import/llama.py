@@ -46,9 +46,8 @@ def model_section(c: HFConfig, family: str) -> dict[str, Any]:
     if hidden % heads or c.get("head_dim", hidden // heads) != hidden // heads:
         c.refuse("head_dim", f"megalong's heads are hidden_size / num_attention_heads = {hidden / heads:g} wide")
     groups = c.get("num_key_value_heads", heads)
-    if groups != heads:
-        c.refuse("num_key_value_heads", f"grouped-query attention ({groups} key/value heads for {heads} "
-                                        "query heads) is not supported by megalong yet")
+    if not isinstance(groups, int) or groups < 1 or heads % groups:
+        c.refuse("num_key_value_heads", f"must divide num_attention_heads {heads}")
     if c.get("mlp_bias", False) != c.get("attention_bias", False):
         c.refuse("mlp_bias", "megalong's model.linear_bias sets the output projection's and the MLP's "
                              "biases together (attention_bias differs)")
@@ -56,6 +55,7 @@ def model_section(c: HFConfig, family: str) -> dict[str, Any]:
     kinds = layer_kinds(c, family, layers)
     m: dict[str, Any] = {
         "num_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+        "num_query_groups": groups if groups != heads else None,
         "ffn_hidden_size": c.require("intermediate_size"),
         "max_position_embeddings": c.require("max_position_embeddings"),
         "attention_layers": compact_pattern(kinds),
@@ -83,6 +83,7 @@ def model_section(c: HFConfig, family: str) -> dict[str, Any]:
 def megalong_state(m: dict[str, Any], family: str, t: Tensors) -> dict[str, torch.Tensor]:
     """The HF tensors under megalong's (megatron's) names."""
     heads = m["num_attention_heads"]
+    groups = m["num_query_groups"] or heads
     out = {"embedding.word_embeddings.weight": t.take("model.embed_tokens.weight"),
            "decoder.final_layernorm.weight": t.take("model.norm.weight")}
     if m["tie_embeddings"]:
@@ -95,10 +96,10 @@ def megalong_state(m: dict[str, Any], family: str, t: Tensors) -> dict[str, torc
         out[dst + "input_layernorm.weight"] = t.take(src + "input_layernorm.weight")
         out[dst + "pre_mlp_layernorm.weight"] = t.take(src + "post_attention_layernorm.weight")
         out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            *(t.take(attn + f"{p}_proj.weight") for p in "qkv"), heads, heads)
+            *(t.take(attn + f"{p}_proj.weight") for p in "qkv"), heads, groups)
         if m["qkv_bias"]:
             out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(
-                *(t.take(attn + f"{p}_proj.bias") for p in "qkv"), heads, heads)
+                *(t.take(attn + f"{p}_proj.bias") for p in "qkv"), heads, groups)
         out[dst + "self_attention.linear_proj.weight"] = t.take(attn + "o_proj.weight")
         if m["linear_bias"]:
             out[dst + "self_attention.linear_proj.bias"] = t.take(attn + "o_proj.bias")
