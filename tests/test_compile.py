@@ -76,6 +76,26 @@ def test_compiled_layers_match_eager_for_every_kind(one_process, kind, reversibl
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not skipped
 
 
+
+def test_compiled_layers_follow_eager_when_the_sequence_length_changes(one_process):
+    """Eval batches or a shorter last batch change the length: each length gets its own static
+    graph. Dynamo's automatic dynamic shapes (the default) traced the windowed layer with a
+    symbolic length and crashed in SDPA's decomposition (`view size is not compatible`)."""
+    cfg = _cfg("local", reversible=False)
+    torch.manual_seed(0)
+    eager = build_model(cfg, VOCAB).double().train()
+    torch.manual_seed(0)
+    compiled = build_model(cfg, VOCAB).double().train()
+    torch._dynamo.reset()
+    compile_layers(compiled, backend="aot_eager")
+    for length in (SEQ, SEQ // 2, 3 * SEQ // 4):
+        tokens = torch.randint(0, VOCAB, (2, length + 1), generator=torch.Generator().manual_seed(length))
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                 "loss_mask": torch.ones(2, length, dtype=torch.float64)}
+        loss, _ = _loss_and_grads(eager, batch)
+        compiled_loss, _ = _loss_and_grads(compiled, batch)
+        assert abs(compiled_loss - loss) < 1e-12, length
+
 # The functions that launch the kernels, by module (each wrapped in kernels.select.eager).
 KERNEL_ENTRY_POINTS = (("attention.local", "window_kernel"), ("attention.global_attention", "alibi_kernel"),
                       ("attention.linear", "elu_kernel"), ("attention.lsh", "chunk_kernel"),

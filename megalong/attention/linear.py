@@ -20,6 +20,10 @@ Within a chunk one maximum serves all positions: a key feature that rises by mor
 Generation: `init_state(batch, heads, head_dim, device, dtype)` gives the empty state and
 `step(q, k, v, state) -> (out, state)` on [batch, heads, 1, head_dim] runs one token; a sequence of
 steps equals the parallel form. Attention scale, dropout and ALiBi do not apply (no scores).
+
+Packed documents (`attend_documents`, linear_documents.py): the state and the normaliser restart
+at every document start, in the chunked torch forms (the kernel takes no segment ids); in the
+recurrent form, `linear_documents.restart_state` before a document's first token.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 
 from megalong.attention.base import CoreAttention
+from megalong.attention.linear_documents import segmented_efficient_attention, segmented_linear_attention
 from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
@@ -96,6 +101,18 @@ class LinearAttention(CoreAttention):
                 outs.append(out)
             out = torch.cat(outs, dim=2)
         return out.to(v_in.dtype)
+
+    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(q.dtype)
+        out_dtype = v.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.normalization == "elu":
+            out = segmented_linear_attention(elu_feature_map(q), elu_feature_map(k), v, segment_ids, self.eps,
+                                             self.chunk_size)
+        else:
+            out = segmented_efficient_attention(q, k, v, segment_ids, self.chunk_size)
+        return out.to(out_dtype)
 
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,
                    dtype: torch.dtype, value_dim: int | None = None) -> State:

@@ -14,6 +14,11 @@ sequence length), else the number of chunks of the sequence being run (rounded u
 one bucket when the sequence fits one chunk). Rotations are fixed per (seed, layer, global head
 index, round, number of buckets): reproducible, equal under any tensor-parallel split, and the same when a layer is run
 again for its backward (recomputation, reversible layers).
+
+Packed documents (`attend_documents`): hashing, sorting and chunks are those of the packed row; in
+every round a pair is visible only when both tokens lie in one document (the torch chunk path runs;
+the chunk kernel takes no segment ids). A token alone in its document's part of its chunks sees
+itself, as any token with nothing else visible.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from megatron.core.transformer.attention import Attention, SelfAttention
 
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import LshOptions
+from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
 
 # Score given to a token's own key: finite (so a row that sees nothing else stays defined), and so
@@ -88,10 +94,13 @@ class LshAttention(CoreAttention):
         rotated = torch.einsum("bhld,hrdk->bhrlk", q.to(R.dtype), R)
         return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.bucket_size
-        # Triton on CUDA (megalong/kernels) for the chunk attention, when bucket_size is a power of two >= 16.
-        fused = kernels.use_kernels(q, dropout=self.active_dropout) and c >= 16 and not c & (c - 1)
+        # Triton on CUDA (megalong/kernels) for the chunk attention, when bucket_size is a power of
+        # two >= 16 and there are no segment ids.
+        fused = (segment_ids is None and kernels.use_kernels(q, dropout=self.active_dropout)
+                 and c >= 16 and not c & (c - 1))
         b, h, L, d = q.shape
         Lp = -(-L // c) * c
         nb = self.buckets_for(L)
@@ -115,7 +124,8 @@ class LshAttention(CoreAttention):
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
             out, lse = chunk_kernel(sort(q), sort(keys), sort(v), order, chunk_of, c, self.scale, slopes)
         else:
-            out, lse = self.chunk_attention(sort(q), sort(keys), sort(v), order, chunk_of)
+            out, lse = self.chunk_attention(sort(q), sort(keys), sort(v), order, chunk_of,
+                                            None if segment_ids is None else F.pad(segment_ids, (0, Lp - L), value=-1))
 
         # Back to the original order, then rounds weighted by exp(lse_r - logsumexp_r lse_r).
         undo = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
@@ -124,8 +134,11 @@ class LshAttention(CoreAttention):
         weights = torch.softmax(lse, dim=2).to(out.dtype).unsqueeze(-1)
         return (out * weights).sum(dim=2)[:, :, :L]
 
+    attend_documents = attend  # one implementation serves packed documents too
+
     def chunk_attention(self, sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
-                        chunk_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_of: torch.Tensor, segment_ids: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sorted chunk over itself and the chunk before, in torch (what `chunk_kernel`
         computes): sq, sk, sv [b, h, n, Lp, e] in each round's order, order and chunk_of [b, h, n, Lp]
         (original position of each sorted slot; chunk of each original position). Returns the
@@ -163,6 +176,11 @@ class LshAttention(CoreAttention):
                 times += ((gap == 0) | (gap == 1)).to(dtype)
             scores = scores - torch.log(times.clamp(min=1))
         visible = (distance >= 0) & k_exists
+        if segment_ids is not None:  # [b, Lp], padding -1: pairs of one document only
+            doc = segment_ids.view(b, 1, 1, Lp).expand(b, h, n, Lp)
+            doc_q = doc.gather(-1, q_pos.flatten(3)).view(q_pos.shape)
+            doc_k = doc.gather(-1, k_pos.flatten(3)).view(k_pos.shape)
+            visible = visible & same_document(doc_q, doc_k)
         scores = scores.masked_fill(distance == 0, SELF_SCORE).masked_fill(~visible, float("-inf"))
 
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)

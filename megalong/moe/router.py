@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalong.kernels import select as kernels
+from megalong.kernels.gating_reference import Gating, reference_topk_gating
 from megalong.moe.losses import cv_squared, load_balance_loss, router_z_loss
 from megalong.moe.options import MoEOptions
 
@@ -55,31 +56,13 @@ def apply_capacity(expert_index: torch.Tensor, num_experts: int, capacity: Optio
     return (position < capacity).view(k, T).t()
 
 
-Gates = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def topk_gating(logits: torch.Tensor, k: int, renormalize: bool, selection_bias: Optional[torch.Tensor]) -> Gates:
-    """(probs [T, E], gates [T, k], expert_index [T, k] best first, assignments per expert [E]):
-    softmax, top-k (chosen on probs + selection_bias when given: aux-loss-free balancing; the gates
-    stay the probabilities), renormalised over the chosen when asked."""
-    probs = torch.softmax(logits, dim=-1)
-    if selection_bias is not None:
-        expert_index = (probs + selection_bias.to(probs.dtype)).topk(k, dim=-1).indices
-        top_probs = probs.gather(1, expert_index)
-    else:
-        top_probs, expert_index = probs.topk(k, dim=-1)
-    gates = top_probs / top_probs.sum(-1, keepdim=True) if renormalize else top_probs
-    return probs, gates, expert_index, torch.bincount(expert_index.reshape(-1), minlength=logits.shape[1])
-
-
 @kernels.eager
-def gating_kernel(logits: torch.Tensor, k: int, renormalize: bool, selection_bias: Optional[torch.Tensor]) -> Gates:
-    """`topk_gating` on the fused gating kernel (megalong/kernels/moe.py), float32 logits."""
+def gating_kernel(logits: torch.Tensor, k: int, renormalize: bool, selection_bias: Optional[torch.Tensor]) -> Gating:
+    """`reference_topk_gating` on the fused gating kernel (megalong/kernels/moe.py), float32 logits."""
     from megalong.kernels.moe import topk_gating as fused_topk_gating
 
     bias = None if selection_bias is None else selection_bias.to(logits.dtype)
-    g = fused_topk_gating(logits, k, renormalize, bias)
-    return g.probs, g.gates, g.expert_index, g.counts
+    return fused_topk_gating(logits, k, renormalize, bias)
 
 
 class TopKRouter(nn.Module):
@@ -107,8 +90,9 @@ class TopKRouter(nn.Module):
         o = self.options
         logits = F.linear(x.to(self.dtype), self.weight.to(self.dtype))
         bias = self.expert_bias if o.bias_update_rate else None
-        gating = gating_kernel if fused and self.dtype == torch.float32 else topk_gating
-        probs, gates, expert_index, load = gating(logits, self.top_k, self.renormalize, bias)
+        gating = gating_kernel if fused and self.dtype == torch.float32 else reference_topk_gating
+        g = gating(logits, self.top_k, self.renormalize, bias)
+        probs, gates, expert_index, load = g.probs, g.gates, g.expert_index, g.counts
         if o.bias_update_rate and self.training:
             counts = load.double()
             self.step_load = counts if self.step_load is None else self.step_load + counts

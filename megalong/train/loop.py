@@ -23,6 +23,7 @@ from megalong.parallel.distributed import ParallelLayout
 from megalong.preflight import check_train_inputs
 from megalong.train import run_log
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
+from megalong.train.documents import DocumentBatching
 from megalong.train.engine import Engine, StepResult
 from megalong.train.engines import build_engine, initialize_for
 from megalong.train.losses import mean_over_data_parallel
@@ -41,10 +42,11 @@ class TrainResult:
     tokens_per_second: Optional[float] = None
 
 
-def evaluate(engine: Engine, dataset, cfg: Config, layout: ParallelLayout) -> float:
+def evaluate(engine: Engine, dataset, cfg: Config, layout: ParallelLayout,
+             documents: Optional[DocumentBatching] = None) -> float:
     """Mean loss over the first `eval_iters` global batches of the held-out split."""
     t = cfg.train
-    batches = (fetch(dataset, indices, layout.device) for indices in eval_batches(
+    batches = (fetch(dataset, indices, layout.device, documents) for indices in eval_batches(
         dataset, t.eval_iters, t.global_batch_size, t.micro_batch_size, layout.data_parallel,
         layout.data_rank))
     n_micro = t.eval_iters * t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
@@ -130,6 +132,7 @@ def train(cfg: Config) -> TrainResult:
         torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
 
     train_set, valid_set, _ = build_datasets(cfg, tokenizer)
+    documents = DocumentBatching.from_config(cfg.data, tokenizer.eod)
     n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
     throughput = Throughput(t.global_batch_size * cfg.seq_length, flops_per_token,
@@ -154,7 +157,7 @@ def train(cfg: Config) -> TrainResult:
         lr = learning_rate(step, t)
         indices = micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
                                       layout.data_parallel, layout.data_rank)
-        steps.pending.append((step + 1, engine.step((fetch(train_set, idx, layout.device) for idx in indices), lr)))
+        steps.pending.append((step + 1, engine.step((fetch(train_set, idx, layout.device, documents) for idx in indices), lr)))
         throughput.step_done()
         done = step + 1
 
@@ -169,7 +172,7 @@ def train(cfg: Config) -> TrainResult:
 
         if valid_set is not None and done % t.eval_interval == 0 and done != end_step:
             steps.check()
-            result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout)
+            result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout, documents)
             run_log.report_held_out(reporter, done, result.valid_losses[done])
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
             steps.check()
@@ -180,7 +183,7 @@ def train(cfg: Config) -> TrainResult:
                               f"skipped (train.nonfinite: skip)")
 
     if valid_set is not None:
-        result.final_valid_loss = evaluate(engine, valid_set, cfg, layout)
+        result.final_valid_loss = evaluate(engine, valid_set, cfg, layout, documents)
         result.valid_losses[end_step] = result.final_valid_loss
         run_log.report_held_out(reporter, end_step, result.final_valid_loss, final_of=end_step)
     if t.save_dir:

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megalong.model.gpt import position_ids_for
 from megalong.moe.layer import RoutingStats, moe_aux_loss, moe_stats
+from megalong.train.documents import model_inputs
 from megalong.train.losses import masked_mean
 
 
@@ -57,9 +57,9 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        tokens = batch["tokens"]
+        tokens, positions, kwargs = model_inputs(batch)  # segment ids: from each stage's own copy
         with autocast():
-            output = model(tokens, position_ids_for(tokens), None, labels=batch["labels"])
+            output = model(tokens, positions, None, labels=batch["labels"], **kwargs)
             aux: Optional[torch.Tensor] = moe_aux_loss(model)  # this forward's MoE layers only
         if aux is not None:
             aux_values.append(aux.detach())

@@ -98,6 +98,14 @@ def window_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[
         _backward(window_attention(q, k, v, scale, None, 1, _slopes(s.heads))[0])
     yield "global-alibi", global_alibi
 
+    def documents(window: int | None = None, alibi: bool = False) -> None:  # packed documents (segment ids)
+        q, k, v = _qkv(s, dtype)
+        segments = torch.zeros(1, SEQ_LEN, device=META, dtype=torch.long)
+        _backward(window_attention(q, k, v, scale, window, 1, _slopes(s.heads) if alibi else None,
+                                   segment_ids=segments)[0])
+    yield "global-documents", documents
+    yield "window256-alibi-documents", lambda: documents(256, True)
+
 
 def fam_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from megalong.kernels.fam_attention import fam_block_attention
