@@ -191,7 +191,7 @@ class MegalongForCausalLM(PreTrainedModel, GenerationMixin):
             cache = MegalongCache(len(self.decoder.layers))
         start = cache.seen if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        refuse_packed_inputs(unused, positions)
+        refuse_packed_inputs(kwargs, positions)
         x = self.embedding(input_ids, positions).transpose(0, 1)  # megatron layout [s, b, h]
         x = self.decoder(x, positions, cache).transpose(0, 1)
         if cache is not None:
