@@ -93,3 +93,39 @@ def test_groups_are_refused_where_they_cannot_apply():
     with pytest.raises(ConfigError, match="parallel.tensor: 2 does not divide model.num_query_groups 1"):
         validate(config_from_dict({"model": {"num_attention_heads": 4, "num_query_groups": 1},
                                    "parallel": {"tensor": 2}}), check_paths=False, world_size=2)
+
+
+def _global_attention_memory(grouped_kv: bool, groups: int, alibi: bool, documents: bool) -> int:
+    """Peak tracked bytes of one forward + backward of global attention's core module on q
+    [L, b, 8, d] and k, v [L, b, groups, d] made outside the tracker."""
+    from attention.helpers import MemoryTracker, attention_config
+
+    from megalong.attention.global_attention import GlobalAttention
+    from megalong.attention.segments import DocumentSegments
+
+    L, b, heads, d = 128, 1, 8, 16
+    module = GlobalAttention(attention_config(heads, d), 1, alibi=alibi)
+    module.grouped_kv = grouped_kv
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(L, b, heads, d, generator=g, requires_grad=True)
+    k, v = (torch.randn(L, b, groups, d, generator=g, requires_grad=True) for _ in range(2))
+    grad = torch.randn(L, b, heads * d, generator=g)
+    segments = DocumentSegments(segment_ids=(torch.arange(L) // 40).expand(b, L).contiguous()) if documents else None
+    tracker = MemoryTracker()
+    with tracker:
+        module(q, k, v, packed_seq_params=segments).backward(grad)
+    return tracker.peak
+
+
+@pytest.mark.parametrize("alibi,documents", [(False, False), (True, False), (False, True)])
+def test_global_attention_never_copies_kv_per_query_head(alibi, documents):
+    """Tracked allocations: with one key/value group for 8 query heads, global attention's forward
+    + backward peaks no higher than multi-head attention's (a per-query-head copy of k and v
+    would add 2 * L * heads * d floats, kept for backward); the same module made to copy them
+    (grouped_kv False, what the other kinds do) does exceed it, so the measurement can fail."""
+    copy_bytes = 2 * 128 * 8 * 16 * 4
+    mha = _global_attention_memory(True, 8, alibi, documents)
+    grouped = _global_attention_memory(True, 1, alibi, documents)
+    copied = _global_attention_memory(False, 1, alibi, documents)
+    assert grouped <= mha, (grouped, mha)
+    assert copied >= grouped + copy_bytes, (copied, grouped)
