@@ -151,6 +151,9 @@ class TrainConfig:
     save_dir: str | None = None
     save_interval: int | None = None  # default: only at the end
     load: str | None = None  # checkpoint directory to resume from ("auto": save_dir)
+    # a fresh run starts from these weights only: a megalong checkpoint or a Hugging Face folder,
+    # matched by name and shape into this config (megalong/checkpoint/init_from.py)
+    init_from: str | None = None
     # A fresh run (no train.load) refuses a save_dir holding checkpoints unless this is true; then
     # they are deleted when the run starts (megalong/checkpoint/layout.py)
     overwrite: bool = False
