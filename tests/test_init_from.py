@@ -158,3 +158,44 @@ def test_shared_qk_takes_the_queries_and_values_of_each_head():
     out = shared_qk("decoder.layers.1.self_attention.linear_qkv.weight", fused, cfg)
     assert torch.equal(out, torch.cat([heads[0, 0], heads[0, 2], heads[1, 0], heads[1, 2]]))
     assert shared_qk("decoder.layers.0.self_attention.linear_qkv.weight", fused, cfg) is None  # global stays
+
+
+def test_a_hugging_face_folder_loads_as_its_import_does(tiny_data, tmp_path):
+    """init_from a Llama folder: every tensor carried, and the logits are those of the folder's
+    `megalong import` checkpoint loaded strictly, bit for bit; with half its layers turned local,
+    the global ones' weights are the same."""
+    from test_import import hf_model, save_hf
+
+    from megalong.config import config_from_dict
+    from megalong.hf_import.write import import_hf
+    from megalong.model.gpt import position_ids_for
+    from megalong.parallel.distributed import initialize
+
+    folder = save_hf(hf_model("llama"), tmp_path / "hf", tiny_data.tokenizer)
+    try:
+        step_dir = import_hf(folder, tmp_path / "imported")
+    finally:
+        shutdown()
+    info, state = ckpt.load_merged_state(step_dir)
+    cfg = info.config
+    raw = cfg.to_dict()
+    raw["model"]["attention_layers"] = [[["global", "local"], 2]]
+    raw["model"]["attention"] = {"local": {"window": 8}}
+    surgery = config_from_dict(raw)
+    tokens = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    layout = initialize(1)
+    try:
+        ours = _model(cfg, seed=1)
+        report = init_from(folder, cfg, ours, layout)
+        theirs = _model(cfg, seed=2)
+        theirs.load_state_dict({**theirs.state_dict(), **state}, strict=True)
+        with torch.no_grad():
+            assert torch.equal(ours(tokens, position_ids_for(tokens), None), theirs(tokens, position_ids_for(tokens), None))
+        local = _model(surgery, seed=3)
+        surgery_report = init_from(folder, surgery, local, layout)
+    finally:
+        shutdown()
+    assert sorted(report.carried) == sorted(state) and not report.new and not report.dropped
+    assert sorted(surgery_report.carried) == sorted(state)
+    assert torch.equal(local.state_dict()["decoder.layers.1.self_attention.linear_qkv.weight"],
+                       state["decoder.layers.1.self_attention.linear_qkv.weight"])

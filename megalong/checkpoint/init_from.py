@@ -51,8 +51,8 @@ def source_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{KEY}: {p} does not exist")
     if p.is_dir() and (p / "config.json").is_file():  # a Hugging Face folder
         from megalong.hf_import.families import map_model
-        from megalong.hf_import.folder import read_hf_config, read_hf_tensors
-        from megalong.hf_import.hf_keys import HFConfig, Tensors
+        from megalong.hf_import.folder import Tensors, read_hf_config, read_hf_tensors
+        from megalong.hf_import.hf_keys import HFConfig
 
         c = HFConfig(read_hf_config(p), str(p / "config.json"))
         return map_model(c, Tensors(read_hf_tensors(p), p))[2]
