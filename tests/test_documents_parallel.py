@@ -1,9 +1,12 @@
 """Training with data.document_mask (plus reset positions and the EOD loss mask) at TP=2, PP=2,
-TP=2 x PP=2, EP=2 x TP=2 and a reversible PP=2 stack, in one 4-process gloo job, each against one
-process: the segment ids reach every stage's attention from the tokens that stage reads."""
+TP=2 x PP=2, EP=2 x TP=2, a reversible PP=2 stack, with megatron's full and selective recompute
+(TP=2) and with the DeepSpeed engine (ZeRO-1, TP=2), in one 4-process gloo job, each against one
+process: the segment ids reach every stage's attention from the tokens that stage reads, and the
+recomputed forward sees them as the first one did."""
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import json
 
 import numpy as np
@@ -29,7 +32,12 @@ LAYOUTS = {
     "pp2": {"parallel.pipeline": 2},
     "tp2_pp2": {"parallel.tensor": 2, "parallel.pipeline": 2},
     "ep2_tp2": {"parallel.expert": 2, "parallel.tensor": 2},
+    "tp2_full_recompute": {"parallel.tensor": 2, "execution.recompute_granularity": "full",
+                           "execution.recompute_method": "uniform", "execution.recompute_num_layers": 1},
+    "tp2_selective_recompute": {"parallel.tensor": 2, "execution.recompute_granularity": "selective"},
 }
+if importlib.util.find_spec("deepspeed") is not None:
+    LAYOUTS["deepspeed_zero1_tp2"] = {"train.engine": "deepspeed", "deepspeed.zero_stage": 1, "parallel.tensor": 2}
 REVERSIBLE = {"model.reversible": "true"}
 
 
