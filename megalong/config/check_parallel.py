@@ -21,6 +21,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if m.num_attention_heads % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide model.num_attention_heads "
                           f"{m.num_attention_heads}")
+    if m.query_groups % p.tensor:
+        raise ConfigError(f"parallel.tensor: {p.tensor} does not divide model.num_query_groups "
+                          f"{m.query_groups} (each rank holds whole key/value groups)")
     if cfg.ffn_hidden_size % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the MLP width "
                           f"{cfg.ffn_hidden_size} (model.ffn_hidden_size)")
