@@ -89,6 +89,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help=".bin/.idx prefix (default: the training data's)")
     p.add_argument("--split", default="valid", choices=SPLIT_NAMES, help="which split of data.split")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--output", default=None, metavar="FILE.json",
+                   help="also write the results as JSON (`megalong plot` reads RUN_DIR/eval*.json)")
     p.set_defaults(func=run_eval, logging=True)
 
 
@@ -101,4 +103,21 @@ def run_eval(args: argparse.Namespace) -> int:
     for r in results:
         print(f"seq_length {r.seq_length}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} "
               f"({r.tokens} tokens)")
+    if args.output:
+        write_eval_results(args.output, args.checkpoint, results)
     return 0
+
+
+def write_eval_results(path: str, checkpoint: str, results: list) -> None:
+    """{"checkpoint": ..., "perplexity_by_length": [{seq_length, loss, perplexity, tokens}, ...]}."""
+    import json
+    from pathlib import Path
+
+    from megalong.paths import writing
+    from megalong.plots.runs import EVAL_KEY
+
+    rows = [{"seq_length": r.seq_length, "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
+            for r in results]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with writing(path), open(path, "w", encoding="utf-8") as f:
+        json.dump({"checkpoint": str(checkpoint), EVAL_KEY: rows}, f, indent=1)

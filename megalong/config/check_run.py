@@ -81,6 +81,42 @@ def validate_train(cfg: Config) -> None:
                           f"(the run ends at train_steps; raise it to train longer)")
     if not 0 <= t.seed < 2**31:
         raise ConfigError(f"train.seed: must be in [0, 2^31), got {t.seed}")
+    validate_wandb(cfg)
+    validate_profile(cfg)
+
+
+def validate_wandb(cfg: Config) -> None:
+    """train.wandb: a project (non-empty) whenever entity or name is given."""
+    w = cfg.train.wandb
+    for name in ("project", "entity", "name"):
+        value = getattr(w, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"train.wandb.{name}: must not be empty")
+    if w.project is None:
+        for name in ("entity", "name"):
+            if getattr(w, name) is not None:
+                raise ConfigError(f"train.wandb.{name}: given without train.wandb.project "
+                                  f"(W&B logs only when a project is set)")
+
+
+def validate_profile(cfg: Config) -> None:
+    """train.profile: steps inside the run, and somewhere to write the trace."""
+    t = cfg.train
+    p = t.profile
+    if p.start_step is None:
+        if p.dir is not None:
+            raise ConfigError("train.profile.dir: given without train.profile.start_step (the first "
+                              "step to profile)")
+        return
+    positive(p.start_step, "train.profile.start_step")
+    positive(p.steps, "train.profile.steps")
+    last = p.start_step + p.steps - 1
+    if last > t.train_steps:
+        raise ConfigError(f"train.profile.steps: the profile would end at step {last}, past "
+                          f"train.train_steps {t.train_steps}")
+    if p.dir is None and not t.save_dir:
+        raise ConfigError("train.profile.dir: needed without train.save_dir (the default is "
+                          "<save_dir>/profile)")
 
 
 def validate_paths(cfg: Config) -> None:

@@ -112,6 +112,28 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging of every metric the run logs (rank 0; `pip install wandb`): on when
+    `project` is set and `mode` is not disabled. The run id is stored in each checkpoint, so a
+    resumed run continues the same W&B run."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # the run's display name (default: W&B's)
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
+class ProfileConfig:
+    """A torch profiler trace of steps start_step .. start_step + steps - 1 (numbered as the log
+    numbers them, from 1), one file per process in `dir` (default <save_dir>/profile)."""
+
+    start_step: int | None = None  # None: no profile
+    steps: int = 1
+    dir: str | None = None
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8  # micro_batch_size * data_parallel * accumulation steps
@@ -153,6 +175,8 @@ class TrainConfig:
     # stops the run after `max_skipped_steps` skipped steps in a row.
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
