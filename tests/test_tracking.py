@@ -112,6 +112,21 @@ def test_plot_of_a_real_run(tracked_run, tmp_path):
     panels = plot_runs([save_dir], out)
     assert panels == ["loss", "lr", "throughput", "grad_norm", "moe_load:run"]
     _check_png(out)
+    # megalong eval --output into the run directory adds the perplexity-by-length panel
+    results = tmp_path / "eval" / "eval.json"
+    proc = run_cli(["eval", str(save_dir), "--seq-length", "16", "--seq-length", "64", "--tokens", "1024",
+                    "--output", str(results)])
+    printed = [float(x) for x in re.findall(r"perplexity (\d+\.\d+)", proc.stdout)]
+    saved = json.loads(results.read_text())
+    assert saved["checkpoint"] == str(save_dir) and [r["seq_length"] for r in saved["perplexity_by_length"]] == [16, 64]
+    assert [round(r["perplexity"], 2) for r in saved["perplexity_by_length"]] == printed
+    (save_dir / "eval.json").write_text(results.read_text())
+    try:
+        assert read_run(save_dir).perplexity_by_length == [(r["seq_length"], r["perplexity"])
+                                                           for r in saved["perplexity_by_length"]]
+        assert plot_runs([save_dir], out)[-2:] == ["perplexity_vs_length", "moe_load:run"]
+    finally:
+        (save_dir / "eval.json").unlink()
 
 
 def _check_png(path: Path, at_least: int = 10_000) -> tuple[int, int]:
