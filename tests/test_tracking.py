@@ -220,3 +220,19 @@ def test_good_tracking_config_validates_and_wandb_off_by_default():
     from megalong.train.wandb_log import wandb_enabled
 
     assert not wandb_enabled(cfg) and not wandb_enabled(config_from_dict({}))
+
+
+def test_wandb_without_the_package_is_a_config_error_before_the_run(tiny_data, tmp_path, monkeypatch):
+    import importlib.util as util
+
+    from megalong.config import load_config
+    from megalong.preflight import check_train_inputs
+
+    args = tiny_overrides(tiny_data, tmp_path, 5, **{"train.wandb": "{project: p, mode: offline}"})
+    cfg = load_config([], [a for a in args if a != "--set"])
+    if HAS_WANDB:
+        check_train_inputs(cfg)  # passes where wandb is installed
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train\.wandb\.project: the wandb package is not installed"):
+        check_train_inputs(cfg)

@@ -40,7 +40,7 @@ def _throughput(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list
 def _grad_norm(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list[Any]) -> None:
     for run, label, color in zip(runs, labels, colors):
         ax.plot(*run.points("train/grad_norm"), color=color, label=label)
-    ax.set(title="gradient norm (before clipping)", xlabel="step", ylabel="norm", yscale="log")
+    ax.set(title="gradient norm (before clipping)", xlabel="step", ylabel="norm")
 
 
 def _perplexity(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list[Any]) -> None:
@@ -64,8 +64,11 @@ LINE_PANELS: dict[str, tuple[Callable[[RunMetrics], bool], LinePanel]] = {
 
 
 def _heatmap(fig: Any, ax: Any, run: RunMetrics, label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     layers, shares = run.expert_load()
     image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title=f"{label}: expert load (mean share)", xlabel="expert", ylabel="layer",
            yticks=range(len(layers)), yticklabels=[str(layer) for layer in layers])
     fig.colorbar(image, ax=ax)
@@ -96,8 +99,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, dpi: int = 80) -> lis
     fig, axes = plt.subplots(rows, COLUMNS, figsize=(5.5 * COLUMNS, 3.8 * rows), squeeze=False)
     flat = list(axes.flat)
     colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(runs))]
+    from matplotlib.ticker import MaxNLocator
+
     for ax, name in zip(flat, lines):
         LINE_PANELS[name][1](ax, runs, labels, colors)
+        if name != "perplexity_vs_length":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
