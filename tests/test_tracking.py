@@ -113,20 +113,19 @@ def test_plot_of_a_real_run(tracked_run, tmp_path):
     assert panels == ["loss", "lr", "throughput", "grad_norm", "moe_load:run"]
     _check_png(out)
     # megalong eval --output into the run directory adds the perplexity-by-length panel
-    results = tmp_path / "eval" / "eval.json"
-    proc = run_cli(["eval", str(save_dir), "--seq-length", "16", "--seq-length", "64", "--tokens", "1024",
-                    "--output", str(results)])
-    printed = [float(x) for x in re.findall(r"perplexity (\d+\.\d+)", proc.stdout)]
-    saved = json.loads(results.read_text())
-    assert saved["checkpoint"] == str(save_dir) and [r["seq_length"] for r in saved["perplexity_by_length"]] == [16, 64]
-    assert [round(r["perplexity"], 2) for r in saved["perplexity_by_length"]] == printed
-    (save_dir / "eval.json").write_text(results.read_text())
+    results = save_dir / "eval.jsonl"
     try:
-        assert read_run(save_dir).perplexity_by_length == [(r["seq_length"], r["perplexity"])
-                                                           for r in saved["perplexity_by_length"]]
+        proc = run_cli(["eval", str(save_dir), "--seq-length", "16", "--seq-length", "64", "--tokens", "1024",
+                        "--output", str(results)])
+        printed = [float(x) for x in re.findall(r"perplexity (\d+\.\d+)", proc.stdout)]
+        saved = [json.loads(line) for line in results.read_text().splitlines()]
+        assert [(r["step"], r["report"], r["seq_length"]) for r in saved] == [(6, "long_context", 16),
+                                                                              (6, "long_context", 64)]
+        assert [round(r["perplexity"], 2) for r in saved] == printed
+        assert read_run(save_dir).perplexity_by_length == [(r["seq_length"], r["perplexity"]) for r in saved]
         assert plot_runs([save_dir], out)[-2:] == ["perplexity_vs_length", "moe_load:run"]
     finally:
-        (save_dir / "eval.json").unlink()
+        results.unlink(missing_ok=True)
 
 
 def _check_png(path: Path, at_least: int = 10_000) -> tuple[int, int]:
@@ -149,11 +148,15 @@ def _synthetic_run(path: Path, scale: float, eval_results: bool) -> None:
             lines.append({"step": step, "valid/loss": scale * 6 / math.sqrt(step)})
     lines.append({"step": 21, "train/loss": None, "train/lr": 1e-3})  # a NaN loss is written as null
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    if eval_results:
-        rows = [{"seq_length": n, "loss": math.log(30 + n / 64), "perplexity": 30 + n / 64, "tokens": 4096}
-                for n in (64, 128, 256)]
-        (path / "eval.json").write_text(json.dumps({"checkpoint": str(path), "perplexity_by_length": rows}))
-    (path / "eval_tasks.json").write_text(json.dumps({"results": {"some_task": {"acc": 0.5}}}))  # not ours
+    if eval_results:  # two evaluations of step 10 and one of step 20: the newest is plotted
+        rows = [{"step": step, "report": "long_context", "seq_length": n, "loss": 1.0, "perplexity": p,
+                 "tokens": 4096, "passkey": {"0.5": 1.0}}
+                for step, n, p in [(10, 64, 99.0), (10, 128, 98.0), (20, 64, 31.0), (20, 128, 32.0),
+                                   (20, 256, 34.0)]]
+        (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with open(path / "metrics.jsonl", "a") as f:  # an eval appended to the run's own metrics
+            f.write(json.dumps({"step": 20, "report": "other", "text": "ignored"}) + "\n")
+            f.write(json.dumps({"step": 20, "eval/some_task/acc": 0.5}) + "\n")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
@@ -165,6 +168,7 @@ def test_plot_of_two_runs_side_by_side_through_the_cli(tmp_path):
 
     run = read_run(a)
     assert run.perplexity_by_length == [(64, 31.0), (128, 32.0), (256, 34.0)]
+    assert run.series["eval/some_task/acc"] == {20: 0.5}
     assert run.points("train/loss")[0] == list(range(1, 21)) and 21 in run.series["train/lr"]
     assert run.points("valid/loss") == ([5, 10, 15, 20], [6 / math.sqrt(s) for s in (5, 10, 15, 20)])
     assert run_labels([a, b]) == ["a/run", "b/run"]
@@ -186,8 +190,8 @@ def test_plot_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(PlotError, match=r"line 1: 'train/loss' must be a number"):
         read_run(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    (tmp_path / "eval.json").write_text('{"perplexity_by_length": [{"seq_length": "long"}]}')
-    with pytest.raises(PlotError, match=r"eval.json: perplexity_by_length\[0\]"):
+    (tmp_path / "eval.jsonl").write_text('{"step": 1, "report": "long_context", "seq_length": "long"}\n')
+    with pytest.raises(PlotError, match=r"eval.jsonl: line 1: a long_context record needs an integer 'seq_length'"):
         read_run(tmp_path)
 
 

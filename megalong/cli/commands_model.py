@@ -89,8 +89,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help=".bin/.idx prefix (default: the training data's)")
     p.add_argument("--split", default="valid", choices=SPLIT_NAMES, help="which split of data.split")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--output", default=None, metavar="FILE.json",
-                   help="also write the results as JSON (`megalong plot` reads RUN_DIR/eval*.json)")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="append the results to this JSON-lines file, in metrics.jsonl's format "
+                        "(`megalong plot` reads RUN_DIR/eval*.jsonl)")
     p.set_defaults(func=run_eval, logging=True)
 
 
@@ -109,15 +110,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def write_eval_results(path: str, checkpoint: str, results: list) -> None:
-    """{"checkpoint": ..., "perplexity_by_length": [{seq_length, loss, perplexity, tokens}, ...]}."""
+    """One record per length, appended: {"step": the checkpoint's, "report": "long_context",
+    "seq_length", "loss", "perplexity", "tokens"}."""
     import json
     from pathlib import Path
 
+    from megalong.checkpoint.step import read_checkpoint_info
     from megalong.paths import writing
-    from megalong.plots.runs import EVAL_KEY
+    from megalong.plots.runs import LONG_CONTEXT
 
-    rows = [{"seq_length": r.seq_length, "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
-            for r in results]
+    step = int(read_checkpoint_info(checkpoint).meta["step"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with writing(path), open(path, "w", encoding="utf-8") as f:
-        json.dump({"checkpoint": str(checkpoint), EVAL_KEY: rows}, f, indent=1)
+    with writing(path), open(path, "a", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps({"step": step, "report": LONG_CONTEXT, "seq_length": r.seq_length,
+                                "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}) + "\n")

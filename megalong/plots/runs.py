@@ -1,7 +1,9 @@
 """What `megalong plot` reads from a run directory (torch-free, matplotlib-free): the run's
 `metrics.jsonl` (megalong/train/run_log.py writes it; a later line of the same step, from a resumed
-run, replaces the earlier one) and the perplexity-by-length results `megalong eval --output` wrote
-into it (`eval*.json`)."""
+run, replaces the earlier one) and the results `megalong eval --output RUN_DIR/eval*.jsonl` appended
+in the same format: a record {"step", "report": "long_context", "seq_length", "perplexity", ...}
+per evaluation length (the newest step's of each length is plotted). Records of other reports are
+not plotted here."""
 from __future__ import annotations
 
 import json
@@ -14,8 +16,8 @@ from megalong.checkpoint.layout import METRICS
 from megalong.errors import MegalongError
 
 EXPERT_LOAD = re.compile(r"moe/layer(\d+)/expert(\d+)_load")
-EVAL_RESULTS = "eval*.json"  # megalong eval --output FILE.json, FILE in the run directory
-EVAL_KEY = "perplexity_by_length"  # the list an eval results file holds
+EVAL_RESULTS = "eval*.jsonl"  # megalong eval --output RUN_DIR/eval.jsonl
+LONG_CONTEXT = "long_context"  # the "report" of a perplexity-at-a-length record
 
 
 class PlotError(MegalongError):
@@ -52,12 +54,14 @@ class RunMetrics:
         return layers, [[shares[layer].get(e, math.nan) for e in range(width)] for layer in layers]
 
 
-def read_metrics(path: Path) -> dict[str, dict[int, float]]:
-    series: dict[str, dict[int, float]] = {}
+def read_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every line of a metrics.jsonl-format file, each an object with an
+    integer "step"."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise PlotError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    out = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -68,32 +72,34 @@ def read_metrics(path: Path) -> dict[str, dict[int, float]]:
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, int) or isinstance(step, bool):
             raise PlotError(f"{path}: line {number}: expected an object with an integer 'step'")
+        out.append((number, record))
+    return out
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def add_records(run: RunMetrics, path: Path, newest_length: dict[int, tuple[int, float]]) -> None:
+    """The file's scalars into run.series; its long-context records into newest_length
+    (seq_length -> (step, perplexity), the newest step kept)."""
+    for number, record in read_records(path):
+        step = record["step"]
+        if "report" in record:
+            if record["report"] == LONG_CONTEXT:
+                length, value = record.get("seq_length"), record.get("perplexity")
+                if not isinstance(length, int) or not _number(value):
+                    raise PlotError(f"{path}: line {number}: a long_context record needs an integer "
+                                    f"'seq_length' and a number 'perplexity'")
+                if length not in newest_length or newest_length[length][0] <= step:
+                    newest_length[length] = (step, float(value))
+            continue
         for key, value in record.items():
             if key == "step" or value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not _number(value):
                 raise PlotError(f"{path}: line {number}: '{key}' must be a number, got {value!r}")
-            series.setdefault(key, {})[step] = float(value)
-    return series
-
-
-def read_eval_results(path: Path) -> list[tuple[int, float]]:
-    """[(seq_length, perplexity)] of one `megalong eval --output` file; [] for another JSON file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlotError(f"{path}: not a readable JSON file ({getattr(e, 'msg', None) or e})") from None
-    if not isinstance(data, dict) or EVAL_KEY not in data:
-        return []
-    rows = data[EVAL_KEY]
-    out = []
-    for i, row in enumerate(rows if isinstance(rows, list) else [None]):
-        length = row.get("seq_length") if isinstance(row, dict) else None
-        value = row.get("perplexity") if isinstance(row, dict) else None
-        if not isinstance(length, int) or not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise PlotError(f"{path}: {EVAL_KEY}[{i}]: expected {{'seq_length': int, 'perplexity': number}}")
-        out.append((length, float(value)))
-    return out
+            run.series.setdefault(key, {})[step] = float(value)
 
 
 def read_run(run_dir: str | Path) -> RunMetrics:
@@ -101,11 +107,11 @@ def read_run(run_dir: str | Path) -> RunMetrics:
     metrics = path / METRICS
     if not metrics.is_file():
         raise PlotError(f"{path}: no {METRICS} there (a run's train.save_dir holds it)")
-    run = RunMetrics(path=path, series=read_metrics(metrics))
-    by_length: dict[int, float] = {}
-    for results in sorted(path.glob(EVAL_RESULTS)):
-        by_length.update(read_eval_results(results))
-    run.perplexity_by_length = sorted(by_length.items())
+    run = RunMetrics(path=path)
+    newest_length: dict[int, tuple[int, float]] = {}
+    for results in [metrics, *sorted(path.glob(EVAL_RESULTS))]:
+        add_records(run, results, newest_length)
+    run.perplexity_by_length = sorted((n, value) for n, (_, value) in newest_length.items())
     return run
 
 
