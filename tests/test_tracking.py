@@ -240,3 +240,16 @@ def test_wandb_without_the_package_is_a_config_error_before_the_run(tiny_data, t
     monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match=r"train\.wandb\.project: the wandb package is not installed"):
         check_train_inputs(cfg)
+
+
+def test_top_operators_ranks_self_time_of_the_chosen_device():
+    from types import SimpleNamespace
+
+    from megalong.train.profile import top_operators
+
+    events = [SimpleNamespace(key=k, self_cpu_time_total=cpu, self_device_time_total=gpu)
+              for k, cpu, gpu in [("a", 500.0, 0.0), ("b", 300.0, 900.0), ("c", 200.0, 100.0), ("d", 0.0, 0.0)]]
+    total, top = top_operators(events, on_device=False, n=2)
+    assert total == pytest.approx(1e-3) and top == [("a", 0.5), ("b", 0.3)]
+    total, top = top_operators(events, on_device=True)
+    assert total == pytest.approx(1e-3) and top == [("b", 0.9), ("c", pytest.approx(0.1))]
