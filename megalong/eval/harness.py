@@ -172,15 +172,16 @@ def _data_parallel() -> tuple[int, int]:
     return parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
 
 
-def run_tasks(lm: MegalongLM, tasks: list[str], include_path: Optional[str] = None,
-              num_fewshot: Optional[int] = None, limit: Optional[float] = None) -> dict[str, dict[str, float]]:
+def run_tasks(lm: TemplateLM, tasks: list[str], include_path: Optional[str] = None,
+              num_fewshot: Optional[int] = None, limit: Optional[float] = None,
+              task_manager: Any = None) -> dict[str, dict[str, float]]:
     """lm-eval's simple_evaluate over `tasks`; {task: {metric: value}} (numbers only)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from megalong.evaluate import EvalError
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = task_manager or (TaskManager(include_path=include_path) if include_path else TaskManager())
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor under --include-path {include_path})" if include_path else ""
