@@ -99,3 +99,32 @@ def test_stream_loss_equals_evaluate_perplexity(tiny_data):
         shutdown()
     assert tokens == reference.tokens == (1000 // 96) * 95
     assert loss == pytest.approx(reference.loss, rel=1e-6) and np.isfinite(loss)
+
+
+def test_long_context_report_from_a_checkpoint(tiny_data, tmp_path, capsys):
+    """`megalong eval --passkey --seq-length ...` on an ALiBi checkpoint, past its training length:
+    the table, and one JSON line per length whose perplexity is megalong/evaluate.py's."""
+    import json
+
+    from conftest import tiny_overrides
+    from megalong.cli import main
+    from megalong.config import load_config
+    from megalong.evaluate import evaluate_checkpoint
+    from megalong.parallel.distributed import shutdown
+    from megalong.train.loop import train
+
+    args = tiny_overrides(tiny_data, tmp_path / "run", 1, **{"model.alibi": "true",
+                                                            "model.position_embedding": "none"})
+    try:
+        train(load_config([], [a for a in args if a != "--set"]))
+    finally:
+        shutdown()
+    out = tmp_path / "long.jsonl"
+    assert main(["eval", str(tmp_path / "run"), "--passkey", "--seq-length", "96", "128", "--trials", "2",
+                 "--depths", "0", "1", "--tokens", "512", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq_length"] for r in rows] == [96, 128] and all(r["report"] == "long_context" for r in rows)
+    assert all(set(r["passkey"]) == {"0", "1"} and r["trials"] == 2 and r["step"] == 1 for r in rows)
+    reference = evaluate_checkpoint(tmp_path / "run", [96, 128], max_tokens=512)
+    for row, ref in zip(rows, reference):
+        assert row["loss"] == pytest.approx(ref.loss, rel=1e-6) and row["tokens"] == ref.tokens
