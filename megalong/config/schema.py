@@ -100,6 +100,7 @@ class ExecutionConfig:
 class DatasetEntry:
     path: str = ""  # megatron .bin/.idx prefix
     weight: float = 1.0
+    name: str | None = None  # its held-out metrics' name (valid/<name>/loss); default the prefix's file name
 
 
 @dataclass
@@ -177,6 +178,16 @@ class TrainConfig:
     max_skipped_steps: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # With several data.train entries: the held-out loss of each one too, at every evaluation
+    # (valid/<name>/loss, megalong/eval/per_dataset.py)
+    eval_per_dataset: bool = True
+    # lm-evaluation-harness tasks run on the model being trained (needs lm-eval: the `eval` extra),
+    # every eval_tasks_interval steps (default: at the end only), at most eval_tasks_limit
+    # documents per task, task YAML files also read from eval_tasks_include_path
+    eval_tasks: list = field(default_factory=list)
+    eval_tasks_interval: int | None = None
+    eval_tasks_limit: int | None = None
+    eval_tasks_include_path: str | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from megalong.train import run_log
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
 from megalong.train.engine import Engine, StepResult
 from megalong.train.engines import build_engine, initialize_for
+from megalong.train.extra_eval import ExtraEval
 from megalong.train.losses import mean_over_data_parallel
 from megalong.train.metrics import Reporter, Throughput
 from megalong.train.nonfinite import NonFiniteGuard
@@ -131,6 +132,7 @@ def train(cfg: Config) -> TrainResult:
         torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
 
     train_set, valid_set, _ = build_datasets(cfg, tokenizer)
+    extra = ExtraEval(cfg, tokenizer, layout, valid_set is not None)
     n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
     throughput = Throughput(t.global_batch_size * cfg.seq_length, flops_per_token,
@@ -176,6 +178,10 @@ def train(cfg: Config) -> TrainResult:
             steps.check()
             result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout)
             run_log.report_held_out(reporter, done, result.valid_losses[done])
+            extra.held_out(done, reporter, lambda ds: evaluate(engine, ds, cfg, layout))
+        if extra.tasks_due(done, end_step) and done != end_step:
+            steps.check()
+            extra.run_tasks(done, reporter, engine.chunks)
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
             steps.check()
             if guard.may_save:
@@ -190,6 +196,9 @@ def train(cfg: Config) -> TrainResult:
         result.final_valid_loss = evaluate(engine, valid_set, cfg, layout)
         result.valid_losses[end_step] = result.final_valid_loss
         run_log.report_held_out(reporter, end_step, result.final_valid_loss, final_of=end_step)
+        extra.held_out(end_step, reporter, lambda ds: evaluate(engine, ds, cfg, layout))
+    if extra.tasks_due(end_step, end_step):
+        extra.run_tasks(end_step, reporter, engine.chunks)
     if t.save_dir:
         result.checkpoint = save(end_step)
         reporter.line(f"saved {result.checkpoint}")

@@ -100,3 +100,32 @@ def report_held_out(reporter: Reporter, step: int, loss: float, final_of: int | 
         reporter.line(f"step {step}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
     else:
         reporter.line(f"held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f} after {final_of} steps")
+
+
+def report_tasks(reporter: Reporter, step: int, results: dict[str, dict[str, float]]) -> None:
+    """lm-evaluation-harness results: `eval/<task>/<metric>` scalars and one line per task."""
+    for task, metrics in sorted(results.items()):
+        reporter.scalars(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
+        reporter.line(f"step {step}: {task} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+
+
+def report_held_out_per_dataset(reporter: Reporter, step: int, losses: dict[str, float]) -> None:
+    """Held-out loss of each dataset of data.train: `valid/<name>/loss` and `valid/<name>/ppl`."""
+    values: dict[str, float] = {}
+    for name, loss in losses.items():
+        values.update({f"valid/{name}/loss": loss, f"valid/{name}/ppl": math.exp(min(loss, 700.0))})
+    reporter.scalars(step, values)
+    reporter.line(f"step {step}: held-out loss per dataset: " + ", ".join(
+        f"{name} {loss:.4f} (perplexity {math.exp(min(loss, 700.0)):.2f})" for name, loss in losses.items()))
+
+
+def report_long_context(reporter: Reporter, step: int, rows: list[dict]) -> None:
+    """The long-context report: per length, perplexity and passkey accuracy at each depth, as a
+    table, and one `metrics.jsonl` record per length ({"step", "report": "long_context",
+    "seq_length", "loss", "perplexity", "tokens", "passkey": {depth: accuracy}, "trials"})."""
+    depths = sorted({d for row in rows for d in row["passkey"]}, key=float)
+    reporter.line(f"{'seq_length':>10} {'perplexity':>11} " + " ".join(f"{'key@' + d:>9}" for d in depths))
+    for row in rows:
+        reporter.line(f"{row['seq_length']:>10} {row['perplexity']:>11.2f} "
+                      + " ".join(f"{100 * row['passkey'][d]:>8.1f}%" for d in depths))
+        reporter.scalars(step, {"report": "long_context", **row})
