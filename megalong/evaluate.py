@@ -6,7 +6,9 @@ joined, in order and with their end-of-document tokens, into one token stream; i
 a window is scored. The same tokens are scored at every N, so perplexities at different lengths
 compare directly (the ALiBi paper's evaluation, without its sliding window). N may exceed the
 training length: that is how length extrapolation is measured. Learned absolute positions have no
-embedding past `model.max_position_embeddings` and are refused there.
+embedding past `model.max_position_embeddings` and are refused there. A checkpoint trained with
+`data.document_mask` (and `reset_position_ids`) is evaluated the same way: no token of a window
+attends to another document (the same tokens are scored either way).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from megalong.data.splits import SPLIT_NAMES, parse_split
 from megalong.data.indexed import check_dataset
 from megalong.errors import MegalongError
+from megalong.train.documents import DocumentBatching, model_inputs
 
 
 class EvalError(MegalongError):
@@ -65,8 +68,9 @@ def held_out_tokens(prefix: str, split: str, split_name: str = "valid",
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, stream: np.ndarray, seq_length: int,
-               batch_size: int = 4) -> EvalResult:
-    """Mean loss of megatron `model` over `stream` cut into non-overlapping windows of seq_length."""
+               batch_size: int = 4, documents: Optional[DocumentBatching] = None) -> EvalResult:
+    """Mean loss of megatron `model` over `stream` cut into non-overlapping windows of seq_length;
+    `documents`: segment ids and reset positions as in training (the loss mask is not used)."""
     windows = len(stream) // seq_length
     if windows == 0:
         raise EvalError(f"--seq-length: {seq_length} is longer than the {len(stream)} held-out tokens")
@@ -76,7 +80,12 @@ def perplexity(model: torch.nn.Module, stream: np.ndarray, seq_length: int,
     model.eval()
     for start in range(0, windows, batch_size):
         batch = tokens[start:start + batch_size]
-        logits = model(batch, positions[:len(batch)], None).float()
+        if documents is None:
+            logits = model(batch, positions[:len(batch)], None).float()
+        else:
+            inputs = documents.apply({"tokens": batch, "loss_mask": torch.ones(batch.shape)})
+            ids, batch_positions, kwargs = model_inputs(inputs)
+            logits = model(ids, batch_positions, None, **kwargs).float()
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         total += float(loss)
         count += batch[:, 1:].numel()
@@ -92,7 +101,10 @@ def evaluate_checkpoint(checkpoint: str | Path, seq_lengths: list[int], max_toke
     from megalong.parallel.distributed import shutdown
 
     try:
-        model, cfg, _ = load_for_inference(checkpoint)
+        model, cfg, tokenizer = load_for_inference(checkpoint)
+        documents = DocumentBatching.from_config(cfg.data, tokenizer.eod)
+        if documents is not None:
+            documents = DocumentBatching(documents.eod, documents.document_mask, documents.reset_position_ids)
         m = cfg.model
         for n in seq_lengths:
             if n < 2:
@@ -106,6 +118,6 @@ def evaluate_checkpoint(checkpoint: str | Path, seq_lengths: list[int], max_toke
                 raise EvalError("--data: the checkpoint was trained on a blend of datasets; name one prefix")
             data_prefix = cfg.data.train[0].path
         stream = held_out_tokens(data_prefix, cfg.data.split, split_name, max_tokens)
-        return [perplexity(model, stream, n, batch_size) for n in seq_lengths]
+        return [perplexity(model, stream, n, batch_size, documents) for n in seq_lengths]
     finally:
         shutdown()

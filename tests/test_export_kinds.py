@@ -218,3 +218,17 @@ def test_eval_scores_the_same_held_out_tokens_at_any_length(tiny_data, tmp_path,
     _train(tiny_data, tmp_path / "learned", ["global"], {}, steps=1)
     with pytest.raises(EvalError, match="model.max_position_embeddings"):
         evaluate_checkpoint(tmp_path / "learned", [SEQ + 1])
+
+
+def test_export_refuses_packed_inputs_by_name():
+    """Packed documents (restarting position ids, varlen cu_seq_lens, segment ids) are refused
+    with one line, never run with the documents attending to each other; plain positions pass."""
+    hf = _random_hf_model(_model_dict(["global"]))
+    tokens = torch.randint(0, 50, (2, 8))
+    plain = torch.arange(8).expand(2, 8)
+    assert hf(tokens, position_ids=plain).logits.shape == (2, 8, 50)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)
+    with pytest.raises(ValueError, match=r"packed sequences \(position_ids\)"):
+        hf(tokens, position_ids=packed)
+    with pytest.raises(ValueError, match=r"packed sequences \(cu_seq_lens_q\)"):
+        hf(tokens, cu_seq_lens_q=torch.tensor([0, 3, 8]))

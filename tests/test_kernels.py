@@ -84,6 +84,22 @@ def test_window_attention_default_blocks(arch, D):
     assert_match([out], [ref], (q, k, v))
 
 
+def on_kernels_and_torch(run):
+    """(run() with the modules forced onto the kernels (interpreted on the CPU), run() on the torch path)."""
+    select.set_mode("reference")
+    try:
+        want = run()
+    finally:
+        select.set_mode("auto")
+    use = select.use_kernels
+    select.use_kernels = lambda *a, **kw: True
+    try:
+        got = run()
+    finally:
+        select.use_kernels = use
+    return got, want
+
+
 @pytest.mark.parametrize("kwargs", [dict(window=4, dilation=[1, 2], alibi=True),
                                     dict(window=3, dilation=2, global_tokens=[0, 9])])
 def test_local_attend_equals_local_attention(kwargs):
@@ -93,7 +109,7 @@ def test_local_attend_equals_local_attention(kwargs):
     module = LocalAttention(attn_config(heads), 1, **kwargs)
     n = 2 * heads if kwargs.get("global_tokens") else heads
     q, k, v = rand(1, n, 19, 16, seed=0), rand(1, n, 19, 16, seed=1), rand(1, n, 19, 16, seed=2)
-    assert_match([select.local_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
+    assert_match(*on_kernels_and_torch(lambda: [module.attend(q, k, v)]), (q, k, v))
 
 
 def test_global_alibi_attend_equals_global_attention():
@@ -101,7 +117,7 @@ def test_global_alibi_attend_equals_global_attention():
 
     module = GlobalAttention(attn_config(2), 1, alibi=True)
     q, k, v = rand(1, 2, 21, 16, seed=0), rand(1, 2, 21, 16, seed=1), rand(1, 2, 21, 16, seed=2)
-    assert_match([select.global_alibi_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
+    assert_match(*on_kernels_and_torch(lambda: [module.attend(q, k, v)]), (q, k, v))
 
 
 # ---- FAM block attention -----------------------------------------------------------------------
@@ -275,8 +291,10 @@ def test_linear_attend_equals_linear_attention():
 
     module = LinearAttention(attn_config(2), 1, chunk_size=16)
     q, k, v = rand(1, 2, 29, 16, seed=0), rand(1, 2, 29, 16, seed=1), rand(1, 2, 29, 16, seed=2)
-    assert_match([select.linear_attend(module, q, k, v)], [module.attend(q, k, v)], (q, k, v))
-    assert select.linear_attend(LinearAttention(attn_config(2), 1, normalization="efficient"), q, k, v) is None
+    assert_match(*on_kernels_and_torch(lambda: [module.attend(q, k, v)]), (q, k, v))
+    efficient = LinearAttention(attn_config(2), 1, normalization="efficient")  # no kernel: the torch path
+    got, want = on_kernels_and_torch(lambda: efficient.attend(q, k, v))
+    assert torch.equal(got, want)
 
 
 # ---- LSH chunk attention -----------------------------------------------------------------------
@@ -311,7 +329,7 @@ def test_lsh_attend_equals_lsh_attention(n_hashes, alibi):
 
     module = LshAttention(attn_config(2), 1, n_hashes=n_hashes, bucket_size=16, alibi=alibi)
     q, v = rand(1, 2, 45, 16, seed=0), rand(1, 2, 45, 16, seed=2)
-    assert_match([select.lsh_attend(module, q, q, v)], [module.attend(q, q, v)], (q, v))
+    assert_match(*on_kernels_and_torch(lambda: [module.attend(q, q, v)]), (q, v))
 
 
 # ---- selection ---------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from kernel_helpers import DEVICE, OUT_TOL, addresses, assert_match, rand
 from kernel_helpers import far_memory  # noqa: F401  (a fixture)
 from megalong.kernels import grouped_gemm as gg
 from megalong.kernels import moe
-from megalong.kernels import select
+from megalong.kernels.gating_reference import reference_topk_gating
+from megalong.moe.layer import fused_experts
 
 
 # ---- MoE ---------------------------------------------------------------------------------------
@@ -29,7 +30,7 @@ def test_topk_gating_matches_reference(T, E, k, renormalize, bias, force):
     logits = logits.to(DEVICE).requires_grad_()
     selection_bias = (0.1 * torch.randn(E, generator=torch.Generator().manual_seed(1))).to(DEVICE) if bias else None
     got = moe.topk_gating(logits, k, renormalize, selection_bias)
-    want = moe.reference_topk_gating(logits.double(), k, renormalize, selection_bias)
+    want = reference_topk_gating(logits.double(), k, renormalize, selection_bias)
     assert torch.equal(got.expert_index, want.expert_index)
     assert torch.equal(got.counts, want.counts)
     if force is not None:
@@ -64,12 +65,12 @@ def test_moe_route_and_experts_equal_torch_path(options):
     router = TopKRouter(24, o).to(DEVICE)
     experts = Experts(4, 24, 32, F.gelu, gated=True, init_std=0.2, output_std=0.2).to(DEVICE)
     x = rand(23, 24, seed=3)
-    got, want = select.topk_route(router, x), router(x)
+    got, want = router(x, fused=True), router(x)
     assert torch.equal(got.expert_index, want.expert_index) and torch.equal(got.kept, want.kept)
     assert torch.equal(got.load, want.load)
     d_got = plan(got.expert_index, got.gates, got.kept, 4)
     d_want = plan(want.expert_index, want.gates, want.kept, 4)
-    out = select.moe_experts(experts, x, d_got, router.top_k)
+    out = fused_experts(experts, x, d_got, router.top_k)
     ref = unpermute(experts(permute(x, d_want), d_want.tokens_per_expert), d_want, x.shape[0])
     params = (x, router.weight, experts.w1, experts.w2, experts.w3)
     assert_match([out, got.aux_loss], [ref, want.aux_loss], params)
@@ -144,7 +145,7 @@ def test_moe_experts_under_autocast_equal_torch_path(launches):
     d = plan(index, gates, torch.ones_like(index, dtype=torch.bool), 4)
     params = (x, experts.w1, experts.w2, experts.w3)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        got = select.moe_experts(experts, x, d, 2)
+        got = fused_experts(experts, x, d, 2)
         want = unpermute(experts(permute(x, d), d.tokens_per_expert), d, x.shape[0])
     assert got.dtype == want.dtype == torch.bfloat16
     gemm_operands = [d_[k] for name, d_ in launches if name == "_grouped_mm_kernel" for k in ("X", "W")]
@@ -167,7 +168,7 @@ def test_topk_route_under_autocast_stays_in_router_dtype():
     x = rand(23, 24, seed=3)
     plain = router(x)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        got, want = select.topk_route(router, x), router(x)
+        got, want = router(x, fused=True), router(x)
     for routing in (want, plain):
         assert torch.equal(got.expert_index, routing.expert_index)
         assert (got.gates - routing.gates).abs().max().item() < OUT_TOL

@@ -57,10 +57,10 @@ def test_window_kernel_addresses_batches_past_2_31_elements(far_memory):  # noqa
     dummy = torch.zeros(1, dtype=torch.int32)
     far = far_memory(q, k, v, o, lse, dummy)
     strides = (batch_stride, 0, D)
-    wa._window_fwd[(1, 3)](q, k, v, o, lse, dummy, dummy, dummy, dummy, *strides, *strides, *strides,
+    wa._window_fwd[(1, 3)](q, k, v, o, lse, dummy, dummy, dummy, dummy, dummy, dummy, *strides, *strides, *strides,
                            *strides, 1, L, L, 0, L, 1, 1.0, HAS_ALIBI=False, HAS_QPOS=False,
-                           HAS_GLOBAL=False, HEAD_DIM=D, BLOCK_D=D, BLOCK_M=16, BLOCK_N=16,
-                           DOT_PRECISION="ieee")
+                           HAS_GLOBAL=False, HAS_SEG=False, HEAD_DIM=D, BLOCK_D=D, BLOCK_M=16,
+                           BLOCK_N=16, DOT_PRECISION="ieee")
 
     def slices(t):
         return set().union(*(addresses(t, 4, range(b * batch_stride // D, b * batch_stride // D + L), D,

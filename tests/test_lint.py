@@ -1,7 +1,8 @@
 """The code rules CI enforces beyond the tests: ruff over the code and tests (rules in
 pyproject.toml), mypy over the typed packages (config/ and attention/, listed in pyproject.toml),
 and the layout rules of the issue tracker: no module over 400 lines, no import of another module's
-private names, no import cycle between megalong's modules."""
+private names, no import cycle between megalong's modules, and megalong/kernels/ made of tensor
+operations only (it imports none of the modules that use the kernels)."""
 from __future__ import annotations
 
 import ast
@@ -91,3 +92,26 @@ def test_no_import_cycle_at_module_level():
 
     cycles = sorted({tuple(sorted((a, b))) for a in edges for b in edges[a] if reaches(b, a)})
     assert not cycles, cycles
+
+
+# megalong/kernels/ holds the kernels, their tensor launchers and the selection (select.py); each
+# module's glue around its kernel lives with the module (megalong/attention/*, megalong/moe/*).
+KERNELS_MUST_NOT_IMPORT = ("megalong.attention", "megalong.moe", "megalong.model", "megalong.train")
+
+
+def test_kernels_import_no_module_that_uses_them():
+    bad = []
+    for module, path in _modules().items():
+        if not module.startswith("megalong.kernels"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):  # also the imports inside functions
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                target = _imported(module, path, node)
+                targets = [target, *(f"{target}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                if any(target == f or target.startswith(f + ".") for f in KERNELS_MUST_NOT_IMPORT):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {target}")
+    assert not bad, bad

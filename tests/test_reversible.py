@@ -285,17 +285,25 @@ def test_config_validation_names_the_key():
         _cfg(moe=False, recompute_method="uniform")
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("granularity", ["full", "selective"])
-def test_megatron_recompute_runs_on_cpu_and_equals_no_recompute(one_process, granularity):
+def test_megatron_recompute_runs_on_cpu_and_equals_no_recompute(one_process, granularity, moe):
+    """With MoE layers the loss includes their aux loss, as a training step's does: full recompute
+    runs their first forward without autograd, and the aux loss's gradient must still reach the
+    routers (it used to be lost: the router gradients differed)."""
     tokens = torch.randint(0, 50, (BATCH, SEQ))
     extra = {"recompute_method": "uniform", "recompute_num_layers": 1} if granularity == "full" else {}
     results, kept = [], []
     for options in ({}, {"recompute_granularity": granularity, **extra}):
         torch.manual_seed(0)
-        model = build_model(_cfg(moe=False, hidden_dropout=0.0, attention_dropout=0.0, **options), 50).double()
+        model = build_model(_cfg(moe=moe, hidden_dropout=0.0, attention_dropout=0.0, **options), 50).double()
         kept.append(_kept_bytes(lambda: (model(tokens, position_ids_for(tokens), None, labels=tokens),),
                                 model.parameters()))
         loss = model(tokens, position_ids_for(tokens), None, labels=tokens).mean()
+        if moe:
+            aux = moe_aux_loss(model, grad_scale=0.5)
+            assert float(aux) > 0
+            loss = loss + 0.5 * aux
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
     assert kept[1] < kept[0], kept  # the recompute did drop activations

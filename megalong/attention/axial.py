@@ -17,16 +17,21 @@ ALiBi biases each score by the true token distance: c - c' in the row step, (r -
 column step, |c - c'| in the (bidirectional) row summaries. The sequence need not fill the shape:
 it is padded to whole rows of `cols` tokens (later positions, which no real token sees) and may be
 longer than rows x cols (more rows), so generation with a growing context works.
+
+Packed documents (`attend_documents`): the row summaries, the row step and the column step each
+keep only keys of the query's own document (a summary u(r', c) used by (r, c) is then over row
+r''s tokens of that document); positions padded to whole rows belong to no document.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import AxialOptions
+from megalong.attention.segments import same_document
 
 
 class AxialAttention(CoreAttention):
@@ -40,7 +45,8 @@ class AxialAttention(CoreAttention):
             raise ValueError(f"axial attention needs axial_shape [rows, cols], got {axial_shape!r}")
         self.rows, self.cols = axial_shape
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, h, L, d = q.shape
         C = self.cols
         R = -(-L // C)
@@ -55,6 +61,13 @@ class AxialAttention(CoreAttention):
             slopes = self.alibi_slopes(device, dtype).view(1, h, 1, 1, 1)
             row_scores = row_scores - slopes * row_gap.abs().to(dtype)
 
+        row_same = col_same = None
+        if segment_ids is not None:  # padding: document -1, seen by no real token
+            seg = F.pad(segment_ids, (0, R * C - L), value=-1).view(b, 1, R, C)
+            row_same = same_document(seg, seg)  # [b, 1, R, C, C]
+            col_same = same_document(seg.transpose(2, 3), seg.transpose(2, 3)).transpose(2, 3)  # [b, 1, R, C, R']
+            row_scores = row_scores.masked_fill(~row_same, float("-inf"))
+
         # 1. Row summaries over whole rows.
         summary = torch.matmul(self._dropout(torch.softmax(row_scores, dim=-1)).to(v.dtype), V)
 
@@ -66,11 +79,15 @@ class AxialAttention(CoreAttention):
         if self.alibi:
             col_scores = col_scores - slopes * (col_gap * C).to(dtype)
         col_scores = col_scores.masked_fill(col_gap <= 0, float("-inf")).transpose(2, 3)  # [b, h, R, C, R']
+        if col_same is not None:
+            col_scores = col_scores.masked_fill(~col_same, float("-inf"))
         scores = torch.cat([row_scores.masked_fill(row_gap < 0, float("-inf")), col_scores], dim=-1)
         probs = self._dropout(torch.softmax(scores, dim=-1)).to(v.dtype)
         p_row, p_col = probs.split([C, R], dim=-1)
         out = torch.matmul(p_row, V) + torch.matmul(p_col.transpose(2, 3), summary.transpose(2, 3)).transpose(2, 3)
         return out.reshape(b, h, R * C, d)[:, :, :L]
+
+    attend_documents = attend  # one implementation serves packed documents too
 
     def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
         return F.dropout(probs, self.active_dropout) if self.active_dropout > 0 else probs

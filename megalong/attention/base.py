@@ -4,6 +4,10 @@ megatron's SelfAttention projects q/k/v, applies RoPE, and hands this module ten
 [seq, batch, heads_on_this_rank, head_dim]; it expects [seq, batch, heads_on_this_rank * head_dim]
 back. Subclasses implement `attend(q, k, v)` on [batch, heads, seq, head_dim] and build their own
 masks from positions, on the input's device: megatron's `attention_mask` is not used.
+
+Packed documents (`data.document_mask`) arrive as `packed_seq_params`, a `DocumentSegments`
+(megalong/attention/segments.py): then `attend_documents(q, k, v, segment_ids)` runs instead, and a
+kind that does not define it refuses (segments are never ignored).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch import nn
 
 from megalong.attention.alibi import alibi_bias, alibi_slopes
 from megalong.attention.options import AttentionOptions, GlobalOptions
+from megalong.attention.segments import segments_of
 
 
 def tensor_parallel_rank_and_size(pg_collection: Any = None) -> tuple[int, int]:
@@ -65,8 +70,7 @@ class CoreAttention(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None, attn_mask_type: Any = None,
                 attention_bias: Optional[torch.Tensor] = None,
                 packed_seq_params: Any = None) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError(f"{type(self).__name__}: packed sequences are not supported")
+        segment_ids = segments_of(packed_seq_params)
         if attention_mask is not None:
             raise ValueError(f"{type(self).__name__} builds its mask from positions; "
                              "pass attention_mask=None to the model")
@@ -77,11 +81,18 @@ class CoreAttention(nn.Module):
         if k.shape[1] != heads:  # grouped-query attention: share each key/value head
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        out = self.attend(q, k, v)
+        out = self.attend(q, k, v) if segment_ids is None else self.attend_documents(q, k, v, segment_ids)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)  # heads_on_this_rank * head_dim
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor) -> torch.Tensor:
+        """`attend` with packed documents: segment_ids [b, s] (segments.py); no query sees a key of
+        another document. Kinds that support `data.document_mask` override it."""
+        raise NotImplementedError(f"{type(self).__name__}: packed documents (data.document_mask) are "
+                                  "not supported by this attention kind")
 
     @property
     def active_dropout(self) -> float:

@@ -14,9 +14,19 @@ tokens then attend in parallel, O(L * ((memory_segments + 1) * block_size + fam_
 ALiBi distances: F_t stands at the last position of block t (the initial FAM at position -1), so
 a token at position p of block t is at distance p - (t * block_size - 1) from F_{t-1}, and the FAM
 queries that produce F_t are at position (t + 1) * block_size - 1 (distance block_size from F_{t-1}).
+
+Packed documents (segment ids, megalong/attention/segments.py): blocks stay those of the packed
+row. A token sees memory and own-block tokens of its document only, and F_{t-1} only when F_{t-1}
+belongs to its document; a document that starts inside block t sees the initial FAM instead (its
+keys from the learned embeddings, standing at the document's first position - 1). F_t belongs to
+the document of block t's last token: it continues F_{t-1} when that document did, else restarts
+from the initial FAM, and reads only that document's tokens of block t. A document that starts at
+a block boundary is thus computed exactly as if alone (tested). The torch path runs (the block
+kernel takes no segment ids).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,9 +37,33 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import FamOptions
+from megalong.attention.segments import document_positions, same_document, segments_of
 from megalong.kernels import select as kernels
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@kernels.eager
+def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: Optional[torch.Tensor],
+                      v_fam: Optional[torch.Tensor], scale: float, block_size: int, memory_segments: int,
+                      slopes: Optional[torch.Tensor]) -> torch.Tensor:
+    """`FamAttention.blocks` on the FAM block kernel (megalong/kernels/fam_attention.py); the FAM
+    chain's `fam_step` stays in torch."""
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes)
+
+
+@dataclass
+class FamDocuments:
+    """What `FamAttention.blocks` needs of packed documents: segment_ids [b, L]; fam_docs [b, blocks],
+    the document F_{t-1} belongs to for block t; k_init, v_init [b, h, fam_length, d], the initial
+    FAM's keys and values (None without FAM)."""
+
+    segment_ids: torch.Tensor
+    fam_docs: torch.Tensor
+    k_init: Optional[torch.Tensor] = None
+    v_init: Optional[torch.Tensor] = None
 
 
 class FamAttention(CoreAttention):
@@ -48,9 +82,17 @@ class FamAttention(CoreAttention):
         raise RuntimeError("fam attention needs its FAM tokens: it runs inside FamTransformerLayer "
                            "(the registry's layer for `fam`), not in megatron's TransformerLayer")
 
+    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor) -> torch.Tensor:
+        """Packed documents run in FamTransformerLayer too (`fam_block_context(..., segment_ids)`)."""
+        return self.attend(q, k, v)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
                 distance: torch.Tensor) -> torch.Tensor:
-        if self.alibi:
+        if self.alibi and visible.dim() == q.dim():  # per batch row (packed documents): [b, 1, ..., keys]
+            bias = -self.alibi_slopes(q.device, q.dtype).view(1, -1, *[1] * (q.dim() - 2)) * distance.to(q.dtype)
+            mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
+        elif self.alibi:
             mask = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)
             mask = mask.masked_fill(~visible, float("-inf"))  # [h, ...] aligns with q's heads
         else:
@@ -59,24 +101,36 @@ class FamAttention(CoreAttention):
                                               scale=self.scale)
 
     def fam_step(self, q_fam: torch.Tensor, k_fam: torch.Tensor, v_fam: torch.Tensor,
-                 k_block: torch.Tensor, v_block: torch.Tensor) -> torch.Tensor:
-        """FAM queries over [previous FAM; the whole current block]: [b, h, fam_length, d]."""
+                 k_block: torch.Tensor, v_block: torch.Tensor, block_visible: Optional[torch.Tensor] = None,
+                 fam_distance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """FAM queries over [previous FAM; the whole current block]: [b, h, fam_length, d].
+        Packed documents: block_visible [b, B], the block's tokens of F_t's document; fam_distance
+        [b], the FAM queries' distance to the FAM keys (block_size, or from the document's start)."""
         B, Fl = k_block.shape[2], k_fam.shape[2]
         keys, values = torch.cat([k_fam, k_block], dim=2), torch.cat([v_fam, v_block], dim=2)
-        distance = torch.cat([torch.full((Fl,), self.block_size, device=q_fam.device),
-                              self.block_size - 1 - torch.arange(B, device=q_fam.device)])
-        distance = distance.expand(Fl, -1)
-        return self._attend(q_fam, keys, values, torch.ones_like(distance, dtype=torch.bool), distance)
+        to_block = self.block_size - 1 - torch.arange(B, device=q_fam.device)
+        if block_visible is None or fam_distance is None:
+            distance = torch.cat([torch.full((Fl,), self.block_size, device=q_fam.device), to_block])
+            distance = distance.expand(Fl, -1)
+            return self._attend(q_fam, keys, values, torch.ones_like(distance, dtype=torch.bool), distance)
+        b = k_block.shape[0]
+        visible = torch.cat([torch.ones(b, Fl, dtype=torch.bool, device=q_fam.device), block_visible], dim=1)
+        distance = torch.cat([fam_distance.view(b, 1).expand(b, Fl), to_block.expand(b, B)], dim=1)
+        return self._attend(q_fam, keys, values, visible.view(b, 1, 1, -1).expand(b, 1, Fl, -1),
+                            distance.view(b, 1, 1, -1).expand(b, 1, Fl, -1))
 
     def blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               k_fam: Optional[torch.Tensor], v_fam: Optional[torch.Tensor]) -> torch.Tensor:
+               k_fam: Optional[torch.Tensor], v_fam: Optional[torch.Tensor],
+               documents: Optional[FamDocuments] = None) -> torch.Tensor:
         """Every block's tokens over [memory blocks; FAM before the block; own block, causally].
 
         q, k, v: [b, h, L, d]; k_fam, v_fam: [b, h, blocks, fam_length, d] (F_{t-1} for block t)
-        or None without FAM. Returns [b, h, L, d].
+        or None without FAM; `documents`: packed documents (the module docstring). Returns [b, h, L, d].
         """
-        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
-            return kernels.fam_blocks_attend(self, q, k, v, k_fam, v_fam)
+        if documents is None and kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
+            slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
+            return fam_blocks_kernel(q, k, v, k_fam, v_fam, self.scale, self.block_size, self.memory_segments,
+                                     slopes)
         b, h, L, d = q.shape
         B, m = self.block_size, self.memory_segments
         n = -(-L // B)
@@ -91,22 +145,40 @@ class FamAttention(CoreAttention):
         i = torch.arange(B, device=device)
         t = torch.arange(n, device=device).view(n, 1, 1)
         key_parts, value_parts, visible, distance = [], [], [], []
+        docs = documents
+        seg = None if docs is None else F.pad(docs.segment_ids, (0, pad), value=-1).view(b, 1, n, B)
+
+        def part(vis: torch.Tensor, same: Optional[torch.Tensor], dist: torch.Tensor) -> None:
+            """[n, B, keys] visibility and distances; with documents [b, 1, n, B, keys], same-document only."""
+            if same is not None:
+                vis = vis & same
+                dist = dist.expand(vis.shape)
+            visible.append(vis)
+            distance.append(dist)
+
         for s in range(m, 0, -1):  # block t - s, seen in full when it exists
             key_parts.append(F.pad(kb, (0, 0, 0, 0, s, 0))[:, :, :n])
             value_parts.append(F.pad(vb, (0, 0, 0, 0, s, 0))[:, :, :n])
-            visible.append((t >= s).expand(n, B, B))
-            distance.append((s * B + i.view(B, 1) - i.view(1, B)).expand(n, B, B))
+            part((t >= s).expand(n, B, B),
+                 None if seg is None else same_document(seg, F.pad(seg, (0, 0, s, 0), value=-1)[:, :, :n]),
+                 (s * B + i.view(B, 1) - i.view(1, B)).expand(n, B, B))
         if fam_len:
             assert k_fam is not None and v_fam is not None
             key_parts.append(k_fam)
             value_parts.append(v_fam)
-            visible.append(torch.ones(n, B, fam_len, dtype=torch.bool, device=device))
-            distance.append((i.view(B, 1) + 1).expand(n, B, fam_len))
+            everyone = torch.ones(n, B, fam_len, dtype=torch.bool, device=device)
+            continued = None if seg is None or docs is None else (seg == docs.fam_docs.view(b, 1, n, 1)).unsqueeze(-1)
+            part(everyone, continued, (i.view(B, 1) + 1).expand(n, B, fam_len))
+            if docs is not None and continued is not None:  # the initial FAM, for documents started in the block
+                assert docs.k_init is not None and docs.v_init is not None
+                key_parts.append(docs.k_init.unsqueeze(2).expand(-1, -1, n, -1, -1))
+                value_parts.append(docs.v_init.unsqueeze(2).expand(-1, -1, n, -1, -1))
+                in_document = F.pad(document_positions(docs.segment_ids), (0, pad)).view(b, 1, n, B, 1)
+                part(everyone, ~continued, (in_document + 1).expand(b, 1, n, B, fam_len))
         key_parts.append(kb)
         value_parts.append(vb)
         own = i.view(B, 1) - i.view(1, B)
-        visible.append((own >= 0).expand(n, B, B))
-        distance.append(own.expand(n, B, B))
+        part((own >= 0).expand(n, B, B), None if seg is None else same_document(seg, seg), own.expand(n, B, B))
         out = self._attend(qb, torch.cat(key_parts, dim=3), torch.cat(value_parts, dim=3),
                            torch.cat(visible, dim=-1), torch.cat(distance, dim=-1))
         return out.reshape(b, h, n * B, d)[:, :, :L]
@@ -114,20 +186,23 @@ class FamAttention(CoreAttention):
 
 def run_fam_layer(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: FamAttention, qkv: QKV,
                   attention_residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  mlp_residual: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                  mlp_residual: Callable[[torch.Tensor], torch.Tensor],
+                  segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One FAM transformer layer on x [s, b, hidden]; returns the block tokens' output [s, b, hidden].
 
     qkv(h): input norm and projection, h [s, b, hidden] -> q, k, v [s, b, heads, d];
     attention_residual(context [s, b, heads * d], residual) -> residual + output projection;
     mlp_residual(h) -> h + MLP(norm(h)). Both megatron's layer and an export use this function.
+    segment_ids [b, s]: packed documents (the module docstring).
     """
-    context = fam_block_context(x, fam_init, attention, qkv, attention_residual, mlp_residual)
+    context = fam_block_context(x, fam_init, attention, qkv, attention_residual, mlp_residual, segment_ids)
     return mlp_residual(attention_residual(context, x))
 
 
 def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: FamAttention, qkv: QKV,
                       attention_residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                      mlp_residual: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                      mlp_residual: Callable[[torch.Tensor], torch.Tensor],
+                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The attention context of x's block tokens, [s, b, heads * d], before the output projection.
 
     The FAM chain (FAM tokens through attention, residual and MLP, block by block) runs in here:
@@ -145,9 +220,19 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
 
     q, k, v = (heads_first(t) for t in _expand_groups(*qkv(x)))
     k_fam = v_fam = None
+    documents = None
+    if segment_ids is not None:
+        ends = (torch.arange(1, n + 1, device=x.device) * B).clamp(max=s) - 1  # each block's last position
+        last = segment_ids[:, ends]  # [b, n]: F_t's document, that of block t's last token
+        starts = ends - document_positions(segment_ids)[:, ends]  # [b, n]: where that document starts
+        documents = FamDocuments(segment_ids, torch.cat([segment_ids[:, :1], last[:, :-1]], dim=1))
     if fam_init is not None:
-        fam = fam_init.unsqueeze(1).expand(-1, b, -1)
+        initial = fam = fam_init.unsqueeze(1).expand(-1, b, -1)
         k_list, v_list = [], []
+        init_qkv: Optional[tuple[torch.Tensor, ...]] = None
+        if documents is not None:
+            init_qkv = tuple(heads_first(u) for u in _expand_groups(*qkv(initial)))
+            documents.k_init, documents.v_init = init_qkv[1], init_qkv[2]
         for t in range(n):
             qf, kf, vf = (heads_first(u) for u in _expand_groups(*qkv(fam)))
             k_list.append(kf)
@@ -155,10 +240,18 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
             if t == n - 1:
                 break  # F_{n-1} would only serve a block after the sequence
             block = slice(t * B, (t + 1) * B)
-            context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block])
+            if documents is None or init_qkv is None:
+                context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block])
+            else:  # restart from the initial FAM where block t's last document started inside it
+                restart = last[:, t] != documents.fam_docs[:, t]  # [b]
+                qf, kf, vf = (torch.where(restart.view(b, 1, 1, 1), u0, u) for u0, u in zip(init_qkv, (qf, kf, vf)))
+                fam = torch.where(restart.view(1, b, 1), initial, fam)
+                distance = torch.where(restart, (t + 1) * B - starts[:, t], torch.full_like(starts[:, t], B))
+                context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block],
+                                             documents.segment_ids[:, block] == last[:, t:t + 1], distance)
             fam = mlp_residual(attention_residual(tokens_first(context), fam))
         k_fam, v_fam = torch.stack(k_list, dim=2), torch.stack(v_list, dim=2)
-    return tokens_first(attention.blocks(q, k, v, k_fam, v_fam))
+    return tokens_first(attention.blocks(q, k, v, k_fam, v_fam, documents))
 
 
 def _expand_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -189,10 +282,10 @@ class FamTransformerLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, rotary_pos_emb: Any = None,
                 inference_context: Any = None, packed_seq_params: Any = None, **unused: Any):
-        _check_inputs(attention_mask, rotary_pos_emb, inference_context, packed_seq_params)
+        _check_inputs(attention_mask, rotary_pos_emb, inference_context)
         qkv, attention_residual = self._fam_functions()
         output = run_fam_layer(hidden_states, self.fam_init, self.self_attention.core_attention, qkv,
-                               attention_residual, lambda h: self._forward_mlp(h))
+                               attention_residual, lambda h: self._forward_mlp(h), segments_of(packed_seq_params))
         return output, context
 
     def forward_attention_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -207,10 +300,11 @@ class FamTransformerLayer(TransformerLayer):
         """The attention half F of a reversible pair: (output projection, bias) of the block tokens'
         context; the FAM chain, with its own residuals and MLP, runs inside (a function of
         `hidden_states` only, so y1 = x1 + F(x2) stays invertible)."""
-        _check_inputs(attention_mask, rotary_pos_emb, None, packed_seq_params)
+        _check_inputs(attention_mask, rotary_pos_emb, None)
         qkv, attention_residual = self._fam_functions()
         context = fam_block_context(hidden_states, self.fam_init, self.self_attention.core_attention, qkv,
-                                    attention_residual, lambda h: self._forward_mlp(h))
+                                    attention_residual, lambda h: self._forward_mlp(h),
+                                    segments_of(packed_seq_params))
         return self.self_attention.linear_proj(context)
 
     def _fam_functions(self):
@@ -228,10 +322,10 @@ class FamTransformerLayer(TransformerLayer):
         return qkv, attention_residual
 
 
-def _check_inputs(attention_mask: Any, rotary_pos_emb: Any, inference_context: Any, packed_seq_params: Any) -> None:
+def _check_inputs(attention_mask: Any, rotary_pos_emb: Any, inference_context: Any) -> None:
     if attention_mask is not None:
         raise ValueError("fam builds its mask from positions; pass attention_mask=None to the model")
     if rotary_pos_emb is not None:
         raise ValueError("fam layers do not support rotary embeddings (FAM tokens have no position)")
-    if inference_context is not None or packed_seq_params is not None:
-        raise NotImplementedError("fam layers: megatron inference contexts and packed sequences")
+    if inference_context is not None:
+        raise NotImplementedError("fam layers: megatron inference contexts")

@@ -1,12 +1,25 @@
 """`global`: full causal attention through PyTorch SDPA (flash/efficient kernels where available)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
+from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
+
+
+@kernels.eager
+def alibi_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 slopes: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention (with ALiBi unless slopes is None, within documents with segment_ids) on
+    the windowed kernel (no window): no L x L bias or mask tensor."""
+    from megalong.kernels.window_attention import window_attention
+
+    return window_attention(q, k, v, scale, None, 1, slopes, segment_ids=segment_ids)[0]
 
 
 class GlobalAttention(CoreAttention):
@@ -23,7 +36,7 @@ class GlobalAttention(CoreAttention):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout,
                                                   is_causal=True, scale=self.scale)
         if kernels.use_kernels(q, dropout=self.active_dropout):  # ALiBi without an L x L bias
-            return kernels.global_alibi_attend(self, q, k, v)
+            return alibi_kernel(q, k, v, self.scale, self.alibi_slopes(q.device, torch.float32))
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
         distance = pos[:, None] - pos[None, :]
@@ -31,4 +44,23 @@ class GlobalAttention(CoreAttention):
         # [1, heads, L, L]: torch.compile's CPU lowering of SDPA misreads a 3-D mask
         bias = bias.masked_fill(distance < 0, float("-inf"))[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=self.active_dropout, scale=self.scale)
+
+    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor) -> torch.Tensor:
+        """Document-causal attention: a query sees the earlier keys of its own document. On the
+        windowed kernel where kernels run (key tiles of earlier documents skipped), else torch SDPA
+        with a [b, 1, L, L] mask built here, on the device."""
+        if kernels.use_kernels(q, dropout=self.active_dropout):
+            slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
+            return alibi_kernel(q, k, v, self.scale, slopes, segment_ids)
+        L = q.shape[2]
+        pos = torch.arange(L, device=q.device)
+        distance = pos[:, None] - pos[None, :]
+        visible = ((distance >= 0) & same_document(segment_ids, segment_ids)).unsqueeze(1)
+        mask: torch.Tensor = visible
+        if self.alibi:
+            bias = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)[None]
+            mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                               dropout_p=self.active_dropout, scale=self.scale)

@@ -20,47 +20,28 @@ Within a chunk one maximum serves all positions: a key feature that rises by mor
 Generation: `init_state(batch, heads, head_dim, device, dtype)` gives the empty state and
 `step(q, k, v, state) -> (out, state)` on [batch, heads, 1, head_dim] runs one token; a sequence of
 steps equals the parallel form. Attention scale, dropout and ALiBi do not apply (no scores).
+
+Packed documents (`attend_documents`, linear_documents.py): the state and the normaliser restart
+at every document start, in the chunked torch forms (the kernel takes no segment ids); in the
+recurrent form, `linear_documents.restart_state` before a document's first token.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from megalong.attention.base import CoreAttention
+from megalong.attention.linear_documents import segmented_efficient_attention, segmented_linear_attention
 from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
+from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
 
 State = tuple[torch.Tensor, ...]
 
 
-def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x) + 1
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, eps: float,
-                            chunk_size: int) -> torch.Tensor:
-    """Katharopoulos's causal form on features fq, fk [b, h, L, d] and v [b, h, L, e], by chunks."""
-    b, h, L, d = fq.shape
-    e = v.shape[-1]
-    C = min(chunk_size, L)
-    n = -(-L // C)
-    pad = n * C - L  # padded keys are zero features: they add nothing to the sums
-    Q, K, V = (F.pad(x, (0, 0, 0, pad)).view(b, h, n, C, x.shape[-1]) for x in (fq, fk, v))
-    kv = torch.matmul(K.transpose(-1, -2), V)  # [b, h, n, d, e]: each chunk's sum of phi(k) v^T
-    S = F.pad(torch.cumsum(kv, dim=2), (0, 0, 0, 0, 1, 0))[:, :, :n]  # state before each chunk
-    z = F.pad(torch.cumsum(K.sum(dim=3), dim=2), (0, 0, 1, 0))[:, :, :n]  # [b, h, n, d]
-    causal = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
-    A = torch.matmul(Q, K.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [b, h, n, C, C]
-    num = torch.matmul(A, V) + torch.matmul(Q, S)
-    den = A.sum(dim=-1) + (Q * z.unsqueeze(3)).sum(dim=-1)
-    out = num / (den + eps).unsqueeze(-1)
-    return out.reshape(b, h, n * C, e)[:, :, :L]
 
 
 def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -80,6 +61,14 @@ def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: St
     return out, (N + torch.matmul(w.transpose(-1, -2), v), D + w.sum(dim=2), m_new)
 
 
+@kernels.eager
+def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int) -> torch.Tensor:
+    """`causal_linear_attention` with phi = elu + 1 on the chunked kernel (megalong/kernels/linear_attention.py)."""
+    from megalong.kernels.linear_attention import linear_attention
+
+    return linear_attention(q, k, v, eps, chunk_size)
+
+
 class LinearAttention(CoreAttention):
     options_class = LinearOptions
     options: LinearOptions
@@ -94,14 +83,14 @@ class LinearAttention(CoreAttention):
         self.normalization, self.eps, self.chunk_size = normalization, eps, chunk_size
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if kernels.use_kernels(q):  # Triton on CUDA (megalong/kernels); None: no kernel for this case
-            out = kernels.linear_attend(self, q, k, v)
-            if out is not None:
-                return out
+        # `elu` has a kernel (Triton on CUDA, megalong/kernels); `efficient` always runs in torch.
+        fused = self.normalization == "elu" and kernels.use_kernels(q)
         dtype = _compute_dtype(q.dtype)
         q, k, v_in = q.to(dtype), k.to(dtype), v
         v = v.to(dtype)
-        if self.normalization == "elu":
+        if fused:
+            out = elu_kernel(q, k, v, self.eps, self.chunk_size)
+        elif self.normalization == "elu":
             out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.eps, self.chunk_size)
         else:
             state = self.init_state(q.shape[0], q.shape[1], q.shape[-1], q.device, dtype, v.shape[-1])
@@ -112,6 +101,18 @@ class LinearAttention(CoreAttention):
                 outs.append(out)
             out = torch.cat(outs, dim=2)
         return out.to(v_in.dtype)
+
+    def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(q.dtype)
+        out_dtype = v.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.normalization == "elu":
+            out = segmented_linear_attention(elu_feature_map(q), elu_feature_map(k), v, segment_ids, self.eps,
+                                             self.chunk_size)
+        else:
+            out = segmented_efficient_attention(q, k, v, segment_ids, self.chunk_size)
+        return out.to(out_dtype)
 
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,
                    dtype: torch.dtype, value_dim: int | None = None) -> State:

@@ -17,9 +17,15 @@ of the global tokens. With global tokens the core attention receives 2H heads fr
 |G|)).
 
 ALiBi biases every score by -slope * (true distance i - j).
+
+Packed documents (`attend_documents`): every pair above is also required to lie in one document,
+so a token sees only its own document inside its window, and a global token belongs to its
+document (it sees that document's earlier tokens, and only that document's later tokens see it).
+The windowed kernel takes the segment ids too (and skips the key tiles of earlier documents).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -29,7 +35,21 @@ from megatron.core.transformer.attention import SelfAttention
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import LocalOptions
+from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
+
+
+
+@kernels.eager
+def window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: Optional[int],
+                  dilation: int, slopes: Optional[torch.Tensor], global_keys: Optional[torch.Tensor] = None,
+                  q_positions: Optional[torch.Tensor] = None,
+                  segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The windowed flash-attention kernel's output (megalong/kernels/window_attention.py)."""
+    from megalong.kernels.window_attention import window_attention
+
+    return window_attention(q, k, v, scale, window, dilation, slopes, global_keys, q_positions,
+                            segment_ids=segment_ids)[0]
 
 
 class LocalAttention(CoreAttention):
@@ -65,24 +85,41 @@ class LocalAttention(CoreAttention):
     def cache_keep(self, k_pos: torch.Tensor, next_pos: int) -> torch.Tensor:
         return k_pos > next_pos - self.window * max(self.dilations)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
-            return kernels.local_attend(self, q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fused = kernels.use_kernels(q, dropout=self.active_dropout)  # Triton on CUDA (megalong/kernels)
         (q, k, v), (qg, kg, vg), g = self.split_global_heads(q, k, v)
-        slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
+        # The kernel takes float32 slopes; the torch path biases in the inputs' dtype.
+        slopes = self.alibi_slopes(q.device, torch.float32 if fused else q.dtype) if self.alibi else None
+        window = partial(self._window_on_kernel if fused else self._window, segment_ids=segment_ids)
         groups = self.dilation_groups
         if len(groups) == 1:
-            out = self._window(q, k, v, self.dilations[0], slopes, g)
+            out = window(q, k, v, self.dilations[0], slopes, g)
         else:
             out = torch.empty_like(q)
             for d, heads in groups.items():
                 idx = torch.tensor(heads, device=q.device)
-                part = self._window(q[:, idx], k[:, idx], v[:, idx], d,
-                                    None if slopes is None else slopes[idx], g)
+                part = window(q[:, idx], k[:, idx], v[:, idx], d, None if slopes is None else slopes[idx], g)
                 out = out.index_copy(1, idx, part)
         if len(g):
-            out = out.index_copy(2, g, self._global_rows(qg, kg, vg, g, slopes))
+            rows = partial(self._global_rows_on_kernel if fused else self._global_rows, segment_ids=segment_ids)
+            out = out.index_copy(2, g, rows(qg, kg, vg, g, slopes))
         return out
+
+    attend_documents = attend  # one implementation serves packed documents too
+
+    def _window_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
+                          slopes: Optional[torch.Tensor], g: torch.Tensor,
+                          segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`_window` on the windowed kernel (the global tokens' keys included)."""
+        return window_kernel(q, k, v, self.scale, self.window, d, slopes, g if len(g) else None,
+                             segment_ids=segment_ids)
+
+    def _global_rows_on_kernel(self, qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, g: torch.Tensor,
+                               slopes: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None
+                               ) -> torch.Tensor:
+        """`_global_rows` on the windowed kernel: full causal rows at the positions g."""
+        return window_kernel(qg[:, :, g], kg, vg, self.scale, None, 1, slopes, None, g, segment_ids)
 
     def split_global_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """((q, k, v) of the local heads, (q, k, v) of the global-projection heads or Nones, the
@@ -100,8 +137,10 @@ class LocalAttention(CoreAttention):
         return (q, k, v), glob, g
 
     def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
-                slopes: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
-        """Dilated sliding window (plus the global tokens' keys) for heads of one dilation d."""
+                slopes: Optional[torch.Tensor], g: torch.Tensor,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dilated sliding window (plus the global tokens' keys) for heads of one dilation d; with
+        segment_ids [b, L], pairs of one document only."""
         b, h, L, e = q.shape
         device = q.device
         sub = -(-L // d)  # length of each of the d interleaved sub-sequences
@@ -109,8 +148,9 @@ class LocalAttention(CoreAttention):
         n = -(-sub // block)
 
         def fold(x: torch.Tensor) -> torch.Tensor:  # [b, h, L, e] -> [b, h, d, n, block, e]
-            x = F.pad(x, (0, 0, 0, sub * d - L)).view(b, h, sub, d, e).transpose(2, 3)
-            return F.pad(x, (0, 0, 0, n * block - sub)).reshape(b, h, d, n, block, e)
+            lead, last = x.shape[:2], x.shape[-1]
+            x = F.pad(x, (0, 0, 0, sub * d - L)).view(*lead, sub, d, last).transpose(2, 3)
+            return F.pad(x, (0, 0, 0, n * block - sub)).reshape(*lead, d, n, block, last)
 
         def with_previous(x: torch.Tensor) -> torch.Tensor:  # keys of the block before, then its own
             return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :, :n], x], dim=4)
@@ -132,23 +172,37 @@ class LocalAttention(CoreAttention):
             kg = k[:, :, g].view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
             vg = v[:, :, g].view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
             kb, vb = torch.cat([kg, kb], dim=4), torch.cat([vg, vb], dim=4)
+        if segment_ids is not None:  # folded like the queries and keys; padding is never visible
+            seg = segment_ids.view(b, 1, L, 1)
+            seg_q, seg_k = fold(seg)[..., 0], with_previous(fold(seg))[..., 0]  # [b, 1, d, n, block (x2)]
+            same = same_document(seg_q, seg_k)
+            if len(g):
+                same = torch.cat([same_document(seg_q, segment_ids[:, g].view(b, 1, 1, 1, -1)), same], dim=-1)
+            visible = visible & same  # [b, 1, d, n, block, keys]
         if slopes is None:
             mask = visible
         else:
-            mask = alibi_bias(slopes, distance).masked_fill(~visible, float("-inf")).unsqueeze(0)
+            bias = alibi_bias(slopes, distance).unsqueeze(0)
+            mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
                                              dropout_p=self.active_dropout, scale=self.scale)
         out = out.reshape(b, h, d, n * block, e)[:, :, :, :sub].transpose(2, 3)
         return out.reshape(b, h, sub * d, e)[:, :, :L]
 
     def _global_rows(self, qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, g: torch.Tensor,
-                     slopes: Optional[torch.Tensor]) -> torch.Tensor:
-        """Rows of the global tokens: causal attention over the whole sequence, global projections."""
+                     slopes: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows of the global tokens: causal attention over the whole sequence (their document's
+        with segment_ids), global projections."""
         L = kg.shape[2]
         distance = g.view(-1, 1) - torch.arange(L, device=g.device)  # [|G|, L]
         visible = distance >= 0
-        mask = visible if slopes is None else \
-            alibi_bias(slopes, distance).masked_fill(~visible, float("-inf")).unsqueeze(0)
+        if segment_ids is not None:
+            visible = (visible & same_document(segment_ids[:, g], segment_ids)).unsqueeze(1)  # [b, 1, |G|, L]
+        if slopes is None:
+            mask = visible
+        else:
+            bias = alibi_bias(slopes, distance).unsqueeze(0)
+            mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
         return F.scaled_dot_product_attention(qg[:, :, g], kg, vg, attn_mask=mask,
                                               dropout_p=self.active_dropout, scale=self.scale)
 

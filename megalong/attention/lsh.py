@@ -14,6 +14,11 @@ sequence length), else the number of chunks of the sequence being run (rounded u
 one bucket when the sequence fits one chunk). Rotations are fixed per (seed, layer, global head
 index, round, number of buckets): reproducible, equal under any tensor-parallel split, and the same when a layer is run
 again for its backward (recomputation, reversible layers).
+
+Packed documents (`attend_documents`): hashing, sorting and chunks are those of the packed row; in
+every round a pair is visible only when both tokens lie in one document (the torch chunk path runs;
+the chunk kernel takes no segment ids). A token alone in its document's part of its chunks sees
+itself, as any token with nothing else visible.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from megatron.core.transformer.attention import Attention, SelfAttention
 
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import LshOptions
+from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
 
 # Score given to a token's own key: finite (so a row that sees nothing else stays defined), and so
@@ -88,18 +94,17 @@ class LshAttention(CoreAttention):
         rotated = torch.einsum("bhld,hrdk->bhrlk", q.to(R.dtype), R)
         return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
-            out = kernels.lsh_attend(self, q, k, v)
-            if out is not None:
-                return out
-        b, h, L, d = q.shape
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.bucket_size
-        n_chunks = -(-L // c)
-        Lp = n_chunks * c
+        # Triton on CUDA (megalong/kernels) for the chunk attention, when bucket_size is a power of
+        # two >= 16 and there are no segment ids.
+        fused = (segment_ids is None and kernels.use_kernels(q, dropout=self.active_dropout)
+                 and c >= 16 and not c & (c - 1))
+        b, h, L, d = q.shape
+        Lp = -(-L // c) * c
         nb = self.buckets_for(L)
         n = self.n_hashes
-        device = q.device
 
         buckets = self.hash(q, nb)
         if Lp > L:  # padding sorts after every real token in every round, so it changes no chunk of theirs
@@ -107,26 +112,55 @@ class LshAttention(CoreAttention):
             buckets = F.pad(buckets, (0, Lp - L), value=nb)
         keys = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)  # shared-QK: normalised queries
 
-        pos = torch.arange(Lp, device=device)
+        pos = torch.arange(Lp, device=q.device)
         order = torch.argsort(buckets * Lp + pos, dim=-1)  # [b, h, n, Lp]: sorted by (bucket, position)
         chunk_of = torch.empty_like(order).scatter_(-1, order, (pos // c).expand_as(order))
 
-        def sort(x: torch.Tensor) -> torch.Tensor:  # [b, h, Lp, e] -> [b, h, n, chunks, c, e]
+        def sort(x: torch.Tensor) -> torch.Tensor:  # [b, h, Lp, e] -> [b, h, n, Lp, e], each round's order
             idx = order.unsqueeze(-1).expand(-1, -1, -1, -1, x.shape[-1])
-            return x.unsqueeze(2).expand(-1, -1, n, -1, -1).gather(3, idx).view(b, h, n, n_chunks, c, -1)
+            return x.unsqueeze(2).expand(-1, -1, n, -1, -1).gather(3, idx)
+
+        if fused:
+            slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
+            out, lse = chunk_kernel(sort(q), sort(keys), sort(v), order, chunk_of, c, self.scale, slopes)
+        else:
+            out, lse = self.chunk_attention(sort(q), sort(keys), sort(v), order, chunk_of,
+                                            None if segment_ids is None else F.pad(segment_ids, (0, Lp - L), value=-1))
+
+        # Back to the original order, then rounds weighted by exp(lse_r - logsumexp_r lse_r).
+        undo = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
+        out = out.gather(3, undo.unsqueeze(-1).expand(-1, -1, -1, -1, d))
+        lse = lse.gather(3, undo)
+        weights = torch.softmax(lse, dim=2).to(out.dtype).unsqueeze(-1)
+        return (out * weights).sum(dim=2)[:, :, :L]
+
+    attend_documents = attend  # one implementation serves packed documents too
+
+    def chunk_attention(self, sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
+                        chunk_of: torch.Tensor, segment_ids: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sorted chunk over itself and the chunk before, in torch (what `chunk_kernel`
+        computes): sq, sk, sv [b, h, n, Lp, e] in each round's order, order and chunk_of [b, h, n, Lp]
+        (original position of each sorted slot; chunk of each original position). Returns the
+        outputs [b, h, n, Lp, d] and log-sum-exps [b, h, n, Lp], in sorted order."""
+        b, h, n, Lp, d = sq.shape
+        c = self.bucket_size
+        n_chunks = Lp // c
+        device = sq.device
+
+        def chunked(x: torch.Tensor) -> torch.Tensor:  # [b, h, n, Lp, e] -> [b, h, n, chunks, c, e]
+            return x.view(b, h, n, n_chunks, c, -1)
 
         def with_previous(x: torch.Tensor) -> torch.Tensor:  # keys of the chunk before, then its own
             return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :, :n_chunks], x], dim=-2)
 
-        sq, sv = sort(q), sort(v)
-        sk = with_previous(sort(keys))
-        sv = with_previous(sv)
+        sq, sk, sv = chunked(sq), with_previous(chunked(sk)), with_previous(chunked(sv))
         q_pos = order.view(b, h, n, n_chunks, c)
         k_pos = with_previous(q_pos.unsqueeze(-1)).squeeze(-1)
         k_exists = ((torch.arange(2 * c, device=device) >= c)
                     | (torch.arange(n_chunks, device=device) > 0).view(-1, 1)).unsqueeze(1)  # [chunks, 1, 2c]
 
-        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        dtype = torch.float32 if sq.dtype in (torch.float16, torch.bfloat16) else sq.dtype
         scores = torch.matmul(sq, sk.transpose(-1, -2)).to(dtype) * self.scale  # [b, h, n, chunks, c, 2c]
         distance = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)
         if self.alibi:
@@ -142,20 +176,29 @@ class LshAttention(CoreAttention):
                 times += ((gap == 0) | (gap == 1)).to(dtype)
             scores = scores - torch.log(times.clamp(min=1))
         visible = (distance >= 0) & k_exists
+        if segment_ids is not None:  # [b, Lp], padding -1: pairs of one document only
+            doc = segment_ids.view(b, 1, 1, Lp).expand(b, h, n, Lp)
+            doc_q = doc.gather(-1, q_pos.flatten(3)).view(q_pos.shape)
+            doc_k = doc.gather(-1, k_pos.flatten(3)).view(k_pos.shape)
+            visible = visible & same_document(doc_q, doc_k)
         scores = scores.masked_fill(distance == 0, SELF_SCORE).masked_fill(~visible, float("-inf"))
 
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = torch.exp(scores - lse).to(v.dtype)
+        probs = torch.exp(scores - lse).to(sv.dtype)
         if self.active_dropout > 0:
             probs = F.dropout(probs, self.active_dropout)
         out = torch.matmul(probs, sv)  # [b, h, n, chunks, c, d]
+        return out.view(b, h, n, Lp, d), lse.view(b, h, n, Lp)
 
-        # Back to the original order, then rounds weighted by exp(lse_r - logsumexp_r lse_r).
-        undo = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
-        out = out.view(b, h, n, Lp, d).gather(3, undo.unsqueeze(-1).expand(-1, -1, -1, -1, d))
-        lse = lse.view(b, h, n, Lp).gather(3, undo)
-        weights = torch.softmax(lse, dim=2).to(out.dtype).unsqueeze(-1)
-        return (out * weights).sum(dim=2)[:, :, :L]
+
+@kernels.eager
+def chunk_kernel(sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
+                 chunk_of: torch.Tensor, bucket_size: int, scale: float,
+                 slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`LshAttention.chunk_attention` on the LSH chunk kernel (megalong/kernels/lsh_attention.py)."""
+    from megalong.kernels.lsh_attention import lsh_chunk_attention
+
+    return lsh_chunk_attention(sq, sk, sv, order, chunk_of, bucket_size, scale, slopes)
 
 
 class LshSelfAttention(SelfAttention):

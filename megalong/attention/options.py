@@ -36,6 +36,8 @@ class AttentionOptions:
     supports_alibi: ClassVar[bool] = True  # has attention scores for ALiBi to bias
     supports_rope: ClassVar[bool] = True  # every token has a position for RoPE to rotate q and k by
     dense_mlp_only: ClassVar[bool] = False  # its layer's MLP must be dense (not moe)
+    # attend_documents: packed documents kept apart (data.document_mask, megalong/attention/segments.py)
+    supports_document_mask: ClassVar[bool] = False
 
     def check(self, shape: ModelShape) -> None:
         """Raise OptionError for a value that does not fit the sequence length or the layout."""
@@ -49,6 +51,8 @@ class AttentionOptions:
 class GlobalOptions(AttentionOptions):
     """Full causal attention: every token sees itself and everything before it."""
 
+    supports_document_mask: ClassVar[bool] = True
+
 
 @dataclass
 class LocalOptions(AttentionOptions):
@@ -59,6 +63,8 @@ class LocalOptions(AttentionOptions):
     or a list of positions; these attend to everything before them and every later token attends to
     them, through their own q/k/v projections (Longformer, local.py).
     """
+
+    supports_document_mask: ClassVar[bool] = True
 
     window: int = 256
     dilation: Any = 1  # int or list of ints, one per head
@@ -107,6 +113,7 @@ class LinearOptions(AttentionOptions):
     eps: float = 1e-6
     chunk_size: int = 64
     supports_alibi: ClassVar[bool] = False  # no attention scores to bias
+    supports_document_mask: ClassVar[bool] = True
 
     def attended_keys(self, shape: ModelShape) -> float:
         """Per token: a state update and a read of head_dim x head_dim, about head_dim keys' work."""
@@ -123,6 +130,8 @@ class LinearOptions(AttentionOptions):
 class AxialOptions(AttentionOptions):
     """Axial attention (axial.py): the sequence folded row by row into `axial_shape: [rows, cols]`
     (rows x cols = the sequence length), attention along its row and its column, causal."""
+
+    supports_document_mask: ClassVar[bool] = True
 
     axial_shape: Optional[list] = None
 
@@ -152,6 +161,8 @@ class LshOptions(AttentionOptions):
     rotations than training did. A number (1 or even; e.g. seq_length / bucket_size of training)
     fixes the hashing whatever the length, as Reformer/trax configure n_buckets explicitly.
     """
+
+    supports_document_mask: ClassVar[bool] = True
 
     n_hashes: int = 2
     bucket_size: int = 64
@@ -186,6 +197,7 @@ class FamOptions(AttentionOptions):
     feedback-memory tokens per layer (0: block sliding-window attention without FAM) (fam.py)."""
 
     supports_rope: ClassVar[bool] = False  # FAM tokens have no position to rotate by
+    supports_document_mask: ClassVar[bool] = True
     dense_mlp_only: ClassVar[bool] = True  # FAM tokens pass the MLP once per block
 
     block_size: int = 256

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from megalong.attention.options import ATTENTION_OPTIONS
 from megalong.config.check_model import positive
 from megalong.config.errors import ConfigError
 from megalong.config.schema import Config
@@ -54,6 +55,23 @@ def validate_data(cfg: Config) -> None:
             raise ConfigError(f"data.train[{i}].path: give the .bin/.idx prefix without the suffix: "
                               f"{entry.path[:-4]}, not {entry.path}")
         positive(entry.weight, f"data.train[{i}].weight")
+    validate_documents(cfg)
+
+
+def validate_documents(cfg: Config) -> None:
+    """data.document_mask only with kinds that keep documents apart; reset_position_ids only where
+    there are absolute positions to reset, or with the mask (relative positions: RoPE, ALiBi)."""
+    d, m = cfg.data, cfg.model
+    if d.document_mask:
+        for kind in dict.fromkeys(cfg.layer_kinds()):
+            if not ATTENTION_OPTIONS[kind].supports_document_mask:
+                raise ConfigError(f"data.document_mask: '{kind}' attention does not keep packed "
+                                  "documents apart yet; use other kinds or document_mask: false")
+    if d.reset_position_ids and m.position_embedding not in ("learned", "axial") and not d.document_mask:
+        what = "ALiBi" if m.alibi else m.position_embedding
+        raise ConfigError(f"data.reset_position_ids: with {what} positions (relative) it needs "
+                          "data.document_mask: true (the mask is what restarts relative distances "
+                          "at each document; without it there is no position to reset)")
 
 
 def validate_train(cfg: Config) -> None:

@@ -110,6 +110,15 @@ class DataConfig:
     split: str = "98,2,0"  # train, valid, test shares of the documents
     seq_length: int | None = None  # default model.max_position_embeddings
     cache_dir: str | None = None  # megatron dataset index cache; default <save_dir>/data_cache
+    # Packed documents (megalong/attention/segments.py), all off by default: a sample is then one
+    # sequence, as megatron-core's GPTDataset gives it, and runs made before these keys compute
+    # what they did. document_mask: no token attends to another document of its sample (every
+    # attention kind; linear/FAM state restarts); reset_position_ids: positions restart at 0 in
+    # every document; eod_mask_loss: no loss where the input token is EOD (its target is the next
+    # document's first token), as megatron's flag of that name.
+    document_mask: bool = False
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
 
 
 @dataclass

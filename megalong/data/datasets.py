@@ -7,7 +7,9 @@ A sample (`dataset[i]`) is a dict; with L = seq_length:
     position_ids  int64 [L]   0 .. L-1 (not reset at document boundaries)
     dataset_id    int         which prefix of the blend it came from (blends of 2+ prefixes only)
 No attention mask is built (megatron would make a dense 1 x L x L one per sample): megalong's
-attention builds its own masks from positions. `collate` stacks samples into a batch.
+attention builds its own masks from positions. `collate` stacks samples into a batch. The `data`
+keys document_mask, reset_position_ids and eod_mask_loss act on the batch once it is on its device
+(megalong/train/documents.py), not here.
 
 megatron-core loops forever when a split that is asked for samples receives no document (or no
 token), so `build_gpt_datasets` checks every prefix's split first and names the problem.

@@ -129,6 +129,25 @@ class MegalongCache:
         return self.seen
 
 
+# Keyword arguments through which Hugging Face code passes packed sequences (flash-attention varlen
+# "padding-free" batches); megalong's export runs one document per row.
+PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "packed_seq_params",
+                   "segment_ids")
+
+
+def refuse_packed_inputs(kwargs: dict, positions: torch.Tensor) -> None:
+    """Raise on packed documents (position ids that restart inside a row, cu_seq_lens, segment
+    ids) instead of silently letting the documents attend to each other."""
+    given = sorted(k for k in PACKED_KEYWORDS if kwargs.get(k) is not None)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and not torch.equal(position_ids.to(positions.device),
+                                                     positions.expand_as(position_ids)):
+        given.append("position_ids")
+    if given:
+        raise ValueError(f"MegalongForCausalLM: packed sequences ({', '.join(given)}) are not supported: "
+                         "give one document per row (megalong trains packed documents with data.document_mask)")
+
+
 class MegalongForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MegalongConfig
     base_model_prefix = "megalong"
@@ -165,6 +184,7 @@ class MegalongForCausalLM(PreTrainedModel, GenerationMixin):
             cache = MegalongCache(len(self.decoder.layers))
         start = cache.seen if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        refuse_packed_inputs(unused, positions)
         x = self.embedding(input_ids, positions).transpose(0, 1)  # megatron layout [s, b, h]
         x = self.decoder(x, positions, cache).transpose(0, 1)
         if cache is not None:

@@ -14,7 +14,7 @@ recomputes the chunk's [chunk, chunk] scores it needs. `tl.dot` operands keep th
 (bf16 states and scores are rounded to bf16 for the dot, accumulation is float32) and float32
 operands follow `megalong.kernels.tuning.dot_input_precision`.
 The feature map stays in torch (elementwise; autograd chains it), so the kernel's inputs are
-features. The reference is `megalong.attention.linear.causal_linear_attention`.
+features. The reference is `megalong.kernels.linear_reference.causal_linear_attention`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megalong.attention.linear import causal_linear_attention, elu_feature_map
 from megalong.kernels.arch import device_arch
+from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
 from megalong.kernels.offsets import offset64
 from megalong.kernels.tuning import dot_input_precision, linear_tiles
 
@@ -230,7 +230,7 @@ class _CausalLinear(torch.autograd.Function):
 
 def causal_linear_attention_features(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
                                      eps: float = 1e-6, chunk_size: int = 64) -> torch.Tensor:
-    """Triton equivalent of `megalong.attention.linear.causal_linear_attention` on features
+    """Triton equivalent of `linear_reference.causal_linear_attention` on features
     fq, fk [b, h, L, D] and v [b, h, L, E]; `chunk_size` is rounded up to a power of two >= 16."""
     chunk = max(16, triton.next_power_of_2(chunk_size))
     return _CausalLinear.apply(fq, fk, v, float(eps), chunk)

@@ -12,37 +12,16 @@ No kernel here has a `tl.dot`. Offsets that scale with the number of tokens are 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from megalong.kernels.gating_reference import Gating
 
 
 # ---- gating ------------------------------------------------------------------------------------
-
-@dataclass
-class Gating:
-    probs: torch.Tensor  # [T, E] router probabilities (float32)
-    gates: torch.Tensor  # [T, k] combine weights (renormalised over the chosen when asked)
-    expert_index: torch.Tensor  # [T, k] chosen experts, best first (int64)
-    counts: torch.Tensor  # [E] assignments per expert (int64)
-
-
-def reference_topk_gating(logits: torch.Tensor, k: int, renormalize: bool,
-                          selection_bias: Optional[torch.Tensor] = None) -> Gating:
-    """What `TopKRouter.forward` does after its linear layer."""
-    probs = torch.softmax(logits, dim=-1)
-    if selection_bias is not None:
-        index = (probs + selection_bias.to(probs.dtype)).topk(k, dim=-1).indices
-        top = probs.gather(1, index)
-    else:
-        top, index = probs.topk(k, dim=-1)
-    gates = top / top.sum(-1, keepdim=True) if renormalize else top
-    return Gating(probs, gates, index, torch.bincount(index.reshape(-1), minlength=logits.shape[1]))
-
 
 @triton.jit
 def _gating_fwd(LOGITS, BIAS, PROBS, GATES, INDEX, COUNTS, T, E,
@@ -118,7 +97,7 @@ class _Gating(torch.autograd.Function):
 
 def topk_gating(logits: torch.Tensor, k: int, renormalize: bool,
                 selection_bias: Optional[torch.Tensor] = None) -> Gating:
-    """Fused gating on router logits [T, E] (computed in float32); see `reference_topk_gating`."""
+    """Fused gating on router logits [T, E] (computed in float32); see `gating_reference.reference_topk_gating`."""
     E = logits.shape[1]
     if not 1 <= k <= E:
         raise ValueError(f"topk_gating: top-k {k} must lie in 1..{E} experts")

@@ -19,6 +19,11 @@ The backward kernel recomputes the probabilities from the log-sum-exp; dq is wri
 block, dk and dv are accumulated with float32 atomics (a key tile is shared by the ~window / block_m
 query blocks that see it, and global keys by all of them).
 Dropout is not implemented: callers use the reference when dropout is active.
+
+`segment_ids` [b, L] (packed documents, non-decreasing along a row): a pair is visible only inside
+one document, and a query block starts its key walk at the first position of its earliest query's
+document, so the key tiles of earlier documents are never read (global attention over documents of
+length n costs O(L * n), not O(L^2)).
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                window: Optional[int] = None, dilation: int = 1,
                                slopes: Optional[torch.Tensor] = None,
                                global_keys: Optional[torch.Tensor] = None,
-                               q_positions: Optional[torch.Tensor] = None
+                               q_positions: Optional[torch.Tensor] = None,
+                               segment_ids: Optional[torch.Tensor] = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same attention with an explicit [Lq, L] mask (O(L^2)): returns (out, lse [b, h, Lq])."""
     L, Lq = k.shape[2], q.shape[2]
@@ -49,6 +55,9 @@ def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         is_global = torch.zeros(L, dtype=torch.bool, device=q.device)
         is_global[global_keys.to(q.device).long()] = True
         visible = visible | (is_global[None, :] & (distance >= 0))
+    if segment_ids is not None:  # [b, 1, Lq, L]: one document only
+        seg = segment_ids.to(q.device)
+        visible = visible & (seg[:, pos_q][:, None, :, None] == seg[:, None, None, :])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if slopes is not None:
         scores = scores - slopes.to(scores.dtype).view(-1, 1, 1) * distance.to(scores.dtype)
@@ -80,10 +89,10 @@ def _query_block(QPOS, Lq, L, dilation, pid_m,
 
 
 @triton.jit
-def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
+def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS, SEG, DSTART,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 H, Lq, L, n_global, window, dilation, qk_scale,
-                HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -113,12 +122,20 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
         t_hi = t_lo + BLOCK_M
     s_lo = tl.maximum(t_lo - (window - 1), 0)
     s_hi = tl.minimum(t_hi, n_sub)
+    seg_q = rows * 0
+    if HAS_SEG:  # skip the key tiles before the block's earliest document
+        seg_q = tl.load(SEG + offset64(b, L) + pos_q, mask=valid_q, other=-1)
+        first = tl.min(tl.load(DSTART + offset64(b, L) + pos_q, mask=valid_q, other=L), axis=0)
+        s_lo = tl.maximum(s_lo, (first - r + dilation - 1) // dilation)
     for s0 in range(s_lo, s_hi, BLOCK_N):
         s = s0 + tl.arange(0, BLOCK_N)
         pos_k = r + dilation * s
         valid_k = s < s_hi
         steps = t_q[:, None] - s[None, :]
         visible = (steps >= 0) & (steps < window) & valid_k[None, :] & valid_q[:, None]
+        if HAS_SEG:
+            seg_k = tl.load(SEG + offset64(b, L) + pos_k, mask=valid_k, other=-2)
+            visible = visible & (seg_q[:, None] == seg_k[None, :])
         kv_mask = valid_k[:, None] & d_mask[None, :]
         acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
                                   V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
@@ -133,6 +150,9 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
             gap = pos_q[:, None] - pos_k[None, :]
             in_window = (gap % dilation == 0) & (gap < window * dilation)
             visible = (gap >= 0) & ~in_window & valid_k[None, :] & valid_q[:, None]
+            if HAS_SEG:
+                seg_k = tl.load(SEG + offset64(b, L) + pos_k, mask=valid_k, other=-2)
+                visible = visible & (seg_q[:, None] == seg_k[None, :])
             kv_mask = valid_k[:, None] & d_mask[None, :]
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
                                       V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
@@ -147,10 +167,10 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS,
 
 
 @triton.jit
-def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEYS,
+def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEYS, SEG, DSTART,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                 H, Lq, L, n_global, window, dilation, qk_scale, sm_scale,
-                HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq [b, h, Lq, D] float32 written here; dk, dv [b, h, L, D] float32 (contiguous) accumulated."""
@@ -183,12 +203,20 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
         t_hi = t_lo + BLOCK_M
     s_lo = tl.maximum(t_lo - (window - 1), 0)
     s_hi = tl.minimum(t_hi, n_sub)
+    seg_q = rows * 0
+    if HAS_SEG:  # skip the key tiles before the block's earliest document
+        seg_q = tl.load(SEG + offset64(b, L) + pos_q, mask=valid_q, other=-1)
+        first = tl.min(tl.load(DSTART + offset64(b, L) + pos_q, mask=valid_q, other=L), axis=0)
+        s_lo = tl.maximum(s_lo, (first - r + dilation - 1) // dilation)
     for s0 in range(s_lo, s_hi, BLOCK_N):
         s = s0 + tl.arange(0, BLOCK_N)
         pos_k = r + dilation * s
         valid_k = s < s_hi
         steps = t_q[:, None] - s[None, :]
         visible = (steps >= 0) & (steps < window) & valid_k[None, :] & valid_q[:, None]
+        if HAS_SEG:
+            seg_k = tl.load(SEG + offset64(b, L) + pos_k, mask=valid_k, other=-2)
+            visible = visible & (seg_q[:, None] == seg_k[None, :])
         kv_mask = valid_k[:, None] & d_mask[None, :]
         grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
         dq = backward_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
@@ -203,6 +231,9 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
             gap = pos_q[:, None] - pos_k[None, :]
             in_window = (gap % dilation == 0) & (gap < window * dilation)
             visible = (gap >= 0) & ~in_window & valid_k[None, :] & valid_q[:, None]
+            if HAS_SEG:
+                seg_k = tl.load(SEG + offset64(b, L) + pos_k, mask=valid_k, other=-2)
+                visible = visible & (seg_q[:, None] == seg_k[None, :])
             kv_mask = valid_k[:, None] & d_mask[None, :]
             grad_off = pos_k[:, None] * HEAD_DIM + offs_d[None, :]
             dq = backward_tile(dq, q, do, lse2, delta, K + pos_k[:, None] * skn + offs_d[None, :],
@@ -220,7 +251,8 @@ def _launch_shape(Lq: int, L: int, dilation: int, has_qpos: bool, block_m: int) 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, dilation, slopes, global_keys, q_positions, q_bounds, tiles):
+    def forward(ctx, q, k, v, scale, window, dilation, slopes, global_keys, q_positions, q_bounds, tiles,
+                segments=None, doc_starts=None):
         B, H, Lq, D = q.shape
         L = k.shape[2]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -235,20 +267,21 @@ class _WindowAttention(torch.autograd.Function):
             q, k, v, o, lse, slopes if slopes is not None else dummy,
             q_positions if q_positions is not None else dummy,
             q_bounds if q_bounds is not None else dummy, global_keys if global_keys is not None else dummy,
+            segments if segments is not None else dummy, doc_starts if doc_starts is not None else dummy,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             H, Lq, L, n_global, window, dilation, scale * LOG2E,
             HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
-            HAS_GLOBAL=n_global > 0, HEAD_DIM=D, BLOCK_D=block_d,
+            HAS_GLOBAL=n_global > 0, HAS_SEG=segments is not None, HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, DOT_PRECISION=dot_input_precision(q.dtype),
             num_warps=fwd.num_warps, num_stages=fwd.num_stages)
-        ctx.save_for_backward(q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds)
+        ctx.save_for_backward(q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds, segments, doc_starts)
         ctx.args = (scale, window, dilation, tiles[1])
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds = ctx.saved_tensors
+        q, k, v, o, lse, slopes, global_keys, q_positions, q_bounds, segments, doc_starts = ctx.saved_tensors
         scale, window, dilation, bwd = ctx.args
         B, H, Lq, D = q.shape
         L = k.shape[2]
@@ -266,14 +299,17 @@ class _WindowAttention(torch.autograd.Function):
             q, k, v, do, dq, dk, dv, lse, delta, slopes if slopes is not None else dummy,
             q_positions if q_positions is not None else dummy,
             q_bounds if q_bounds is not None else dummy, global_keys if global_keys is not None else dummy,
+            segments if segments is not None else dummy, doc_starts if doc_starts is not None else dummy,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             H, Lq, L, n_global, window, dilation, scale * LOG2E, scale,
             HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
-            HAS_GLOBAL=n_global > 0, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            HAS_GLOBAL=n_global > 0, HAS_SEG=segments is not None, HEAD_DIM=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)),
             BLOCK_M=bwd.block_m, BLOCK_N=bwd.block_n, DOT_PRECISION=dot_input_precision(q.dtype),
             num_warps=bwd.num_warps, num_stages=bwd.num_stages)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None,
+                None, None)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -281,7 +317,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      slopes: Optional[torch.Tensor] = None,
                      global_keys: Optional[torch.Tensor] = None,
                      q_positions: Optional[torch.Tensor] = None,
-                     blocks: Optional[tuple[int, int, int]] = None
+                     blocks: Optional[tuple[int, int, int]] = None,
+                     segment_ids: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton windowed attention: q [b, h, Lq, D], k and v [b, h, L, D] -> (out, lse [b, h, Lq]).
 
@@ -313,5 +350,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         tiles_q = torch.nn.functional.pad(q_positions, (0, pad), value=-1).view(-1, block_m)
         lo = torch.where(tiles_q >= 0, tiles_q, torch.iinfo(torch.int32).max).amin(1)
         q_bounds = torch.stack([lo, tiles_q.amax(1) + 1], 1).to(torch.int32).contiguous()
+    segments = doc_starts = None
+    if segment_ids is not None:  # int32 [b, L], and the first position of each token's document
+        segments = segment_ids.to(device=q.device, dtype=torch.int32).contiguous()
+        index = torch.arange(L, device=q.device, dtype=torch.int32).expand_as(segments)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        doc_starts = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values.contiguous()
     return _WindowAttention.apply(q, k, v, float(scale), int(window), int(dilation), slopes,
-                                  global_keys, q_positions, q_bounds, tiles)
+                                  global_keys, q_positions, q_bounds, tiles, segments, doc_starts)

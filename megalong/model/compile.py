@@ -35,6 +35,10 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
         modules = [m for layer in decoder.layers for m in (layer.self_attention, layer.mlp)]
     else:
         modules = list(decoder.layers)
+    # dynamic=False: a new sequence length (eval, a shorter last batch) compiles one more static
+    # graph; dynamo's automatic dynamic shapes would instead trace the layers with symbolic lengths,
+    # and torch's SDPA decomposition then views the windowed blocks' expanded keys with a stride it
+    # cannot view (RuntimeError, measured on torch 2.13 with local attention).
     for module in modules:
-        module.compile(backend=backend)
+        module.compile(backend=backend, dynamic=False)
     return len(modules)

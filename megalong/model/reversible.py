@@ -255,6 +255,7 @@ def run_reversible(layers: list, x1: torch.Tensor, x2: torch.Tensor, kwargs: dic
     for layer in layers:
         if _aux_of(layer) is not None:
             layer.mlp.aux_loss = next(aux)
+            layer.mlp.ran_without_autograd = False  # its aux loss has a graph: through the Function
     return out[0], out[1]
 
 

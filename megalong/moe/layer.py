@@ -3,6 +3,10 @@
 forward(hidden [s, b, h]) -> (output [s, b, h], None), like megatron's MLP. The auxiliary loss of
 the last forward is kept on the layer (`aux_loss`) for the training step to add to the LM loss,
 and its routing statistics (`stats`) for the logs.
+
+megatron's full recompute runs a layer's first forward without autograd and again in backward: the
+aux loss the step adds then has no graph. `moe_aux_loss(model, grad_scale)` marks such layers, and
+their recomputation gives its aux loss the gradient the step's sum would have (AttachAuxLoss).
 """
 from __future__ import annotations
 
@@ -19,6 +23,21 @@ from megalong.moe.expert_parallel import all_to_all, gather_rows, plan_exchange,
 from megalong.moe.experts import Experts
 from megalong.moe.options import MoEOptions
 from megalong.moe.router import TopKRouter, build_router
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on `output` whose backward also gives `aux_loss` the gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, ctx.scale), None
 
 
 @dataclass
@@ -59,6 +78,8 @@ class MoELayer(nn.Module):
         self.shared = (Experts(1, hidden, ffn * o.num_shared_experts, config.activation_func, gated,
                                config.init_method_std, output_std) if o.num_shared_experts else None)
         self.aux_loss: Optional[torch.Tensor] = None
+        self.ran_without_autograd = False  # the last forward: training, autograd off (a checkpoint)
+        self.recompute_aux_scale: Optional[float] = None  # set by moe_aux_loss for the recomputation
         self.stats: Optional[RoutingStats] = None
         self.layer_number: Optional[int] = None
 
@@ -69,16 +90,21 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         fused = kernels.use_kernels(x)  # Triton gating, permutation and grouped GEMM on CUDA
-        routing = kernels.topk_route(self.router, x) if fused and type(self.router) is TopKRouter else None
-        routing = routing if routing is not None else self.router(x)
+        routing = self.router(x, fused=fused) if type(self.router) is TopKRouter else self.router(x)
         dispatch = plan(routing.expert_index, routing.gates, routing.kept, self.options.num_experts)
         if fused and self.ep_size == 1:
-            out = kernels.moe_experts(self.experts, x, dispatch, routing.expert_index.shape[1])
+            out = fused_experts(self.experts, x, dispatch, routing.expert_index.shape[1])
         else:
             out = self._experts_torch(x, dispatch)
         if self.shared is not None:
             out = out + self.shared.expert(0, x)
         self.aux_loss = routing.aux_loss
+        self.ran_without_autograd = self.training and not torch.is_grad_enabled()
+        if self.ran_without_autograd:
+            self.recompute_aux_scale = None
+        elif self.recompute_aux_scale is not None:  # the recomputation of a checkpointed forward
+            out = AttachAuxLoss.apply(out, routing.aux_loss, self.recompute_aux_scale)
+            self.recompute_aux_scale = None
         self.stats = RoutingStats(routing.load.detach(), (~routing.kept).sum().detach(), routing.kept.numel())
         return out.view(shape), None
 
@@ -99,7 +125,6 @@ class MoELayer(nn.Module):
                             self.tp_size, self.tp_group)
         return unpermute(y, dispatch, x.shape[0])
 
-
     def _experts_across_ranks(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Rows sorted by global expert -> their experts' ranks -> back, in the same order."""
         ex = plan_exchange(tokens_per_expert, self.ep_size, self.ep_group)
@@ -107,6 +132,22 @@ class MoELayer(nn.Module):
         y = self.experts(received[ex.order], ex.local_counts)
         y = torch.empty_like(y).index_copy(0, ex.order, y)  # back to the order rows arrived in
         return all_to_all(y, ex.recv, ex.send, self.ep_group)
+
+
+@kernels.eager
+def fused_experts(experts: Experts, x: torch.Tensor, dispatch: Any, top_k: int) -> torch.Tensor:
+    """`MoELayer._experts_torch` on one expert-parallel rank, on the kernels (megalong/kernels/moe.py,
+    grouped_gemm.py): permute, the experts as grouped GEMMs, combine with the gates: what
+    `unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)` computes (top_k: the most experts
+    a token goes to)."""
+    from megalong.kernels.grouped_gemm import grouped_experts
+    from megalong.kernels.moe import combine_rows, permute_rows, rows_of_tokens
+
+    rows = rows_of_tokens(dispatch.token, x.shape[0], top_k)
+    y = permute_rows(x, dispatch.token, rows)
+    y = grouped_experts(y, dispatch.tokens_per_expert, experts.w1, experts.w2,
+                        getattr(experts, "w3", None) if experts.gated else None, experts.activation)
+    return combine_rows(y, dispatch.gate, dispatch.token, rows)
 
 
 def expert_parallel_layout() -> tuple[int, int, Any]:
@@ -121,9 +162,16 @@ def expert_parallel_layout() -> tuple[int, int, Any]:
     return size, parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_group()
 
 
-def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """Sum of the auxiliary losses of every MoE layer's last forward (None without MoE layers)."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+def moe_aux_loss(model: nn.Module, grad_scale: Optional[float] = None) -> Optional[torch.Tensor]:
+    """Sum of the auxiliary losses of every MoE layer's last forward (None without MoE layers).
+    `grad_scale`: the factor this sum enters the step's loss with, given to the aux loss of layers
+    whose forward ran without autograd when their recomputation in backward runs."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+    if grad_scale is not None:
+        for m in layers:
+            if m.ran_without_autograd:
+                m.recompute_aux_scale = grad_scale
+    losses = [m.aux_loss for m in layers]
     return torch.stack([l.float() for l in losses]).sum() if losses else None
 
 

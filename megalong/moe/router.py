@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalong.kernels import select as kernels
+from megalong.kernels.gating_reference import Gating, reference_topk_gating
 from megalong.moe.losses import cv_squared, load_balance_loss, router_z_loss
 from megalong.moe.options import MoEOptions
 
@@ -54,6 +56,15 @@ def apply_capacity(expert_index: torch.Tensor, num_experts: int, capacity: Optio
     return (position < capacity).view(k, T).t()
 
 
+@kernels.eager
+def gating_kernel(logits: torch.Tensor, k: int, renormalize: bool, selection_bias: Optional[torch.Tensor]) -> Gating:
+    """`reference_topk_gating` on the fused gating kernel (megalong/kernels/moe.py), float32 logits."""
+    from megalong.kernels.moe import topk_gating as fused_topk_gating
+
+    bias = None if selection_bias is None else selection_bias.to(logits.dtype)
+    return fused_topk_gating(logits, k, renormalize, bias)
+
+
 class TopKRouter(nn.Module):
     """GShard/Mixtral top-k (k >= 1, weights renormalised over the chosen) or Switch top-1 (the
     gate is the router probability itself). Load-balance loss of Switch, optional z-loss."""
@@ -73,27 +84,24 @@ class TopKRouter(nn.Module):
         self.step_load: Optional[torch.Tensor] = None
 
     @in_router_dtype
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> Routing:
+        """`fused`: the top-k gating on the Triton kernel (the MoE layer asks `kernels.use_kernels`);
+        a float64 router (`router_dtype: fp64`) keeps the torch gating."""
         o = self.options
         logits = F.linear(x.to(self.dtype), self.weight.to(self.dtype))
-        probs = torch.softmax(logits, dim=-1)
-        if o.bias_update_rate:
-            expert_index = (probs + self.expert_bias.to(probs.dtype)).topk(self.top_k, dim=-1).indices
-            top_probs = probs.gather(1, expert_index)
-            if self.training:
-                counts = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts).double()
-                self.step_load = counts if self.step_load is None else self.step_load + counts
-        else:
-            top_probs, expert_index = probs.topk(self.top_k, dim=-1)
-        gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
+        bias = self.expert_bias if o.bias_update_rate else None
+        gating = gating_kernel if fused and self.dtype == torch.float32 else reference_topk_gating
+        g = gating(logits, self.top_k, self.renormalize, bias)
+        probs, gates, expert_index, load = g.probs, g.gates, g.expert_index, g.counts
+        if o.bias_update_rate and self.training:
+            counts = load.double()
+            self.step_load = counts if self.step_load is None else self.step_load + counts
         capacity = None if o.dropless else expert_capacity(x.shape[0], self.top_k, o.num_experts, o.capacity_factor)
-        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts)
+        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts, counts=load)
         if o.z_loss_coeff:
             aux = aux + o.z_loss_coeff * router_z_loss(logits)
-        load = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
         return Routing(expert_index, gates.to(x.dtype), apply_capacity(expert_index, o.num_experts, capacity),
                        aux, load)
-
 
     @torch.no_grad()
     def update_bias(self, data_parallel_group=None, applied=None) -> None:

@@ -2,9 +2,11 @@
 run reads exactly what the uninterrupted run would have read."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+
+from megalong.train.documents import DocumentBatching
 
 
 def micro_batch_indices(step: int, global_batch: int, micro_batch: int, dp_size: int,
@@ -24,9 +26,13 @@ def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
 
 
-def fetch(dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+def fetch(dataset, indices: list[int], device: torch.device,
+          documents: Optional[DocumentBatching] = None) -> dict[str, torch.Tensor]:
+    """The samples at `indices` as a batch on `device`; `documents`: with segment ids, reset
+    positions and the EOD loss mask computed there (data.document_mask and friends)."""
     batch = collate([dataset[i] for i in indices])
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch if documents is None else documents.apply(batch)
 
 
 def eval_batches(dataset, eval_iters: int, global_batch: int, micro_batch: int, dp_size: int,

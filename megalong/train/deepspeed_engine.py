@@ -109,7 +109,7 @@ class DeepSpeedEngine:
         aux_total = torch.zeros((), device=device)
         for batch in micro_batches:
             loss = losses.lm_loss(engine, batch)
-            aux = moe_aux_loss(engine.module)
+            aux = moe_aux_loss(engine.module, grad_scale=1.0 / n_micro)
             engine.backward(loss + aux if aux is not None else loss)  # scaled by 1/n_micro inside
             engine.step()  # the optimizer steps at the last micro-batch only
             lm += loss.detach() / n_micro

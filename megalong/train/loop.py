@@ -23,6 +23,7 @@ from megalong.parallel.distributed import ParallelLayout
 from megalong.preflight import check_train_inputs
 from megalong.train import run_log
 from megalong.train.batches import eval_batches, fetch, micro_batch_indices
+from megalong.train.documents import DocumentBatching
 from megalong.train.engine import Engine, StepResult
 from megalong.train.engines import build_engine, initialize_for
 from megalong.train.extra_eval import ExtraEval
@@ -43,10 +44,11 @@ class TrainResult:
     tokens_per_second: Optional[float] = None
 
 
-def evaluate(engine: Engine, dataset, cfg: Config, layout: ParallelLayout) -> float:
+def evaluate(engine: Engine, dataset, cfg: Config, layout: ParallelLayout,
+             documents: Optional[DocumentBatching] = None) -> float:
     """Mean loss over the first `eval_iters` global batches of the held-out split."""
     t = cfg.train
-    batches = (fetch(dataset, indices, layout.device) for indices in eval_batches(
+    batches = (fetch(dataset, indices, layout.device, documents) for indices in eval_batches(
         dataset, t.eval_iters, t.global_batch_size, t.micro_batch_size, layout.data_parallel,
         layout.data_rank))
     n_micro = t.eval_iters * t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
@@ -133,6 +135,7 @@ def train(cfg: Config) -> TrainResult:
 
     train_set, valid_set, _ = build_datasets(cfg, tokenizer)
     extra = ExtraEval(cfg, tokenizer, layout, valid_set is not None)
+    documents = DocumentBatching.from_config(cfg.data, tokenizer.eod)
     n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
     throughput = Throughput(t.global_batch_size * cfg.seq_length, flops_per_token,
@@ -159,7 +162,7 @@ def train(cfg: Config) -> TrainResult:
         indices = micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
                                       layout.data_parallel, layout.data_rank)
         profiler.step_begins(step + 1)
-        steps.pending.append((step + 1, engine.step((fetch(train_set, idx, layout.device) for idx in indices), lr)))
+        steps.pending.append((step + 1, engine.step((fetch(train_set, idx, layout.device, documents) for idx in indices), lr)))
         throughput.step_done()
         done = step + 1
         if (summary := profiler.step_ends(done)) is not None:
@@ -176,9 +179,9 @@ def train(cfg: Config) -> TrainResult:
 
         if valid_set is not None and done % t.eval_interval == 0 and done != end_step:
             steps.check()
-            result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout)
+            result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout, documents)
             run_log.report_held_out(reporter, done, result.valid_losses[done])
-            extra.held_out(done, reporter, lambda ds: evaluate(engine, ds, cfg, layout))
+            extra.held_out(done, reporter, lambda ds: evaluate(engine, ds, cfg, layout, documents))
         if extra.tasks_due(done, end_step) and done != end_step:
             steps.check()
             extra.run_tasks(done, reporter, engine.chunks)
@@ -193,10 +196,10 @@ def train(cfg: Config) -> TrainResult:
     if (summary := profiler.finish()) is not None:  # the run stopped inside the profiled steps
         reporter.line(summary)
     if valid_set is not None:
-        result.final_valid_loss = evaluate(engine, valid_set, cfg, layout)
+        result.final_valid_loss = evaluate(engine, valid_set, cfg, layout, documents)
         result.valid_losses[end_step] = result.final_valid_loss
         run_log.report_held_out(reporter, end_step, result.final_valid_loss, final_of=end_step)
-        extra.held_out(end_step, reporter, lambda ds: evaluate(engine, ds, cfg, layout))
+        extra.held_out(end_step, reporter, lambda ds: evaluate(engine, ds, cfg, layout, documents))
     if extra.tasks_due(end_step, end_step):
         extra.run_tasks(end_step, reporter, engine.chunks)
     if t.save_dir:

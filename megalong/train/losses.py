@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong.config import Config
-from megalong.model.gpt import position_ids_for
+from megalong.train.documents import model_inputs
 
 
 def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -21,8 +21,8 @@ def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
 
 def lm_loss(model: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the tokens the loss mask keeps."""
-    tokens = batch["tokens"]
-    per_token = model(tokens, position_ids_for(tokens), None, labels=batch["labels"])
+    tokens, positions, kwargs = model_inputs(batch)
+    per_token = model(tokens, positions, None, labels=batch["labels"], **kwargs)
     return masked_mean(per_token, batch["loss_mask"])
 
 

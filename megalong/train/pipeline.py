@@ -20,24 +20,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megalong.model.gpt import position_ids_for
-from megalong.moe.layer import RoutingStats, moe_aux_loss, moe_stats
+from megalong.moe.layer import AttachAuxLoss, RoutingStats, moe_aux_loss, moe_stats
+from megalong.train.documents import model_inputs
 from megalong.train.losses import masked_mean
-
-
-class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on `output` whose backward also gives `aux_loss` the gradient `scale`."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(aux_loss)
-        ctx.scale = scale
-        return output
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (aux_loss,) = ctx.saved_tensors
-        return grad, torch.full_like(aux_loss, ctx.scale), None
 
 
 def reversible_chunks(chunks: list[torch.nn.Module]) -> bool:
@@ -57,14 +42,15 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        tokens = batch["tokens"]
+        tokens, positions, kwargs = model_inputs(batch)  # segment ids: from each stage's own copy
         with autocast():
-            output = model(tokens, position_ids_for(tokens), None, labels=batch["labels"])
-            aux: Optional[torch.Tensor] = moe_aux_loss(model)  # this forward's MoE layers only
+            output = model(tokens, positions, None, labels=batch["labels"], **kwargs)
+            # this forward's MoE layers only
+            aux: Optional[torch.Tensor] = moe_aux_loss(model, None if forward_only else 1.0 / n_micro)
         if aux is not None:
             aux_values.append(aux.detach())
             if not forward_only:
-                output = _AttachAuxLoss.apply(output, aux, 1.0 / n_micro)
+                output = AttachAuxLoss.apply(output, aux, 1.0 / n_micro)
         if output.dtype != torch.float32:  # stages exchange float32 (TransformerConfig.pipeline_dtype)
             output = output.float()
 

@@ -113,7 +113,7 @@ class TorchEngine:
                 nonlocal lm, aux
                 with losses.autocast(cfg, device):
                     loss = losses.lm_loss(model, batch) / n_micro
-                    extra = moe_aux_loss(model)
+                    extra = moe_aux_loss(model, grad_scale=1.0 / n_micro)
                     extra = extra / n_micro if extra is not None else torch.zeros((), device=device)
                 (loss + extra).backward()
                 lm += loss.detach()

@@ -120,3 +120,112 @@ def test_fam_passes_fam_across_blocks_and_memory_gradients(one_process):
     out, _ = model_no_fam.decoder.layers[0](x)
     grad = torch.autograd.grad(out[18:].sum(), x)[0]
     assert grad[:12].abs().sum() == 0 and grad[12:18].abs().sum() > 0  # memory only
+
+
+def naive_fam_documents(x, fam0, qkv, proj, mlp, block, memory, scale, slopes, doc):
+    """The FAM layer over packed documents (fam.py's docstring), one batch row x [s, 1, hidden], as
+    a loop over blocks with explicit masks and positions: block tokens see memory and own-block
+    tokens of their document, F_{t-1} when it is their document's, else the initial FAM (at their
+    document's start - 1); F_t reads [F_{t-1} or, for a document started in block t, the initial
+    FAM; block t's tokens of its last document]."""
+    s = x.shape[0]
+    init = fam0.unsqueeze(1)
+    nf = init.shape[0]
+    start_of = [doc.index(doc[i]) for i in range(s)]
+    fam, fam_doc = init, doc[0]
+    outs = []
+
+    def attend(queries, q_pos, keys, k_pos, visible):
+        q, _, _ = (u.permute(1, 2, 0, 3) for u in qkv(queries))
+        _, k, v = (u.permute(1, 2, 0, 3) for u in qkv(keys))
+        mask = torch.tensor([[visible(i, j) for j in range(len(k_pos(0)))] for i in range(len(q_pos))])
+        bias = None
+        if slopes is not None:
+            bias = torch.tensor([[[-float(sl) * (q_pos[i] - kp) for kp in k_pos(i)] for i in range(len(q_pos))]
+                                 for sl in slopes], dtype=x.dtype)
+        return proj(reference_attention(q, k, v, mask, scale, bias).permute(2, 0, 1, 3).flatten(2))
+
+    for t in range(-(-s // block)):
+        start, end = t * block, min((t + 1) * block, s)
+        first = max(0, start - memory * block)
+        own = list(range(start, end))
+        mem = list(range(first, start))
+        # block tokens: keys [memory; F_{t-1}; initial FAM; own block]
+        keys = torch.cat([x[first:start], fam, init, x[start:end]])
+        kinds = ["mem"] * len(mem) + ["fam"] * nf + ["init"] * nf + ["own"] * len(own)
+        where = mem + [None] * (2 * nf) + own
+
+        def k_pos(i, own=own, start=start):
+            p = own[i]
+            return [j if j is not None else (start - 1 if kind == "fam" else start_of[p] - 1)
+                    for j, kind in zip(where, kinds)]
+
+        def visible(i, j, own=own):
+            p, kind, kp = own[i], kinds[j], where[j]
+            if kind == "fam":
+                return fam_doc == doc[p]
+            if kind == "init":
+                return fam_doc != doc[p]
+            return doc[kp] == doc[p] and (kind == "mem" or kp <= p)
+
+        h = x[start:end] + attend(x[start:end], own, keys, k_pos, visible)
+        outs.append(h + mlp(h))
+        if not nf:
+            continue
+        # F_t
+        last = doc[end - 1]
+        restart = last != fam_doc
+        prev = init if restart else fam
+        origin = start_of[end - 1] - 1 if restart else start - 1
+        keys = torch.cat([prev, x[start:end]])
+        positions = [origin] * nf + own
+        h = prev + attend(prev, [start + block - 1] * nf, keys, lambda i, positions=positions: positions,
+                          lambda i, j, own=own, last=last: j < nf or doc[own[j - nf]] == last)
+        fam, fam_doc = h + mlp(h), last
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("L,block,memory,fam,alibi,rows", [
+    (21, 4, 1, 2, False, [[1, 10, 2, 8], [13, 8]]),  # a one-token document; short last block
+    (20, 5, 2, 3, True, [[3, 1, 1, 15], [20]]),
+    (16, 4, 1, 0, True, [[6, 10], [2, 14]])])  # no FAM: block sliding window of one document
+def test_fam_packed_documents_equal_per_block_loop(one_process, monkeypatch, L, block, memory, fam, alibi, rows):
+    from megalong.attention.segments import DocumentSegments
+
+    heads = 4
+    model = small_model(["fam"], {"fam": {"block_size": block, "memory_segments": memory, "fam_length": fam}},
+                        heads=heads, alibi=alibi, seq=24 if 24 % block == 0 else L)
+    layer = model.decoder.layers[0]
+    segments = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in rows])
+    x = randn(L, 2, 8 * heads, seed=8)
+    out, _ = layer(x, packed_seq_params=DocumentSegments(segment_ids=segments))
+    qkv, proj, mlp = _fam_layer_parts(layer)
+    fam0 = layer.fam_init if fam else torch.zeros(0, 8 * heads, dtype=x.dtype)
+    ref = torch.cat([naive_fam_documents(x[:, r:r + 1], fam0, qkv, proj, mlp, block, memory,
+                                         layer.self_attention.core_attention.scale,
+                                         alibi_slopes(heads) if alibi else None, segments[r].tolist())
+                     for r in range(2)], dim=1)
+    params = [x, layer.self_attention.linear_qkv.weight, layer.mlp.linear_fc1.weight]
+    if fam:
+        params.append(layer.fam_init)
+    assert_close_with_grads(out, ref, params, TOL)
+    assert (layer(x)[0] - ref).abs().max() > 1e-3  # the documents meet without the segments
+    # Where the block kernel would run, segments still take the torch path (never ignored).
+    from megalong.kernels import select
+
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
+    forced, _ = layer(x, packed_seq_params=DocumentSegments(segment_ids=segments))
+    assert (forced - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_fam_documents_starting_at_block_boundaries_equal_documents_alone(one_process, alibi):
+    from megalong.attention.segments import DocumentSegments
+
+    model = small_model(["fam"], {"fam": {"block_size": 4, "memory_segments": 1, "fam_length": 2}}, alibi=alibi)
+    layer = model.decoder.layers[0]
+    x = randn(20, 1, 32, seed=3)
+    segments = torch.tensor([[0] * 8 + [1] * 4 + [2] * 8])
+    out, _ = layer(x, packed_seq_params=DocumentSegments(segment_ids=segments))
+    alone = torch.cat([layer(x[a:b])[0] for a, b in ((0, 8), (8, 12), (12, 20))])
+    assert_close_with_grads(out, alone, [x, layer.fam_init], TOL)

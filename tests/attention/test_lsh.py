@@ -17,11 +17,12 @@ from megalong.attention.reference import explicit_mask, reference_attention
 TOL = 1e-9
 
 
-def naive_lsh(q, v, module, slopes=None):
+def naive_lsh(q, v, module, slopes=None, segments=None):
     """Reformer's multi-round LSH attention written out: per round, hashes from the module's
     rotations, a Python sort by (bucket, position), the L x L mask of 'same chunk or the chunk
-    before, not later in the text', the paper's self penalty (1e5) and duplicate count log N_ij;
-    rounds combined by softmax over their log-sum-exps. Returns the output and the round masks."""
+    before, not later in the text' (and, with `segments` [b, L], 'same document'), the paper's
+    self penalty (1e5) and duplicate count log N_ij; rounds combined by softmax over their
+    log-sum-exps. Returns the output and the round masks."""
     b, h, L, d = q.shape
     c, n = module.bucket_size, module.n_hashes
     chunks = -(-L // c)
@@ -31,6 +32,7 @@ def naive_lsh(q, v, module, slopes=None):
     out = torch.zeros_like(q)
     all_masks = []
     for bi in range(b):
+        doc = [0] * L if segments is None else segments[bi].tolist()
         for hi in range(h):
             masks = []
             for r in range(n):
@@ -41,7 +43,8 @@ def naive_lsh(q, v, module, slopes=None):
                     buckets = [int(torch.argmax(torch.cat([x[i], -x[i]]))) for i in range(L)]
                 order = sorted(range(L), key=lambda i: (buckets[i], i))
                 chunk = {token: place // c for place, token in enumerate(order)}
-                masks.append(explicit_mask(L, lambda i, j: j <= i and chunk[j] in (chunk[i], chunk[i] - 1)))
+                masks.append(explicit_mask(L, lambda i, j: j <= i and chunk[j] in (chunk[i], chunk[i] - 1)
+                                           and doc[i] == doc[j]))
             times = sum(m.double() for m in masks)
             scores = q[bi, hi] @ k[bi, hi].T * module.scale
             if slopes is not None:
@@ -137,3 +140,26 @@ def test_lsh_rotations_are_reproducible_and_follow_the_global_head():
         assert torch.equal(part.rotations(4, 8), full.rotations(4, 8)[2 * rank: 2 * rank + 2])
         halves.append(part.attend(q[:, 2 * rank: 2 * rank + 2], None, v[:, 2 * rank: 2 * rank + 2]))
     assert torch.equal(torch.cat(halves, dim=1), out)
+
+
+@pytest.mark.parametrize("L,bucket,n_hashes,alibi,n_buckets", [
+    (16, 4, 2, False, None), (19, 4, 3, True, None), (12, 3, 2, False, 6)])
+def test_lsh_masks_cross_document_pairs_in_every_round(L, bucket, n_hashes, alibi, n_buckets):
+    """Packed documents: the naive rounds with 'same document' added to every round's mask; a
+    one-token document (it sees only itself), boundaries inside chunks, a padded length."""
+    from megalong.attention.segments import DocumentSegments
+
+    heads = 2
+    module = LshAttention(attention_config(heads), 3, n_hashes=n_hashes, bucket_size=bucket, seed=7, alibi=alibi,
+                          n_buckets=n_buckets).double()
+    lengths = [[1, L - 8, 7], [L // 2, 1, L - L // 2 - 1]]
+    segments = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths])
+    q, v = randn(2, heads, L, 8, seed=1), randn(2, heads, L, 8, seed=2)
+    out = module.attend_documents(q, q, v, segments)
+    ref, _ = naive_lsh(q, v, module, alibi_slopes(heads) if alibi else None, segments)
+    assert_close_with_grads(out, ref, (q, v), TOL)
+    assert (module.attend(q, q, v) - ref).abs().max() > 1e-3  # the documents do meet without the mask
+    # Through the contract: megatron's [s, b, h, d] layout with DocumentSegments.
+    sbhd = [x.permute(2, 0, 1, 3) for x in (q, q, v)]
+    through = module(*sbhd, packed_seq_params=DocumentSegments(segment_ids=segments))
+    assert (through - ref.permute(2, 0, 1, 3).flatten(2)).abs().max() < TOL

@@ -158,7 +158,7 @@ def test_lsh_chunk_attention(b, h, n, L, d, chunk, alibi):
 
 @pytest.mark.parametrize("b,h,L,d,chunk", [(2, 4, 8192, 64, 64), (1, 4, 8192, 128, 128)])
 def test_linear_attention(b, h, L, d, chunk):
-    """The kernel on the float32 inputs select.linear_attend hands it (the module's own bf16
+    """The kernel on the float32 inputs LinearAttention.attend hands it (the module's own bf16
     path is in test_attention_modules)."""
     from megalong.kernels.linear_attention import linear_attention, reference_linear_attention
 

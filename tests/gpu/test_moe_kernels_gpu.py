@@ -45,6 +45,7 @@ GATING_CASES = [  # tokens, experts, k, renormalize, selection bias, logits dtyp
 @pytest.mark.parametrize("T,E,k,renormalize,bias,dtype", GATING_CASES)
 def test_topk_gating(T, E, k, renormalize, bias, dtype):
     from megalong.kernels import moe
+    from megalong.kernels.gating_reference import reference_topk_gating
 
     logits = (torch.randn(T, E, generator=torch.Generator().manual_seed(0)) * 2).to(gc.DEVICE, dtype)
     logits.requires_grad_()
@@ -53,7 +54,7 @@ def test_topk_gating(T, E, k, renormalize, bias, dtype):
     with kernel_launches() as seen:
         got = moe.topk_gating(logits, k, renormalize, selection_bias)
     assert launched_from(seen, "moe") == 1
-    want = moe.reference_topk_gating(reference_logits, k, renormalize, selection_bias)
+    want = reference_topk_gating(reference_logits, k, renormalize, selection_bias)
     _assert_best_experts(got.expert_index, want.probs.detach(), k, selection_bias)
     assert torch.equal(got.counts, torch.bincount(got.expert_index.view(-1), minlength=E))
     # The gates of the kernel's choice, computed in torch: the reference for gates and gradients.
@@ -161,11 +162,11 @@ def test_grouped_mm_under_autocast(N, n, m, E, backend):
 
 @pytest.mark.parametrize("T,h,E", [(8192, 2048, 8), (8192, 768, 64)])
 def test_moe_experts_under_autocast(T, h, E):
-    """select.moe_experts (permute, grouped GEMMs, combine) under bf16 autocast against the torch
+    """fused_experts (permute, grouped GEMMs, combine) under bf16 autocast against the torch
     path in float32, the same float32 master weights and rows."""
-    from megalong.kernels import select
     from megalong.moe.dispatch import permute, unpermute
     from megalong.moe.experts import Experts
+    from megalong.moe.layer import fused_experts
 
     k = 2
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def test_moe_experts_under_autocast(T, h, E):
     x = torch.randn(T, h, generator=torch.Generator().manual_seed(3)).to(gc.DEVICE).requires_grad_()
     params = (x, experts.w1, experts.w2, experts.w3)
     with kernel_launches() as seen, torch.autocast(gc.DEVICE, dtype=torch.bfloat16):
-        got = select.moe_experts(experts, x, d, k)
+        got = fused_experts(experts, x, d, k)
     assert got.dtype == torch.bfloat16 and launched_from(seen, "moe") == 2  # permute, combine
     want = unpermute(experts(permute(x, d), d.tokens_per_expert), d, T)
     compare([got], [want], params, params, CHAIN_REL, CHAIN_REL)
@@ -185,7 +186,6 @@ def test_moe_experts_under_autocast(T, h, E):
                                                                           z_loss_coeff=1e-3)])
 def test_topk_route(T, h, options):
     """The router on the gating kernel against TopKRouter's torch path (float32)."""
-    from megalong.kernels import select
     from megalong.moe.options import MoEOptions
     from megalong.moe.router import TopKRouter
 
@@ -194,7 +194,7 @@ def test_topk_route(T, h, options):
     router = TopKRouter(h, o).to(gc.DEVICE)
     x = torch.randn(T, h, generator=torch.Generator().manual_seed(1)).to(gc.DEVICE)
     with kernel_launches() as seen:
-        got = select.topk_route(router, x)
+        got = router(x, fused=True)
     assert launched_from(seen, "moe") == 1
     want = router(x)
     probs = torch.softmax(F.linear(x, router.weight), dim=-1)

@@ -2,16 +2,15 @@
 
 Shapes come from the GPT-Neo configs in configs/ (heads and hidden size: head_dim 64 for 125m,
 128 for 1.3b and 2.7b), one sequence of L = 8192 tokens, bf16 and float32. Every case calls a
-public launcher (or the `select.*_attend` entry point where that decides the dtype the kernel
-sees) the way a layer of that kind calls it, then backpropagates through it, inside
-`recorder.record_launches(arch)`: the launches land on the recorder, nothing runs.
+public launcher the way a layer of that kind calls it (in the dtype that layer hands it), then
+backpropagates through it, inside `recorder.record_launches(arch)`: the launches land on the
+recorder, nothing runs.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import yaml
@@ -71,7 +70,6 @@ def _qkv(s: Shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def window_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
-    from megalong.kernels.select import global_alibi_attend
     from megalong.kernels.window_attention import window_attention
 
     scale = s.head_dim ** -0.5
@@ -97,13 +95,20 @@ def window_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[
 
     def global_alibi() -> None:
         q, k, v = _qkv(s, dtype)
-        attn = SimpleNamespace(alibi=True, scale=scale, alibi_slopes=lambda device, dt: _slopes(s.heads))
-        _backward(global_alibi_attend(attn, q, k, v))
+        _backward(window_attention(q, k, v, scale, None, 1, _slopes(s.heads))[0])
     yield "global-alibi", global_alibi
+
+    def documents(window: int | None = None, alibi: bool = False) -> None:  # packed documents (segment ids)
+        q, k, v = _qkv(s, dtype)
+        segments = torch.zeros(1, SEQ_LEN, device=META, dtype=torch.long)
+        _backward(window_attention(q, k, v, scale, window, 1, _slopes(s.heads) if alibi else None,
+                                   segment_ids=segments)[0])
+    yield "global-documents", documents
+    yield "window256-alibi-documents", lambda: documents(256, True)
 
 
 def fam_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
-    from megalong.kernels.select import fam_blocks_attend
+    from megalong.kernels.fam_attention import fam_block_attention
 
     block, fam_len = 256, 64
     for name, with_fam, alibi in (("fam", True, False), ("fam-alibi", True, True), ("fam-nofam", False, False)):
@@ -112,9 +117,8 @@ def fam_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], 
             n_blocks = SEQ_LEN // block
             kf = _t(1, s.heads, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
             vf = _t(1, s.heads, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
-            attn = SimpleNamespace(alibi=alibi, scale=s.head_dim ** -0.5, block_size=block, memory_segments=1,
-                                   alibi_slopes=lambda device, dt: _slopes(s.heads))
-            _backward(fam_blocks_attend(attn, q, k, v, kf, vf))
+            _backward(fam_block_attention(q, k, v, kf, vf, s.head_dim ** -0.5, block, 1,
+                                          _slopes(s.heads) if alibi else None))
         yield name, case
 
 
@@ -134,12 +138,11 @@ def lsh_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], 
 
 
 def linear_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
-    from megalong.kernels.select import linear_attend
+    from megalong.kernels.linear_attention import linear_attention
 
     def case() -> None:
-        q, k, v = _qkv(s, dtype)
-        attn = SimpleNamespace(normalization="elu", eps=1e-6, chunk_size=64)
-        _backward(linear_attend(attn, q, k, v))
+        q, k, v = _qkv(s, dtype)  # LinearAttention computes 16-bit inputs in float32
+        _backward(linear_attention(q.float(), k.float(), v.float(), 1e-6, 64))
     yield "linear", case
 
 
