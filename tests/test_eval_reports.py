@@ -15,12 +15,12 @@ OPTIONS = {"local": {"window": 8}, "lsh": {"bucket_size": 16}, "axial": {"axial_
            "fam": {"block_size": 16, "memory_segments": 1, "fam_length": 4}, "linear": {"chunk_size": 16}}
 
 
-def random_model(kind: str, tokenizer) -> EvalModel:
+def random_model(kind: str, tokenizer, data: dict | None = None) -> EvalModel:
     from megalong.config import config_from_dict, validate
     from megalong.model.gpt import build_model
     from megalong.parallel.distributed import initialize
 
-    cfg = config_from_dict({"model": {
+    cfg = config_from_dict({"data": data or {}, "model": {
         "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": LENGTH,
         "position_embedding": "none", "attention_layers": [[[kind, "global"], 1]],
         "attention": {kind: OPTIONS[kind]} if kind in OPTIONS else {}}})
@@ -85,20 +85,30 @@ def test_passkey_accuracy_reads_exactly_the_key_positions(tiny_data):
 
 
 def test_stream_loss_equals_evaluate_perplexity(tiny_data):
+    """Also with packed documents (data.document_mask, reset_position_ids): the windows attend
+    within their documents, as megalong/evaluate.py's (a different loss than without)."""
     from megalong.data.tokenizer import SentencePieceTokenizer
     from megalong.eval.passkey import stream_loss
     from megalong.evaluate import held_out_tokens, perplexity
     from megalong.parallel.distributed import shutdown
+    from megalong.train.documents import DocumentBatching
 
-    stream = held_out_tokens(tiny_data.prefix, "90,10,0", max_tokens=1000)
-    try:
-        model = random_model("local", SentencePieceTokenizer(tiny_data.tokenizer))
-        loss, tokens = stream_loss(model, stream, 96, batch_size=4)
-        reference = perplexity(model.chunks[0], stream, 96, batch_size=3)
-    finally:
-        shutdown()
-    assert tokens == reference.tokens == (1000 // 96) * 95
-    assert loss == pytest.approx(reference.loss, rel=1e-6) and np.isfinite(loss)
+    tokenizer = SentencePieceTokenizer(tiny_data.tokenizer)
+    stream = held_out_tokens(tiny_data.prefix, "90,10,0", max_tokens=1000).copy()
+    stream[37::41] = tokenizer.eod  # the corpus's documents are longer than a window: short ones
+    losses = []
+    for data in ({}, {"document_mask": True, "reset_position_ids": True}):
+        try:
+            model = random_model("local", tokenizer, data)
+            loss, tokens = stream_loss(model, stream, 96, batch_size=4)
+            documents = DocumentBatching(tokenizer.eod, True, True) if data else None
+            reference = perplexity(model.chunks[0], stream, 96, batch_size=3, documents=documents)
+        finally:
+            shutdown()
+        assert tokens == reference.tokens == (1000 // 96) * 95
+        assert loss == pytest.approx(reference.loss, rel=1e-6) and np.isfinite(loss)
+        losses.append(loss)
+    assert abs(losses[0] - losses[1]) > 1e-4
 
 
 def test_long_context_report_from_a_checkpoint(tiny_data, tmp_path, capsys):

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megalong.config import Config
 from megalong.model.gpt import position_ids_for
 from megalong.parallel.distributed import ParallelLayout
+from megalong.train.documents import DocumentBatching, model_inputs
 
 
 @dataclass
@@ -39,6 +40,8 @@ class EvalModel:
                  layout: ParallelLayout):
         self.chunks, self.cfg, self.tokenizer, self.layout = chunks, cfg, tokenizer, layout
         self.vocab_size = tokenizer.vocab_size  # real ids; the embedding table may be padded
+        # data.document_mask / reset_position_ids / eod_mask_loss, for held-out windows of packed documents
+        self.batching = DocumentBatching.from_config(cfg.data, tokenizer.eod)
 
     @property
     def max_length(self) -> int:
@@ -52,8 +55,11 @@ class EvalModel:
         return "lsh" not in self.cfg.layer_kinds() and "moe" not in self.cfg.mlp_kinds()
 
     @torch.no_grad()
-    def score(self, tokens: torch.Tensor, targets: torch.Tensor) -> Scores:
-        """Scores of `targets` [B, L] after `tokens` [B, L] (both int64, on any device)."""
+    def score(self, tokens: torch.Tensor, targets: torch.Tensor, packed: bool = False) -> Scores:
+        """Scores of `targets` [B, L] after `tokens` [B, L] (both int64, on any device). `packed`:
+        the rows are windows of packed documents (held-out data), attended with the segment ids
+        and positions training gave them (data.document_mask, data.reset_position_ids); otherwise
+        each row is one text (lm-eval requests, passkey prompts), as the exported model reads it."""
         from megalong.train.losses import autocast
 
         device = self.layout.device
@@ -62,13 +68,19 @@ class EvalModel:
             chunk.eval()
         with autocast(self.cfg, device):
             if self.layout.pipeline_parallel == 1:
-                logits = self.chunks[0](tokens, position_ids_for(tokens), None)
+                ids, positions, kwargs = self._inputs(tokens, packed)
+                logits = self.chunks[0](ids, positions, None, **kwargs)
                 out = _vocab_parallel_scores(logits.float(), targets, self.vocab_size)
             else:
-                out = self._pipeline_scores(tokens, targets)
+                out = self._pipeline_scores(tokens, targets, packed)
         return out
 
-    def _pipeline_scores(self, tokens: torch.Tensor, targets: torch.Tensor) -> Scores:
+    def _inputs(self, tokens: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if not packed or self.batching is None:
+            return tokens, position_ids_for(tokens), {}
+        return model_inputs(self.batching.apply({"tokens": tokens, "loss_mask": torch.ones(tokens.shape)}))
+
+    def _pipeline_scores(self, tokens: torch.Tensor, targets: torch.Tensor, packed: bool) -> Scores:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megalong.train.pipeline import reversible_chunks
@@ -77,8 +89,8 @@ class EvalModel:
         found: list[Scores] = []
 
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            output = model(batch, position_ids_for(batch), None)
+            ids, positions, kwargs = self._inputs(next(data_iterator), packed)  # each stage from its tokens
+            output = model(ids, positions, None, **kwargs)
             if output.dtype != torch.float32:  # stages exchange float32
                 output = output.float()
 

@@ -58,7 +58,8 @@ def passkey_accuracy(model: Any, length: int, depth: float, trials: int, seed: i
 
 def stream_loss(model: Any, stream: np.ndarray, length: int, batch_size: int) -> tuple[float, int]:
     """Mean loss over `stream` cut into windows of `length`, every token after a window's first
-    scored (megalong/evaluate.py's perplexity, through EvalModel at any layout)."""
+    scored (megalong/evaluate.py's perplexity, documents masked as there, through EvalModel at
+    any layout)."""
     windows = len(stream) // length
     if windows == 0:
         raise EvalError(f"--seq-length: {length} is longer than the {len(stream)} held-out tokens")
@@ -66,7 +67,7 @@ def stream_loss(model: Any, stream: np.ndarray, length: int, batch_size: int) ->
     total, count = 0.0, 0
     for start in range(0, windows, batch_size):
         batch = tokens[start:start + batch_size]
-        scores = model.score(batch, torch.roll(batch, -1, dims=1))
+        scores = model.score(batch, torch.roll(batch, -1, dims=1), packed=True)
         total += float(-scores.logprob[:, :-1].double().sum())
         count += batch[:, 1:].numel()
     return total / count, count

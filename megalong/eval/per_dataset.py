@@ -41,13 +41,14 @@ def valid_sets(cfg: Config, tokenizer: Any, samples: int, cached: bool = True) -
 @torch.no_grad()
 def model_loss(model: Any, dataset: Any, samples: int, batch_size: int) -> float:
     """Mean next-token loss of an EvalModel (megalong/eval/model.py) over the first `samples`
-    samples of `dataset` (labels as the training loss takes them)."""
+    samples of `dataset` (labels, loss mask and document segments as the training loss takes them)."""
     from megalong.train.batches import fetch
 
     total, count = 0.0, 0
     for start in range(0, samples, batch_size):
-        batch = fetch(dataset, list(range(start, min(samples, start + batch_size))), torch.device("cpu"))
-        scores = model.score(batch["tokens"], batch["labels"])
+        batch = fetch(dataset, list(range(start, min(samples, start + batch_size))), torch.device("cpu"),
+                      model.batching)  # the loss mask of data.eod_mask_loss
+        scores = model.score(batch["tokens"], batch["labels"], packed=True)
         mask = batch["loss_mask"]
         total += float(-(scores.logprob.double() * mask).sum())
         count += int(mask.sum())
