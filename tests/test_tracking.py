@@ -145,14 +145,16 @@ def _synthetic_run(path: Path, scale: float, eval_results: bool) -> None:
         if step % 5 == 0:
             lines.append({"step": step, "perf/tokens_per_s": 1000.0 * scale, "perf/mfu": 0.01,
                           "perf/memory_gib": 1.0})
-            lines.append({"step": step, "valid/loss": scale * 6 / math.sqrt(step)})
+            lines.append({"step": step, "valid/loss": scale * 6 / math.sqrt(step),
+                          "valid/lower/loss": scale * 5.5 / math.sqrt(step)})
     lines.append({"step": 21, "train/loss": None, "train/lr": 1e-3})  # a NaN loss is written as null
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if eval_results:  # two evaluations of step 10 and one of step 20: the newest is plotted
         rows = [{"step": step, "report": "long_context", "seq_length": n, "loss": 1.0, "perplexity": p,
-                 "tokens": 4096, "passkey": {"0.5": 1.0}}
+                 "tokens": 4096, "passkey": {"0.5": 1.0 - 0.25 * (n // 128), "0.1": 0.5}}
                 for step, n, p in [(10, 64, 99.0), (10, 128, 98.0), (20, 64, 31.0), (20, 128, 32.0),
                                    (20, 256, 34.0)]]
+        rows[2]["passkey"] = {"0.5": 0.75, "0.1": 0.25}  # step 20 replaces step 10's at 64
         (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         with open(path / "metrics.jsonl", "a") as f:  # an eval appended to the run's own metrics
             f.write(json.dumps({"step": 20, "report": "other", "text": "ignored"}) + "\n")
@@ -168,13 +170,15 @@ def test_plot_of_two_runs_side_by_side_through_the_cli(tmp_path):
 
     run = read_run(a)
     assert run.perplexity_by_length == [(64, 31.0), (128, 32.0), (256, 34.0)]
+    assert run.passkey_by_length == {"0.5": [(64, 0.75), (128, 0.75), (256, 0.5)],
+                                     "0.1": [(64, 0.25), (128, 0.5), (256, 0.5)]}
     assert run.series["eval/some_task/acc"] == {20: 0.5}
     assert run.points("train/loss")[0] == list(range(1, 21)) and 21 in run.series["train/lr"]
     assert run.points("valid/loss") == ([5, 10, 15, 20], [6 / math.sqrt(s) for s in (5, 10, 15, 20)])
     assert run_labels([a, b]) == ["a/run", "b/run"]
     out = tmp_path / "out" / "both.png"
     proc = run_cli(["plot", str(a), str(b), "-o", str(out)])
-    assert f"wrote {out}: loss, lr, throughput, grad_norm, perplexity_vs_length" in proc.stdout
+    assert f"wrote {out}: loss, lr, throughput, grad_norm, perplexity_vs_length, passkey_vs_length" in proc.stdout
     _check_png(out)
 
 
@@ -192,6 +196,10 @@ def test_plot_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "eval.jsonl").write_text('{"step": 1, "report": "long_context", "seq_length": "long"}\n')
     with pytest.raises(PlotError, match=r"eval.jsonl: line 1: a long_context record needs an integer 'seq_length'"):
+        read_run(tmp_path)
+    (tmp_path / "eval.jsonl").write_text('{"step": 1, "report": "long_context", "seq_length": 64, '
+                                         '"perplexity": 9.0, "passkey": {"0.5": "all"}}\n')
+    with pytest.raises(PlotError, match=r"eval.jsonl: line 1: 'passkey' must map depths to accuracies"):
         read_run(tmp_path)
 
 

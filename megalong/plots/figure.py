@@ -1,15 +1,18 @@
 """`megalong plot RUN_DIR [RUN_DIR ...] -o out.png`: one figure of one or several runs side by side
 (one colour per run): training and held-out loss, learning rate, tokens/s and MFU, gradient norm,
-each MoE run's expert load per layer as a heatmap, and perplexity against evaluation length. A
+each MoE run's expert load per layer as a heatmap, perplexity and passkey accuracy against
+evaluation length (held-out loss of each dataset dotted beside the blended one). A
 panel is drawn when some run has its data. matplotlib is imported only here, when a plot is made."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from megalong.plots.runs import PlotError, RunMetrics, read_run, run_labels
 
 COLUMNS = 3
+PER_DATASET = re.compile(r"valid/[^/]+/loss")  # megalong/train/run_log.py's per-dataset held-out loss
 
 
 def _loss(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list[Any]) -> None:
@@ -18,6 +21,8 @@ def _loss(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list[Any])
         steps, values = run.points("valid/loss")
         if steps:
             ax.plot(steps, values, "o--", color=color, label=f"{label} held-out")
+        for key in sorted(k for k in run.series if PER_DATASET.fullmatch(k)):
+            ax.plot(*run.points(key), ".:", color=color, label=f"{label} {key.split('/')[1]}")
     ax.set(title="loss", xlabel="step", ylabel="loss (nats/token)")
 
 
@@ -52,6 +57,17 @@ def _perplexity(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list
            ylabel="perplexity", xscale="log")
 
 
+def _passkey(ax: Any, runs: list[RunMetrics], labels: list[str], colors: list[Any]) -> None:
+    styles = ["o-", "s--", "^:", "d-."]
+    for run, label, color in zip(runs, labels, colors):
+        for i, (depth, points) in enumerate(sorted(run.passkey_by_length.items(), key=lambda kv: float(kv[0]))):
+            lengths, values = zip(*points)
+            ax.plot(lengths, [100 * v for v in values], styles[i % len(styles)], color=color,
+                    label=f"{label} key at {depth}")
+    ax.set(title="passkey retrieval by length", xlabel="evaluation length (tokens)",
+           ylabel="accuracy %", xscale="log", ylim=(-5, 105))
+
+
 LinePanel = Callable[[Any, list[RunMetrics], list[str], list[Any]], None]
 # panel name -> (whether a run has its data, how to draw it)
 LINE_PANELS: dict[str, tuple[Callable[[RunMetrics], bool], LinePanel]] = {
@@ -60,6 +76,7 @@ LINE_PANELS: dict[str, tuple[Callable[[RunMetrics], bool], LinePanel]] = {
     "throughput": (lambda r: "perf/tokens_per_s" in r.series, _throughput),
     "grad_norm": (lambda r: "train/grad_norm" in r.series, _grad_norm),
     "perplexity_vs_length": (lambda r: bool(r.perplexity_by_length), _perplexity),
+    "passkey_vs_length": (lambda r: bool(r.passkey_by_length), _passkey),
 }
 
 
@@ -103,7 +120,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, dpi: int = 80) -> lis
 
     for ax, name in zip(flat, lines):
         LINE_PANELS[name][1](ax, runs, labels, colors)
-        if name != "perplexity_vs_length":
+        if not name.endswith("_vs_length"):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -2,7 +2,8 @@
 `metrics.jsonl` (megalong/train/run_log.py writes it; a later line of the same step, from a resumed
 run, replaces the earlier one) and the results `megalong eval --output RUN_DIR/eval*.jsonl` appended
 in the same format: a record {"step", "report": "long_context", "seq_length", "perplexity", ...}
-per evaluation length (the newest step's of each length is plotted). Records of other reports are
+per evaluation length, with "passkey": {depth: accuracy} from `megalong eval --passkey` (the
+newest step's of each length is plotted). Records of other reports are
 not plotted here."""
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ class PlotError(MegalongError):
 @dataclass
 class RunMetrics:
     """One run's series: metric -> {step: value} (None values, NaN in the run, left out), and its
-    perplexity by evaluation length: [(seq_length, perplexity)], sorted."""
+    perplexity by evaluation length: [(seq_length, perplexity)], sorted, and its passkey accuracy
+    by length: {depth: [(seq_length, accuracy)]}."""
 
     path: Path
     series: dict[str, dict[int, float]] = field(default_factory=dict)
     perplexity_by_length: list[tuple[int, float]] = field(default_factory=list)
+    passkey_by_length: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def points(self, key: str) -> tuple[list[int], list[float]]:
         values = self.series.get(key, {})
@@ -80,9 +83,11 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def add_records(run: RunMetrics, path: Path, newest_length: dict[int, tuple[int, float]]) -> None:
+def add_records(run: RunMetrics, path: Path, newest_length: dict[int, tuple[int, float]],
+                newest_passkey: dict[int, tuple[int, dict[str, float]]]) -> None:
     """The file's scalars into run.series; its long-context records into newest_length
-    (seq_length -> (step, perplexity), the newest step kept)."""
+    (seq_length -> (step, perplexity)) and newest_passkey (seq_length -> (step, {depth:
+    accuracy})), the newest step kept."""
     for number, record in read_records(path):
         step = record["step"]
         if "report" in record:
@@ -93,6 +98,12 @@ def add_records(run: RunMetrics, path: Path, newest_length: dict[int, tuple[int,
                                     f"'seq_length' and a number 'perplexity'")
                 if length not in newest_length or newest_length[length][0] <= step:
                     newest_length[length] = (step, float(value))
+                passkey = record.get("passkey")
+                if passkey is not None:
+                    if not isinstance(passkey, dict) or not all(_number(v) for v in passkey.values()):
+                        raise PlotError(f"{path}: line {number}: 'passkey' must map depths to accuracies")
+                    if length not in newest_passkey or newest_passkey[length][0] <= step:
+                        newest_passkey[length] = (step, {str(d): float(v) for d, v in passkey.items()})
             continue
         for key, value in record.items():
             if key == "step" or value is None:
@@ -109,9 +120,13 @@ def read_run(run_dir: str | Path) -> RunMetrics:
         raise PlotError(f"{path}: no {METRICS} there (a run's train.save_dir holds it)")
     run = RunMetrics(path=path)
     newest_length: dict[int, tuple[int, float]] = {}
+    newest_passkey: dict[int, tuple[int, dict[str, float]]] = {}
     for results in [metrics, *sorted(path.glob(EVAL_RESULTS))]:
-        add_records(run, results, newest_length)
+        add_records(run, results, newest_length, newest_passkey)
     run.perplexity_by_length = sorted((n, value) for n, (_, value) in newest_length.items())
+    for n, (_, accuracies) in sorted(newest_passkey.items()):
+        for depth, accuracy in accuracies.items():
+            run.passkey_by_length.setdefault(depth, []).append((n, accuracy))
     return run
 
 
