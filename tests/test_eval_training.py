@@ -91,3 +91,20 @@ def test_per_dataset_held_out_and_tasks_during_training_and_from_the_checkpoint(
     assert records["step"] == 2 and records["eval/tiny_choice/acc"] == acc
     for name, loss in expected.items():
         assert records[f"valid/{name}/loss"] == pytest.approx(loss, rel=1e-5), name
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    ({"parallel": {"context": 2}}, 2, r"train\.eval_tasks: not with parallel\.context > 1"),
+    ({"parallel": {"pipeline": 2, "virtual_stages": 2}, "model": {"num_layers": 4, "attention_layers": [[["global"], 4]]}}, 2,
+     r"train\.eval_tasks: not with parallel\.virtual_stages > 1"),
+    ({"train": {"eval_tasks": [""]}}, 1, r"train\.eval_tasks\[0\]: expected an lm-eval task name"),
+    ({"data": {"train": [{"path": "a", "name": "x"}, {"path": "b", "name": "x"}]}}, 1,
+     r"data\.train: two entries share a name"),
+])
+def test_eval_tasks_layouts_it_cannot_run_are_refused_by_name(extra, world, message):
+    from megalong.config import ConfigError, config_from_dict, validate
+
+    raw = {"train": {"eval_tasks": ["tiny_choice"], **extra.get("train", {})},
+           **{k: v for k, v in extra.items() if k != "train"}}
+    with pytest.raises(ConfigError, match=message):
+        validate(config_from_dict(raw), world_size=world, check_paths=False)

@@ -21,6 +21,7 @@ from torch import nn
 from megalong.attention.alibi import alibi_bias, alibi_slopes
 from megalong.attention.options import AttentionOptions, GlobalOptions
 from megalong.attention.segments import segments_of
+from megalong.parallel.context import context_size
 
 
 def tensor_parallel_rank_and_size(pg_collection: Any = None) -> tuple[int, int]:
@@ -81,7 +82,12 @@ class CoreAttention(nn.Module):
         if k.shape[1] != heads:  # grouped-query attention: share each key/value head
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        out = self.attend(q, k, v) if segment_ids is None else self.attend_documents(q, k, v, segment_ids)
+        if context_size() > 1:  # this rank holds one chunk of the sequence (parallel.context)
+            out = self.attend_context(q, k, v, segment_ids)
+        elif segment_ids is None:
+            out = self.attend(q, k, v)
+        else:
+            out = self.attend_documents(q, k, v, segment_ids)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)  # heads_on_this_rank * head_dim
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,13 @@ class CoreAttention(nn.Module):
         another document. Kinds that support `data.document_mask` override it."""
         raise NotImplementedError(f"{type(self).__name__}: packed documents (data.document_mask) are "
                                   "not supported by this attention kind")
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """`attend` (or `attend_documents`) on this context-parallel rank's chunk of the sequence
+        (megalong/attention/context_attention.py). Kinds that support `parallel.context` override it."""
+        raise NotImplementedError(f"{type(self).__name__}: parallel.context > 1 is not supported by "
+                                  "this attention kind")
 
     @property
     def active_dropout(self) -> float:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
+from megalong.attention import context_attention
 from megalong.attention.base import CoreAttention
 from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
@@ -64,3 +65,9 @@ class GlobalAttention(CoreAttention):
             mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                               dropout_p=self.active_dropout, scale=self.scale)
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """All keys and values gathered from the context-parallel ranks (context_attention.py)."""
+        slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
+        return context_attention.global_attention(q, k, v, self.scale, slopes, self.active_dropout, segment_ids)

@@ -155,6 +155,9 @@ def validate_eval_tasks(cfg: Config) -> None:
     if cfg.parallel.virtual_stages > 1:
         raise ConfigError("train.eval_tasks: not with parallel.virtual_stages > 1; evaluate the "
                           "checkpoint with `megalong eval --tasks --pipeline N`")
+    if cfg.parallel.context > 1:
+        raise ConfigError("train.eval_tasks: not with parallel.context > 1 (lm-eval requests are "
+                          "whole sequences); evaluate the checkpoint with `megalong eval --tasks`")
 
 
 def validate_paths(cfg: Config) -> None:
