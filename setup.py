@@ -22,10 +22,15 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "triton==3.6.0", "deepspeed==0.19.8", "ruff==0.17.6", "mypy==2.4.1"],  # tests run the DeepSpeed engine
+        # tests run the DeepSpeed engine, lm-evaluation-harness, W&B offline and the plots
+        "dev": ["pytest>=8", "triton==3.6.0", "deepspeed==0.19.8", "ruff==0.17.6", "mypy==2.4.1",
+                "lm-eval==0.4.13", "wandb==0.31.0", "matplotlib==3.11.2"],
         "gpu": ["triton>=3.2"],
         "deepspeed": ["deepspeed==0.19.8"],
         "tensorboard": ["tensorboard"],
+        "eval": ["lm-eval==0.4.13"],  # megalong eval --tasks, train.eval_tasks
+        "wandb": ["wandb==0.31.0"],  # train.wandb
+        "plot": ["matplotlib==3.11.2"],  # megalong plot
     },
     entry_points={"console_scripts": ["megalong=megalong.cli:main"]},
 )

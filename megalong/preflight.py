@@ -13,6 +13,7 @@ instead of one traceback per rank followed by torchrun's ChildFailedError.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Optional, Sequence
@@ -33,6 +34,7 @@ def check_train_inputs(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
     # Outputs first: the cheapest to check, and the most expensive to find out about late.
     for key, path in (("train.save_dir", t.save_dir), ("train.tensorboard_dir", t.tensorboard_dir),
+                      ("train.profile.dir", t.profile.dir if t.profile.start_step else None),
                       ("data.cache_dir", d.cache_dir)):
         if path:
             check_writable_dir(path, key)
@@ -44,6 +46,9 @@ def check_train_inputs(cfg: Config) -> None:
         except ImportError:
             raise ConfigError("train.tensorboard_dir: the tensorboard package is not installed "
                               "(pip install tensorboard)") from None
+    if t.wandb.project and t.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.wandb.project: the wandb package is not installed (pip install wandb, "
+                          "or pip install -e '.[wandb]')")
     if d.tokenizer:
         try:
             tokenizer = SentencePieceTokenizer(d.tokenizer)

@@ -1,7 +1,8 @@
 """The CLI imports what a command needs when it runs: `--help`, every command's `--help` and the
 data commands (tokenizer, preprocess, data inspect/merge) never import torch, megatron-core,
-transformers, DeepSpeed or Triton. Each command runs through `megalong.cli.main` in a fresh
-interpreter, which then lists the heavy modules it holds."""
+transformers, DeepSpeed, Triton, W&B or matplotlib (`megalong plot` imports matplotlib only).
+Each command runs through `megalong.cli.main` in a fresh interpreter, which then lists the heavy
+modules it holds."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import REPO
 
-HEAVY = ("torch", "megatron", "transformers", "deepspeed", "triton")
+HEAVY = ("torch", "megatron", "transformers", "deepspeed", "triton", "wandb", "matplotlib")
 
 RUN = """
 import json, sys
@@ -37,7 +38,7 @@ def _run(argv: list[str]) -> dict:
 
 HELP = [[], ["train"], ["demo"], ["preprocess"], ["tokenizer"], ["tokenizer", "train"], ["data"],
         ["data", "inspect"], ["data", "merge"], ["checkpoint"], ["checkpoint", "convert"], ["export"],
-        ["generate"], ["eval"]]
+        ["generate"], ["eval"], ["plot"]]
 
 
 @pytest.mark.parametrize("command", HELP, ids=lambda c: " ".join(c) or "megalong")
@@ -64,6 +65,14 @@ def test_data_commands_import_no_heavy_library(tiny_data, tmp_path):
         assert _run(argv) == {"code": 0, "heavy": []}, name
     assert (tmp_path / "spm.model").is_file()
     assert (tmp_path / "p.bin").is_file() and (tmp_path / "m.idx").is_file()
+
+
+def test_plot_imports_matplotlib_only(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5.0 / s}) + "\n"
+                                                    for s in range(1, 6)))
+    result = _run(["plot", str(tmp_path), "-o", str(tmp_path / "p.png")])
+    assert result == {"code": 0, "heavy": ["matplotlib"]} and (tmp_path / "p.png").is_file()
 
 
 def test_a_model_command_still_loads_its_libraries_when_it_runs(tmp_path):

@@ -132,6 +132,8 @@ def read_meta(step_dir: Path) -> dict:
         raise CheckpointError(f"{path}: 'format' must be one of {FORMATS}, got {meta['format']!r}")
     if meta.get("engine", "megatron") not in ("megatron", "deepspeed"):
         raise CheckpointError(f"{path}: 'engine' must be 'megatron' or 'deepspeed', got {meta['engine']!r}")
+    if "wandb_run_id" in meta and not (isinstance(meta["wandb_run_id"], str) and meta["wandb_run_id"]):
+        raise CheckpointError(f"{path}: 'wandb_run_id' must be a non-empty string, got {meta['wandb_run_id']!r}")
     if meta.get("engine") == "deepspeed" and not _int(1)(meta.get("zero_stage")):
         raise CheckpointError(f"{path}: 'zero_stage' must be 1, 2 or 3, got {meta.get('zero_stage')!r}")
     return meta

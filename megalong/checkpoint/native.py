@@ -90,9 +90,15 @@ def merged_state(info: CheckpointInfo, prefix: str = "model", device="cpu") -> d
 def load_model_files(info: CheckpointInfo, cfg: Config, model: Any, layout: ParallelLayout) -> dict:
     """This rank's slice of the merged weights into `model` (a module or a list of chunks);
     returns the partition dims it loaded with."""
+    return load_whole_model(merged_state(info, "model", layout.device), info, cfg, model, layout)
+
+
+def load_whole_model(full: dict[str, torch.Tensor], info: CheckpointInfo, cfg: Config, model: Any,
+                     layout: ParallelLayout) -> dict:
+    """This rank's slice of `full` (the one-process model's weights) into `model`; returns the
+    partition dims it loaded with."""
     tied = cfg.model.tie_embeddings
     dims = loading_dims(model, tied)
-    full = merged_state(info, "model", layout.device)
     for chunk in chunks_of(model):
         local_names = list(chunk.state_dict())
         sources = {}

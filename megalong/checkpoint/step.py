@@ -96,10 +96,11 @@ def commit(tmp: Path, final: Path, cfg: Config, tokenizer_path: str, meta: dict,
 
 def save_step(save_dir: str | Path, step: int, cfg: Config, layout: ParallelLayout,
               write_files: Callable[[Path], dict[str, Any]], tokenizer_vocab_size: int,
-              resumed_from: Optional[Path] = None) -> Path:
+              resumed_from: Optional[Path] = None, run_meta: Optional[dict[str, str]] = None) -> Path:
     """Save on every rank (collective); returns the final directory. `write_files(tmp)` writes
     this rank's model and optimizer files and returns meta.json's entries for them (its "format"
-    first); `resumed_from` is never deleted by `train.keep_last`."""
+    first); `resumed_from` is never deleted by `train.keep_last`; `run_meta`: rank 0's entries
+    about the run's logging (the W&B run id)."""
     tmp, final = begin(Path(save_dir), step, layout.rank)
     entries = write_files(tmp)
     save_rng(rng_file(tmp, layout.rank))
@@ -107,7 +108,7 @@ def save_step(save_dir: str | Path, step: int, cfg: Config, layout: ParallelLayo
     if layout.rank == 0:
         meta = {"step": step, "format": entries.pop("format"), **layout_meta(layout),
                 "tokenizer_vocab_size": tokenizer_vocab_size, "gated_mlp": cfg.model.gated_mlp,
-                **entries}
+                **entries, **(run_meta or {})}
         commit(tmp, final, cfg, cfg.data.tokenizer, meta, resumed_from)
     barrier()
     return final

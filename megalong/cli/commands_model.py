@@ -101,25 +101,51 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="held-out perplexity of a checkpoint at any sequence length")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: held-out perplexity at any length, "
+                                    "lm-evaluation-harness tasks, loss per dataset, passkey retrieval")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--seq-length", type=int_at_least(2), action="append", required=True,
-                   help="window length in tokens (repeatable; may exceed the training length)")
+    p.add_argument("--seq-length", type=length_arg, nargs="+", action="extend", default=None,
+                   help="window lengths in tokens, e.g. 1k 4k (may exceed the training length)")
     p.add_argument("--tokens", type=positive_int, default=32768,
                    help="held-out tokens scored at every length")
     p.add_argument("--data", default=None, help=".bin/.idx prefix (default: the training data's)")
     p.add_argument("--split", default="valid", choices=SPLIT_NAMES, help="which split of data.split")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="lm-evaluation-harness task names (needs `pip install lm-eval`)")
+    p.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files")
+    p.add_argument("--num-fewshot", type=non_negative_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
+    p.add_argument("--per-dataset", action="store_true",
+                   help="held-out loss and perplexity of each data.train dataset")
+    p.add_argument("--passkey", action="store_true",
+                   help="passkey retrieval at each --seq-length and depth, beside perplexity")
+    p.add_argument("--depths", type=number_in(0, 1), nargs="+", default=[0.1, 0.5, 0.9],
+                   help="passkey positions as fractions of the length")
+    p.add_argument("--trials", type=positive_int, default=10, help="passkeys per length and depth")
+    p.add_argument("--tensor", type=positive_int, default=1, help="tensor-parallel size (torchrun processes)")
+    p.add_argument("--pipeline", type=positive_int, default=1, help="pipeline stages (torchrun processes)")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="append the results to this JSON-lines file, in metrics.jsonl's format "
+                        "(`megalong plot` reads RUN_DIR/eval*.jsonl)")
     p.set_defaults(func=run_eval, logging=True)
+
+
+def length_arg(text: str) -> int:
+    """A token count, `4096` or `4k` (x1024)."""
+    value = text.strip().lower()
+    scale = 1024 if value.endswith("k") else 1
+    try:
+        n = int(value[:-1] if scale > 1 else value) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a length like 4096 or 4k, got {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
+    return n
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """An EvalError is printed by main as `megalong: eval error: ...`."""
-    from megalong.evaluate import evaluate_checkpoint
+    from megalong.eval.command import run
 
-    results = evaluate_checkpoint(args.checkpoint, args.seq_length, args.tokens, args.data,
-                                  args.split, args.batch_size)
-    for r in results:
-        print(f"seq_length {r.seq_length}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} "
-              f"({r.tokens} tokens)")
-    return 0
+    return run(args)

@@ -1,4 +1,5 @@
-"""`megalong train` and `megalong demo`: their arguments, and the runs (imported when they run)."""
+"""`megalong train`, `megalong demo` and `megalong plot`: their arguments, and the runs (imported
+when they run)."""
 from __future__ import annotations
 
 import argparse
@@ -55,4 +56,21 @@ def run_demo(args: argparse.Namespace) -> int:
     from megalong.demo import run_demo as demo
 
     demo(Path(args.workdir), steps=args.steps, config=args.config, overrides=args.set or [])
+    return 0
+
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="plot runs' metrics.jsonl (loss, lr, tokens/s, MFU, grad norm, MoE "
+                                    "load, perplexity by length) side by side into one image")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's train.save_dir (its metrics.jsonl)")
+    p.add_argument("-o", "--output", required=True, help="the image to write (.png, .svg, .pdf)")
+    p.add_argument("--dpi", type=positive_int, default=80)
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from megalong.plots.figure import plot_runs
+
+    panels = plot_runs(args.run_dirs, args.output, args.dpi)
+    print(f"wrote {args.output}: {', '.join(panels)}")
     return 0

@@ -5,9 +5,10 @@ import argparse
 
 from megalong.cli.commands_data import add_data, add_preprocess, add_tokenizer
 from megalong.cli.commands_model import add_checkpoint, add_eval, add_export, add_generate, add_import
-from megalong.cli.commands_run import add_demo, add_train
+from megalong.cli.commands_run import add_demo, add_plot, add_train
 
-DESCRIPTION = "`megalong` command line: train | demo | preprocess | tokenizer train | import | export | generate | eval."
+DESCRIPTION = ("`megalong` command line: train | demo | preprocess | tokenizer train | import | export | generate | "
+               "eval | plot.")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -24,6 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="megalong", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_demo, add_preprocess, add_tokenizer, add_data, add_checkpoint, add_import, add_export,
-                add_generate, add_eval):
+                add_generate, add_eval, add_plot):
         add(sub)
     return parser

@@ -78,7 +78,8 @@ def validate_train(cfg: Config) -> None:
     t = cfg.train
     for name in ("micro_batch_size", "global_batch_size", "train_steps", "lr", "eval_interval",
                  "eval_iters", "log_interval", "save_interval", "stop_at_step", "lr_decay_steps",
-                 "peak_tflops", "adam_eps", "max_skipped_steps", "keep_last"):
+                 "peak_tflops", "adam_eps", "max_skipped_steps", "keep_last", "eval_tasks_interval",
+                 "eval_tasks_limit"):
         positive(getattr(t, name), f"train.{name}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:
@@ -99,6 +100,64 @@ def validate_train(cfg: Config) -> None:
                           f"(the run ends at train_steps; raise it to train longer)")
     if not 0 <= t.seed < 2**31:
         raise ConfigError(f"train.seed: must be in [0, 2^31), got {t.seed}")
+    validate_wandb(cfg)
+    validate_profile(cfg)
+    validate_eval_tasks(cfg)
+
+
+def validate_wandb(cfg: Config) -> None:
+    """train.wandb: a project (non-empty) whenever entity or name is given."""
+    w = cfg.train.wandb
+    for name in ("project", "entity", "name"):
+        value = getattr(w, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"train.wandb.{name}: must not be empty")
+    if w.project is None:
+        for name in ("entity", "name"):
+            if getattr(w, name) is not None:
+                raise ConfigError(f"train.wandb.{name}: given without train.wandb.project "
+                                  f"(W&B logs only when a project is set)")
+
+
+def validate_profile(cfg: Config) -> None:
+    """train.profile: steps inside the run, and somewhere to write the trace."""
+    t = cfg.train
+    p = t.profile
+    if p.start_step is None:
+        if p.dir is not None:
+            raise ConfigError("train.profile.dir: given without train.profile.start_step (the first "
+                              "step to profile)")
+        return
+    positive(p.start_step, "train.profile.start_step")
+    positive(p.steps, "train.profile.steps")
+    last = p.start_step + p.steps - 1
+    if last > t.train_steps:
+        raise ConfigError(f"train.profile.steps: the profile would end at step {last}, past "
+                          f"train.train_steps {t.train_steps}")
+    if p.dir is None and not t.save_dir:
+        raise ConfigError("train.profile.dir: needed without train.save_dir (the default is "
+                          "<save_dir>/profile)")
+
+
+def validate_eval_tasks(cfg: Config) -> None:
+    t = cfg.train
+    for i, task in enumerate(t.eval_tasks):
+        if not isinstance(task, str) or not task:
+            raise ConfigError(f"train.eval_tasks[{i}]: expected an lm-eval task name, got {task!r}")
+    names = [entry.name for entry in cfg.data.train if entry.name is not None]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.train: two entries share a name: {names}")
+    if not t.eval_tasks:
+        return
+    if t.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.eval_tasks: not with deepspeed.zero_stage 3 (its weights are partitioned "
+                          "outside the forward); evaluate the checkpoint with `megalong eval --tasks`")
+    if cfg.parallel.virtual_stages > 1:
+        raise ConfigError("train.eval_tasks: not with parallel.virtual_stages > 1; evaluate the "
+                          "checkpoint with `megalong eval --tasks --pipeline N`")
+    if cfg.parallel.context > 1:
+        raise ConfigError("train.eval_tasks: not with parallel.context > 1 (lm-eval requests are "
+                          "whole sequences); evaluate the checkpoint with `megalong eval --tasks`")
 
 
 def validate_paths(cfg: Config) -> None:

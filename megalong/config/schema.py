@@ -108,6 +108,7 @@ class ExecutionConfig:
 class DatasetEntry:
     path: str = ""  # megatron .bin/.idx prefix
     weight: float = 1.0
+    name: str | None = None  # its held-out metrics' name (valid/<name>/loss); default the prefix's file name
 
 
 @dataclass
@@ -126,6 +127,28 @@ class DataConfig:
     document_mask: bool = False
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging of every metric the run logs (rank 0; `pip install wandb`): on when
+    `project` is set and `mode` is not disabled. The run id is stored in each checkpoint, so a
+    resumed run continues the same W&B run."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # the run's display name (default: W&B's)
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
+class ProfileConfig:
+    """A torch profiler trace of steps start_step .. start_step + steps - 1 (numbered as the log
+    numbers them, from 1), one file per process in `dir` (default <save_dir>/profile)."""
+
+    start_step: int | None = None  # None: no profile
+    steps: int = 1
+    dir: str | None = None
 
 
 @dataclass
@@ -173,6 +196,18 @@ class TrainConfig:
     # stops the run after `max_skipped_steps` skipped steps in a row.
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # With several data.train entries: the held-out loss of each one too, at every evaluation
+    # (valid/<name>/loss, megalong/eval/per_dataset.py)
+    eval_per_dataset: bool = True
+    # lm-evaluation-harness tasks run on the model being trained (needs lm-eval: the `eval` extra),
+    # every eval_tasks_interval steps (default: at the end only), at most eval_tasks_limit
+    # documents per task, task YAML files also read from eval_tasks_include_path
+    eval_tasks: list = field(default_factory=list)
+    eval_tasks_interval: int | None = None
+    eval_tasks_limit: int | None = None
+    eval_tasks_include_path: str | None = None
 
 
 @dataclass

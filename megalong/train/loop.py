@@ -27,9 +27,11 @@ from megalong.train.batches import eval_batches, fetch, micro_batch_indices
 from megalong.train.documents import DocumentBatching
 from megalong.train.engine import Engine, StepResult
 from megalong.train.engines import build_engine, initialize_for
+from megalong.train.extra_eval import ExtraEval
 from megalong.train.losses import mean_over_data_parallel
 from megalong.train.metrics import Reporter, Throughput
 from megalong.train.nonfinite import NonFiniteGuard
+from megalong.train.profile import StepProfiler
 from megalong.train.schedule import learning_rate
 
 
@@ -135,12 +137,13 @@ def train(cfg: Config) -> TrainResult:
         torch.manual_seed(t.seed + 1 + layout.data_rank)  # dropout differs across DP replicas
 
     train_set, valid_set, _ = build_datasets(cfg, tokenizer)
+    extra = ExtraEval(cfg, tokenizer, layout, valid_set is not None)
     documents = DocumentBatching.from_config(cfg.data, tokenizer.eod)
     n_micro = t.global_batch_size // (t.micro_batch_size * layout.data_parallel)
     end_step = min(t.train_steps, t.stop_at_step or t.train_steps)
     throughput = Throughput(t.global_batch_size * cfg.seq_length, flops_per_token,
                             t.peak_tflops * 1e12 * layout.world_size)
-    reporter = run_log.open_reporter(cfg, layout, start_step, end_step)
+    reporter = run_log.open_reporter(cfg, layout, start_step, end_step, resume)
     for line in [model_line, *engine.describe(), *run_log.describe_data(cfg, train_set, valid_set, n_micro)]:
         reporter.line(line)
     if resume is not None:
@@ -153,19 +156,23 @@ def train(cfg: Config) -> TrainResult:
     guard = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, resume)
     steps = _Steps(cfg, reporter, guard, result)
     core = torch.nn.ModuleList(engine.chunks)
+    profiler = StepProfiler(cfg, layout.rank, layout.device)
 
     def save(step: int) -> Path:
         return checkpoints.save_step(t.save_dir, step, cfg, layout, lambda tmp: engine.save(tmp, step),
-                                     tokenizer.vocab_size, resume)
+                                     tokenizer.vocab_size, resume, reporter.checkpoint_meta())
 
     engine.train()
     for step in range(start_step, end_step):
         lr = learning_rate(step, t)
         indices = micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
                                       layout.data_parallel, layout.data_rank)
+        profiler.step_begins(step + 1)
         steps.pending.append((step + 1, engine.step((fetch(train_set, idx, layout.device, documents) for idx in indices), lr)))
         throughput.step_done()
         done = step + 1
+        if (summary := profiler.step_ends(done)) is not None:
+            reporter.line(summary)
 
         if done % t.log_interval == 0 or done == end_step:
             steps.check()
@@ -180,6 +187,10 @@ def train(cfg: Config) -> TrainResult:
             steps.check()
             result.valid_losses[done] = evaluate(engine, valid_set, cfg, layout, documents)
             run_log.report_held_out(reporter, done, result.valid_losses[done])
+            extra.held_out(done, reporter, lambda ds: evaluate(engine, ds, cfg, layout, documents))
+        if extra.tasks_due(done, end_step) and done != end_step:
+            steps.check()
+            extra.run_tasks(done, reporter, engine.chunks)
         if t.save_dir and t.save_interval and done % t.save_interval == 0 and done != end_step:
             steps.check()
             if guard.may_save:
@@ -188,10 +199,15 @@ def train(cfg: Config) -> TrainResult:
                 reporter.line(f"step {done}: no checkpoint written: the last {guard.streak} steps were "
                               f"skipped (train.nonfinite: skip)")
 
+    if (summary := profiler.finish()) is not None:  # the run stopped inside the profiled steps
+        reporter.line(summary)
     if valid_set is not None:
         result.final_valid_loss = evaluate(engine, valid_set, cfg, layout, documents)
         result.valid_losses[end_step] = result.final_valid_loss
         run_log.report_held_out(reporter, end_step, result.final_valid_loss, final_of=end_step)
+        extra.held_out(end_step, reporter, lambda ds: evaluate(engine, ds, cfg, layout, documents))
+    if extra.tasks_due(end_step, end_step):
+        extra.run_tasks(end_step, reporter, engine.chunks)
     if t.save_dir:
         result.checkpoint = save(end_step)
         reporter.line(f"saved {result.checkpoint}")

@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -59,13 +59,28 @@ class Throughput:
         return (time.perf_counter() - self._all_start) / self._all_steps * steps_left
 
 
+class MetricSink(Protocol):
+    """Another destination of every scalar the run logs (W&B: megalong/train/wandb_log.py)."""
+
+    def log(self, step: int, values: dict[str, float]) -> None: ...
+
+    def checkpoint_meta(self) -> dict[str, str]:
+        """meta.json entries of each checkpoint (what a resumed run needs to continue)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Reporter:
-    """Log lines (rank 0), an optional progress bar and optional TensorBoard scalars."""
+    """Log lines (rank 0), an optional progress bar, `metrics.jsonl`, optional TensorBoard
+    scalars and other sinks (W&B)."""
 
     def __init__(self, total_steps: int, first_step: int, enabled: bool, progress_bar: bool,
-                 tensorboard_dir: Optional[str], metrics_file: Optional[str] = None):
+                 tensorboard_dir: Optional[str], metrics_file: Optional[str] = None,
+                 sinks: Sequence[MetricSink] = ()):
         self.enabled = enabled
         self.metrics_file = metrics_file if enabled else None
+        self.sinks = list(sinks) if enabled else []
         self.bar = None
         self.tb = None
         if enabled and progress_bar and sys.stderr.isatty():
@@ -99,9 +114,16 @@ class Reporter:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, values)
+
+    def checkpoint_meta(self) -> dict[str, str]:
+        return {k: v for sink in self.sinks for k, v in sink.checkpoint_meta().items()}
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()

@@ -25,7 +25,7 @@ from megalong.train.documents import model_inputs
 from megalong.train.losses import masked_mean
 
 
-def _reversible(chunks: list[torch.nn.Module]) -> bool:
+def reversible_chunks(chunks: list[torch.nn.Module]) -> bool:
     from megalong.model.reversible import ReversibleTransformerBlock
 
     return any(isinstance(m, ReversibleTransformerBlock) for chunk in chunks for m in chunk.modules())
@@ -66,7 +66,7 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=n_micro,
-        seq_length=batches[0]["tokens"].shape[1] * (2 if _reversible(chunks) else 1),
+        seq_length=batches[0]["tokens"].shape[1] * (2 if reversible_chunks(chunks) else 1),
         micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )

@@ -1,29 +1,39 @@
 """What a training run logs, the same for every engine: the model and data lines at the start,
 one line per log interval (loss, lr, grad norm, tokens/s, MFU, memory, ETA; per MoE layer its
-expert load and dropped tokens), held-out losses; TensorBoard and `<save_dir>/metrics.jsonl` too."""
+expert load and dropped tokens), held-out losses; `<save_dir>/metrics.jsonl`, TensorBoard and W&B
+(megalong/train/wandb_log.py) get the same scalars."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from megalong.checkpoint.layout import METRICS
+from megalong.checkpoint.step import read_checkpoint_info
 from megalong.config import Config
 from megalong.parallel.distributed import ParallelLayout
 from megalong.train.metrics import Reporter, Throughput, format_duration, memory_gib
 from megalong.train.pipeline import pipeline_moe_stats
+from megalong.train.wandb_log import META_KEY, open_wandb, wandb_enabled
 
 
-def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step: int) -> Reporter:
-    """Progress bar, log lines, TensorBoard and `<save_dir>/metrics.jsonl`, written by rank 0."""
+def open_reporter(cfg: Config, layout: ParallelLayout, start_step: int, end_step: int,
+                  resumed_from: Optional[Path] = None) -> Reporter:
+    """Progress bar, log lines, `<save_dir>/metrics.jsonl`, TensorBoard and W&B, written by rank 0;
+    a run resumed from a checkpoint continues the W&B run that checkpoint names."""
     t = cfg.train
     metrics_file = None
+    sinks = []
     if t.save_dir and layout.rank == 0:
         Path(t.save_dir).mkdir(parents=True, exist_ok=True)
         metrics_file = str(Path(t.save_dir) / METRICS)
+    if layout.rank == 0 and wandb_enabled(cfg):
+        resumed_id = read_checkpoint_info(resumed_from).meta.get(META_KEY) if resumed_from else None
+        sinks.append(open_wandb(cfg, resumed_id))
     return Reporter(end_step, start_step, layout.rank == 0, t.progress_bar, t.tensorboard_dir,
-                    metrics_file)
+                    metrics_file, sinks)
 
 
 def describe_model(cfg: Config, chunks: list[torch.nn.Module], layout: ParallelLayout) -> str:
@@ -67,7 +77,8 @@ def report_interval(reporter: Reporter, throughput: Throughput, done: int, end_s
 
 def report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
     """Per MoE layer (of every pipeline stage), of the last micro-batch on this rank: expert load
-    spread and dropped tokens. Collective over the pipeline stages: every rank calls it."""
+    spread and dropped tokens (and each expert's share of the assignments in the metrics).
+    Collective over the pipeline stages: every rank calls it."""
     parts, scalars = [], {"moe/aux_loss": aux}
     for layer, stats in pipeline_moe_stats(model):
         load = stats.load.float() / max(1, stats.assignments)
@@ -78,6 +89,7 @@ def report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float
         scalars.update({f"moe/layer{layer}/load_min": float(load.min()),
                         f"moe/layer{layer}/load_max": float(load.max()),
                         f"moe/layer{layer}/load_cv": cv, f"moe/layer{layer}/dropped": dropped})
+        scalars.update({f"moe/layer{layer}/expert{e}_load": share for e, share in enumerate(load.tolist())})
     reporter.line(f"  moe: aux loss {aux:.4f} | " + " | ".join(parts))
     reporter.scalars(step, scalars)
 
@@ -88,3 +100,32 @@ def report_held_out(reporter: Reporter, step: int, loss: float, final_of: int | 
         reporter.line(f"step {step}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f})")
     else:
         reporter.line(f"held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f} after {final_of} steps")
+
+
+def report_tasks(reporter: Reporter, step: int, results: dict[str, dict[str, float]]) -> None:
+    """lm-evaluation-harness results: `eval/<task>/<metric>` scalars and one line per task."""
+    for task, metrics in sorted(results.items()):
+        reporter.scalars(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
+        reporter.line(f"step {step}: {task} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+
+
+def report_held_out_per_dataset(reporter: Reporter, step: int, losses: dict[str, float]) -> None:
+    """Held-out loss of each dataset of data.train: `valid/<name>/loss` and `valid/<name>/ppl`."""
+    values: dict[str, float] = {}
+    for name, loss in losses.items():
+        values.update({f"valid/{name}/loss": loss, f"valid/{name}/ppl": math.exp(min(loss, 700.0))})
+    reporter.scalars(step, values)
+    reporter.line(f"step {step}: held-out loss per dataset: " + ", ".join(
+        f"{name} {loss:.4f} (perplexity {math.exp(min(loss, 700.0)):.2f})" for name, loss in losses.items()))
+
+
+def report_long_context(reporter: Reporter, step: int, rows: list[dict]) -> None:
+    """The long-context report: per length, perplexity and passkey accuracy at each depth, as a
+    table, and one `metrics.jsonl` record per length ({"step", "report": "long_context",
+    "seq_length", "loss", "perplexity", "tokens", "passkey": {depth: accuracy}, "trials"})."""
+    depths = sorted({d for row in rows for d in row["passkey"]}, key=float)
+    reporter.line(f"{'seq_length':>10} {'perplexity':>11} " + " ".join(f"{'key@' + d:>9}" for d in depths))
+    for row in rows:
+        reporter.line(f"{row['seq_length']:>10} {row['perplexity']:>11.2f} "
+                      + " ".join(f"{100 * row['passkey'][d]:>8.1f}%" for d in depths))
+        reporter.scalars(step, {"report": "long_context", **row})
