@@ -325,9 +325,10 @@ def test_linear_attend_bf16_inputs_reach_the_kernel(monkeypatch, L, D, chunk):
         return record
 
     monkeypatch.setattr(KernelInterface, "__getitem__", recording)
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **kw: True)
     module = LinearAttention(attn_config(2, D), 1, chunk_size=chunk)
     q, k, v = (rand(1, 2, L, D, seed=s).detach().bfloat16().requires_grad_() for s in range(3))
-    out = select.linear_attend(module, q, k, v)
+    out = module.attend(q, k, v)
     assert out.dtype == torch.bfloat16
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     got = torch.autograd.grad((out.float() * weight).sum(), (q, k, v))
