@@ -156,6 +156,21 @@ def test_shape_table_reaches_every_megalong_kernel():
         assert unreached(kernels, launched) == []
 
 
+# The CI part of the gate: every kernel family at head_dim 128 (the 1.3B and 2.7B shapes, its
+# largest tiles and registers), bfloat16 and float32, forward and backward, with ALiBi, global
+# tokens, packed documents, LSH rounds and 64 experts; float32 linear attention is left out (it
+# still spills, KNOWN_FAILURES below) and runs in the full table.
+WORST_CASES = ("gpt-neo-1.3b/(bfloat16|float32)/(window256-global-alibi|window256-alibi-documents|fam-alibi"
+               "|lsh-2rounds-alibi|moe64-topk2-bias)$|gpt-neo-1.3b/bfloat16/linear$")
+
+
+def test_compile_gate_worst_cases_pass_for_sm90_and_sm80():
+    run = run_gate(ARCHS, jobs=2, root=ROOT, only=WORST_CASES)
+    kernels = {r.launch.name for r in run.results}
+    assert {"_window_fwd", "_window_bwd", "_lsh_fwd", "_lsh_bwd", "_linear_fwd", "_linear_bwd_dk"} <= kernels
+    assert run.results and not run.failures, "\n".join(run.failures)
+
+
 # Still failing after the kernel fixes (measured 2026-12-02 with `--only` runs of the gate on the
 # 1.3b shapes; the full table has not been run to the end on this 2-core machine):
 KNOWN_FAILURES = (

@@ -44,6 +44,8 @@ def window_tiles(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -
     """Tiles of the windowed and FAM kernels (forward or backward); arch 0 (the interpreter) takes
     sm_90's. Forward and backward share block_m (the query blocks of `q_positions` are cut once)."""
     if dtype.itemsize > 2:  # tf32x3 splits every float32 operand in two: half the rows and keys
+        if 0 < arch < 90 and head_dim > 64:  # 32 query rows spill 8 B/thread in the forward here
+            return AttentionTiles(16, 16, 4, 1) if backward else AttentionTiles(16, 32, 4, 2)
         return AttentionTiles(32, 16, 8, 1) if backward else AttentionTiles(32, 32, 8, 2)
     wide = head_dim > 64
     if not backward:
