@@ -205,7 +205,7 @@ def test_models_no_format_can_hold_are_refused_with_the_reasons(tiny_data, tmp_p
         train(load_config([], [a for a in args if a != "--set"]))
     finally:
         shutdown()
-    with pytest.raises(ExportError, match=r"not as GPTNeoForCausalLM \(.*model.mlp_layers has MoE layers.*\), nor "
+    with pytest.raises(ExportError, match=r"nor GPTNeoForCausalLM \(.*model.mlp_layers has MoE layers.*\), nor "
                                           r"MixtralForCausalLM \(.*model.activation.*\), nor MegalongForCausalLM "
                                           r"\(model.moe.router is 'expert_choice'"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")

@@ -21,6 +21,7 @@ from torch import nn
 from megalong.attention.alibi import alibi_bias, alibi_slopes
 from megalong.attention.options import AttentionOptions, GlobalOptions
 from megalong.attention.segments import segments_of
+from megalong.parallel.context import context_size
 
 
 def tensor_parallel_rank_and_size(pg_collection: Any = None) -> tuple[int, int]:
@@ -78,11 +79,20 @@ class CoreAttention(nn.Module):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if k.shape[1] != heads:  # grouped-query attention: share each key/value head
-            k = k.repeat_interleave(heads // k.shape[1], dim=1)
-            v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        out = self.attend(q, k, v) if segment_ids is None else self.attend_documents(q, k, v, segment_ids)
+        if not self.grouped_kv or context_size() > 1:  # the context-parallel paths take one head per query head
+            k, v = per_query_head(k, heads), per_query_head(v, heads)
+        if context_size() > 1:  # this rank holds one chunk of the sequence (parallel.context)
+            out = self.attend_context(q, k, v, segment_ids)
+        elif segment_ids is None:
+            out = self.attend(q, k, v)
+        else:
+            out = self.attend_documents(q, k, v, segment_ids)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)  # heads_on_this_rank * head_dim
+
+    # Grouped-query attention: True when `attend` / `attend_documents` take k and v with one head
+    # per group ([b, groups, s, d], query head i reading group i // (heads / groups)) and never
+    # copy them per query head; otherwise the base hands them per query head (a copy).
+    grouped_kv: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -93,6 +103,13 @@ class CoreAttention(nn.Module):
         another document. Kinds that support `data.document_mask` override it."""
         raise NotImplementedError(f"{type(self).__name__}: packed documents (data.document_mask) are "
                                   "not supported by this attention kind")
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """`attend` (or `attend_documents`) on this context-parallel rank's chunk of the sequence
+        (megalong/attention/context_attention.py). Kinds that support `parallel.context` override it."""
+        raise NotImplementedError(f"{type(self).__name__}: parallel.context > 1 is not supported by "
+                                  "this attention kind")
 
     @property
     def active_dropout(self) -> float:
@@ -124,13 +141,11 @@ class CoreAttention(nn.Module):
                state: Optional[dict]) -> tuple[torch.Tensor, dict]:
         """q, k, v [batch, heads, n, head_dim] of the n tokens following those in `state` ->
         (output [batch, heads, n, head_dim], the state to pass with the next tokens)."""
-        if k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        if self.kv_cache:  # the cache holds groups: SDPA indexes them per query head
+            return self._decode_kv(q, k, v, state)
+        k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
         if callable(getattr(self, "step", None)) and callable(getattr(self, "init_state", None)):
             return self._decode_recurrent(q, k, v, state)
-        if self.kv_cache:
-            return self._decode_kv(q, k, v, state)
         if state is not None:
             q, k, v = (torch.cat([state[name], x], dim=2) for name, x in zip("qkv", (q, k, v)))
         n = q.shape[2] - (0 if state is None else state["q"].shape[2])
@@ -152,7 +167,8 @@ class CoreAttention(nn.Module):
             mask = mask.masked_fill(~visible, float("-inf"))
         else:
             mask = visible
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=k.shape[1] != q.shape[1])
         keep = self.cache_keep(k_pos, start + n)
         return out, {"k": k[:, :, keep], "v": v[:, :, keep], "pos": k_pos[keep], "next": start + n}
 
@@ -173,3 +189,11 @@ class CoreAttention(nn.Module):
         nothing to save, and nothing for a meta-device model construction to leave unset."""
         slopes = alibi_slopes(self.total_heads)[self.first_head: self.first_head + self.heads_per_rank]
         return slopes.to(device=device, dtype=dtype)
+
+
+def per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, groups, s, d] -> [b, heads, s, d], query head i reading group i // (heads / groups): a
+    copy, for the kinds whose attend does not index groups (grouped_kv False)."""
+    if x.shape[1] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)

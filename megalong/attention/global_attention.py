@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
-from megalong.attention.base import CoreAttention
+from megalong.attention import context_attention
+from megalong.attention.base import CoreAttention, per_query_head
 from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
 
@@ -24,6 +25,9 @@ def alibi_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 class GlobalAttention(CoreAttention):
     kv_cache = True  # generation keeps every key and value
+    # SDPA indexes key/value groups itself (enable_gqa); only the windowed Triton kernel (ALiBi or
+    # documents on CUDA) takes them per query head, copied.
+    grouped_kv = True
 
     def cache_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return k_pos[None, :] <= q_pos[:, None]
@@ -33,9 +37,10 @@ class GlobalAttention(CoreAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.alibi:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout,
-                                                  is_causal=True, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout, is_causal=True,
+                                                  scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
         if kernels.use_kernels(q, dropout=self.active_dropout):  # ALiBi without an L x L bias
+            k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
             return alibi_kernel(q, k, v, self.scale, self.alibi_slopes(q.device, torch.float32))
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
@@ -43,8 +48,8 @@ class GlobalAttention(CoreAttention):
         bias = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)
         # [1, heads, L, L]: torch.compile's CPU lowering of SDPA misreads a 3-D mask
         bias = bias.masked_fill(distance < 0, float("-inf"))[None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                              dropout_p=self.active_dropout, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.active_dropout,
+                                              scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
 
     def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          segment_ids: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,7 @@ class GlobalAttention(CoreAttention):
         with a [b, 1, L, L] mask built here, on the device."""
         if kernels.use_kernels(q, dropout=self.active_dropout):
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
+            k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
             return alibi_kernel(q, k, v, self.scale, slopes, segment_ids)
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
@@ -62,5 +68,11 @@ class GlobalAttention(CoreAttention):
         if self.alibi:
             bias = alibi_bias(self.alibi_slopes(q.device, q.dtype), distance)[None]
             mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                              dropout_p=self.active_dropout, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.active_dropout,
+                                              scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """All keys and values gathered from the context-parallel ranks (context_attention.py)."""
+        slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
+        return context_attention.global_attention(q, k, v, self.scale, slopes, self.active_dropout, segment_ids)

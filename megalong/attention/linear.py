@@ -27,10 +27,11 @@ recurrent form, `linear_documents.restart_state` before a document's first token
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from megalong.attention import context_attention
 from megalong.attention.base import CoreAttention
 from megalong.attention.linear_documents import segmented_efficient_attention, segmented_linear_attention
 from megalong.attention.options import LinearOptions
@@ -113,6 +114,16 @@ class LinearAttention(CoreAttention):
         else:
             out = segmented_efficient_attention(q, k, v, segment_ids, self.chunk_size)
         return out.to(out_dtype)
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """This rank's chunk from the summed states of the earlier ranks (context_attention.py)."""
+        if self.normalization != "elu" or segment_ids is not None:
+            raise NotImplementedError("linear attention with parallel.context > 1: normalization elu "
+                                      "without data.document_mask only")
+        dtype = _compute_dtype(q.dtype)
+        out = context_attention.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), self.eps, self.chunk_size)
+        return out.to(v.dtype)
 
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,
                    dtype: torch.dtype, value_dim: int | None = None) -> State:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.attention import SelfAttention
 
 from megalong.attention.alibi import alibi_bias
+from megalong.attention import context_attention
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import LocalOptions
 from megalong.attention.segments import same_document
@@ -107,6 +108,22 @@ class LocalAttention(CoreAttention):
         return out
 
     attend_documents = attend  # one implementation serves packed documents too
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """This rank's chunk with the halo of (window - 1) x dilation keys and values before it
+        (context_attention.py): `attend` on halo + chunk, the chunk's outputs kept (the halo's
+        queries are zeros, their outputs dropped). Distances are relative, so the dilation phase
+        and ALiBi follow."""
+        if self.global_positions:
+            raise NotImplementedError("local attention: global_tokens with parallel.context > 1 are not supported")
+        halo = (self.window - 1) * max(self.dilations)
+        k, need = context_attention.with_halo(k, halo, 2)
+        v, _ = context_attention.with_halo(v, halo, 2)
+        q = torch.cat([q.new_zeros(*q.shape[:2], need, q.shape[3]), q], dim=2)
+        if segment_ids is not None:
+            segment_ids, _ = context_attention.with_halo(segment_ids, halo, 1, differentiable=False)
+        return self.attend(q, k, v, segment_ids)[:, :, need:]
 
     def _window_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
                           slopes: Optional[torch.Tensor], g: torch.Tensor,

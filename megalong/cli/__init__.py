@@ -1,4 +1,4 @@
-"""`megalong` command line: train | demo | preprocess | tokenizer train | export | generate | eval.
+"""`megalong` command line: train | demo | preprocess | tokenizer train | import | export | generate | eval.
 
 Building the parser imports only argparse and megalong's light modules (megalong/cli/commands_*.py
 hold every command's arguments); a command imports what it needs (torch, megatron-core,

@@ -1,4 +1,4 @@
-"""`megalong checkpoint convert`, `export`, `generate` and `eval`: their arguments here; torch,
+"""`megalong checkpoint convert`, `import`, `export`, `generate` and `eval`: their arguments here; torch,
 megatron-core and transformers are imported only when a command runs."""
 from __future__ import annotations
 
@@ -36,6 +36,27 @@ def run_convert(args: argparse.Namespace) -> int:
 def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
+    parser.add_argument("--target", default="auto",
+                        choices=("auto", "llama", "mistral", "qwen2", "gpt_neo", "mixtral", "megalong"),
+                        help="the Hugging Face class to write (auto: the plainest stock class that "
+                             "represents the model exactly; the log says why plainer ones do not fit)")
+
+
+def add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="a Hugging Face model folder as a step-0 megalong checkpoint")
+    p.add_argument("hf_dir", help="a local Hugging Face folder (config.json, *.safetensors)")
+    p.add_argument("out_dir", help="the new save_dir to write (step_00000000/, megalong.yaml)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the SentencePiece .model to train with (default: HF_DIR/tokenizer.model)")
+    p.set_defaults(func=run_import, logging=True)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from megalong.hf_import.write import CONFIG_NAME, import_hf
+
+    step_dir = import_hf(args.hf_dir, args.out_dir, args.tokenizer)
+    print(f"imported {args.hf_dir} -> {step_dir}; edit {step_dir.parent / CONFIG_NAME} and train from it")
+    return 0
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +68,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from megalong.export.hf import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out_dir)
+    export_checkpoint(args.checkpoint, args.out_dir, args.target)
     return 0
 
 

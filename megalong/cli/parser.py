@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 
 from megalong.cli.commands_data import add_data, add_preprocess, add_tokenizer
-from megalong.cli.commands_model import add_checkpoint, add_eval, add_export, add_generate
+from megalong.cli.commands_model import add_checkpoint, add_eval, add_export, add_generate, add_import
 from megalong.cli.commands_run import add_demo, add_train
 
-DESCRIPTION = "`megalong` command line: train | demo | preprocess | tokenizer train | export | generate | eval."
+DESCRIPTION = "`megalong` command line: train | demo | preprocess | tokenizer train | import | export | generate | eval."
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -23,7 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="megalong", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_demo, add_preprocess, add_tokenizer, add_data, add_checkpoint, add_export,
+    for add in (add_train, add_demo, add_preprocess, add_tokenizer, add_data, add_checkpoint, add_import, add_export,
                 add_generate, add_eval):
         add(sub)
     return parser

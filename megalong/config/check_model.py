@@ -21,7 +21,7 @@ def positive(value: Any, key: str) -> None:
 
 def validate_model_sizes(cfg: Config) -> None:
     m = cfg.model
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                  "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
                  "rotary_base", "init_std", "layernorm_epsilon"):
         positive(getattr(m, name), f"model.{name}")
@@ -34,6 +34,12 @@ def validate_model_sizes(cfg: Config) -> None:
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.num_attention_heads: {m.num_attention_heads} heads do not divide "
                           f"model.hidden_size {m.hidden_size}")
+    if m.num_attention_heads % m.query_groups:
+        raise ConfigError(f"model.num_query_groups: {m.query_groups} groups do not divide "
+                          f"model.num_attention_heads {m.num_attention_heads}")
+    if m.query_groups != m.num_attention_heads and "lsh" in cfg.layer_kinds():
+        raise ConfigError("model.num_query_groups: lsh layers share queries and keys (no separate key "
+                          "heads to group); grouped-query attention needs other kinds")
 
 
 def validate_attention(cfg: Config) -> None:

@@ -21,6 +21,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if m.num_attention_heads % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide model.num_attention_heads "
                           f"{m.num_attention_heads}")
+    if m.query_groups % p.tensor:
+        raise ConfigError(f"parallel.tensor: {p.tensor} does not divide model.num_query_groups "
+                          f"{m.query_groups} (each rank holds whole key/value groups)")
     if cfg.ffn_hidden_size % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the MLP width "
                           f"{cfg.ffn_hidden_size} (model.ffn_hidden_size)")
@@ -36,7 +39,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if world_size % p.tensor:
         raise ConfigError(f"parallel.tensor: {p.tensor} does not divide the {world_size} processes")
     validate_pipeline(cfg, world_size)
-    dp = world_size // (p.tensor * p.pipeline)
+    dp = world_size // (p.tensor * p.pipeline * p.context)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
@@ -68,7 +71,7 @@ def validate_pipeline(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.pipeline: model.num_layers {n} is not a multiple of "
                           f"parallel.pipeline x parallel.virtual_stages = {p.pipeline} x {p.virtual_stages} "
                           f"(or give an uneven split in parallel.pipeline_layers)")
-    dp = world_size // (p.tensor * p.pipeline)
+    dp = world_size // (p.tensor * p.pipeline * p.context)
     micro = cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size * dp)
     if p.virtual_stages > 1 and micro % p.pipeline:
         raise ConfigError(f"parallel.virtual_stages: the interleaved schedule needs the number of "

@@ -33,6 +33,9 @@ class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
+    # Grouped-query attention: key/value heads, each shared by num_attention_heads / num_query_groups
+    # query heads (None: one per query head, multi-head attention). Not with lsh (shared QK).
+    num_query_groups: int | None = None
     ffn_hidden_size: int | None = None  # default 4 * hidden_size (Config.ffn_hidden_size)
     max_position_embeddings: int = 256
     # Per-layer attention kinds as (pattern, repeat) pairs, as GPT-Neo writes them:
@@ -70,6 +73,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (num_query_groups, or one per query head)."""
+        return self.num_query_groups or self.num_attention_heads
 
     @property
     def gated_mlp(self) -> bool:
@@ -143,6 +151,9 @@ class TrainConfig:
     save_dir: str | None = None
     save_interval: int | None = None  # default: only at the end
     load: str | None = None  # checkpoint directory to resume from ("auto": save_dir)
+    # a fresh run starts from these weights only: a megalong checkpoint or a Hugging Face folder,
+    # matched by name and shape into this config (megalong/checkpoint/init_from.py)
+    init_from: str | None = None
     # A fresh run (no train.load) refuses a save_dir holding checkpoints unless this is true; then
     # they are deleted when the run starts (megalong/checkpoint/layout.py)
     overwrite: bool = False
@@ -169,6 +180,7 @@ class ParallelConfig:
     tensor: int = 1
     expert: int = 1  # expert-parallel ranks: each holds model.moe.num_experts / expert experts
     pipeline: int = 1  # pipeline stages (megatron-core's 1F1B schedule)
+    context: int = 1  # context-parallel ranks: each holds 1/context of every sequence (parallel/context.py)
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     # Optional uneven split: [layers on the first stage, layers on the last stage]; the others are
     # shared evenly by the middle stages (megatron's num_layers_in_first/last_pipeline_stage).

@@ -20,6 +20,7 @@ from megalong.config.check_run import (
     validate_paths,
     validate_train,
 )
+from megalong.config.check_context import validate_context
 from megalong.config.schema import Config
 
 
@@ -34,6 +35,7 @@ def validate(cfg: Config, check_paths: bool = True, world_size: int = 1) -> None
     validate_positions(cfg)
     validate_data(cfg)
     validate_train(cfg)
+    validate_context(cfg, world_size)  # first: the data-parallel size below divides by it
     validate_parallel(cfg, world_size)
     validate_deepspeed(cfg)
     validate_data_parallel(cfg)

@@ -20,6 +20,7 @@ def gpt_neo_refusal(cfg: Config) -> Optional[str]:
         (not m.qkv_bias, "model.qkv_bias is true (GPT-Neo's q/k/v projections have no bias)"),
         (m.linear_bias, "model.linear_bias is false (GPT-Neo's output and MLP projections have biases)"),
         (m.tie_embeddings, "model.tie_embeddings is false (GPT-Neo ties input and output embeddings)"),
+        (m.query_groups == m.num_attention_heads, "model.num_query_groups: GPT-Neo has one key/value head per query head"),
         (set(cfg.mlp_kinds()) == {"dense"}, "model.mlp_layers has MoE layers (GPT-Neo's MLPs are dense)"),
         (not m.reversible, "model.reversible is true (GPT-Neo's layers are not reversible pairs)"),
         (set(cfg.layer_kinds()) <= {"global", "local"},

@@ -1,6 +1,7 @@
-"""`megalong export CHECKPOINT OUT_DIR`: a Hugging Face folder that transformers loads as is,
-as GPTNeoForCausalLM or MixtralForCausalLM when the model is one, else as megalong's own
-MegalongForCausalLM (transformers' Auto classes with trust_remote_code=True, megalong installed)."""
+"""`megalong export CHECKPOINT OUT_DIR [--target T]`: a Hugging Face folder that transformers loads
+as is, as the plainest stock class that represents the model exactly (Llama, Mistral, Qwen2,
+GPT-Neo, Mixtral), else as megalong's own MegalongForCausalLM (transformers' Auto classes with
+trust_remote_code=True, megalong installed)."""
 from __future__ import annotations
 
 import logging
@@ -8,12 +9,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
-
 from megalong.errors import MegalongError
 from megalong.paths import check_writable_dir
 from megalong.checkpoint.files import TOKENIZER, checkpoint_tokenizer
 from megalong.checkpoint.step import read_checkpoint_info, whole_model_state
+from megalong.export.targets import CLASS_NAMES, TARGETS, choose_target, describe_refusals, megalong_refusal
+
+__all__ = ["ExportError", "export_checkpoint", "megalong_refusal"]
 
 log = logging.getLogger("megalong")
 
@@ -24,16 +26,17 @@ class ExportError(MegalongError):
     kind = "export"
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Merge TP shards and gather EP experts, map to GPTNeoForCausalLM or MixtralForCausalLM
-    (whichever the model is), write config, safetensors, generation config and tokenizer.
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, target: str = "auto") -> Path:
+    """Merge TP shards and gather EP experts, map to the Hugging Face class `target` names (auto:
+    the plainest stock class that represents the model exactly, megalong/export/targets.py), write
+    config, safetensors, generation config and tokenizer.
 
     Written into a temporary folder beside OUT_DIR and renamed when complete: a refused or failed
     export leaves nothing behind. An existing OUT_DIR is replaced only if it is a previous export."""
-    from megalong.export.gpt_neo import gpt_neo_refusal
-    from megalong.export.mixtral import mixtral_refusal
     from megalong.export.tokenizer import export_tokenizer
 
+    if target not in ("auto", *TARGETS):
+        raise ExportError(f"--target {target!r}: one of auto, {', '.join(TARGETS)}")
     out = Path(out_dir).resolve()
     _check_replaceable(out)  # before the checkpoint is read: a bad OUT_DIR costs nothing
     if not out.exists():
@@ -42,22 +45,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     info = read_checkpoint_info(checkpoint)
     tokenizer_model = info.path / TOKENIZER
     tokenizer = checkpoint_tokenizer(info.path)
-    not_neo, not_mixtral = gpt_neo_refusal(info.config), mixtral_refusal(info.config)
-    not_megalong = megalong_refusal(info.config)
-    if not_neo and not_mixtral and not_megalong:
-        raise ExportError(f"{info.path} cannot be exported: not as GPTNeoForCausalLM ({not_neo}), "
-                          f"nor MixtralForCausalLM ({not_mixtral}), nor MegalongForCausalLM ({not_megalong})")
+    chosen, why_not = choose_target(info.config, target)
+    if chosen is None:
+        raise ExportError(f"{info.path} cannot be exported: {describe_refusals(why_not)}")
 
     state = whole_model_state(info)  # every file read and checked before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        if not_neo is None:
-            kind, vocab = "GPTNeoForCausalLM", _write_gpt_neo(info.config, state, tokenizer, tmp)
-        elif not_mixtral is None:
-            kind, vocab = "MixtralForCausalLM", _write_mixtral(info.config, state, tokenizer, tmp)
-        else:
-            kind, vocab = "MegalongForCausalLM", _write_megalong(info.config, state, tokenizer, tmp)
+        vocab = _WRITERS[chosen](info.config, state, tokenizer, tmp)
         _generation_config(tokenizer, vocab).save_pretrained(tmp)
         export_tokenizer(tokenizer_model, tmp)
         _replace(tmp, out)
@@ -65,7 +61,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s (step %d, TP=%d, EP=%d gathered) -> %s as %s", info.path, info.meta["step"],
-             info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1), out, kind)
+             info.meta["tensor_parallel"], info.meta.get("expert_parallel", 1), out, CLASS_NAMES[chosen])
+    if why_not:
+        log.info("  plainer classes do not fit: %s", describe_refusals(why_not))
     return out
 
 
@@ -122,18 +120,6 @@ def _write_gpt_neo(cfg, state, tokenizer, folder: Path) -> int:
     return hf_config.vocab_size
 
 
-def megalong_refusal(cfg) -> Optional[str]:
-    """Why even megalong's own Hugging Face class cannot hold this model (None when it can)."""
-    from megalong.export.hf_layers import export_refusal
-
-    if (reason := export_refusal(cfg)) is not None:
-        return reason
-    if "moe" in cfg.mlp_kinds() and cfg.moe_options().router == "expert_choice":
-        return ("model.moe.router is 'expert_choice': experts choose among all tokens of the batch, "
-                "so a token's output depends on later tokens and generation cannot reproduce training")
-    return None
-
-
 # Files written beside an export of MegalongForCausalLM, so that `trust_remote_code=True` finds the
 # classes; they come from the installed megalong package.
 _REMOTE_CODE = {
@@ -165,13 +151,31 @@ def _write_megalong(cfg, state, tokenizer, folder: Path) -> int:
 
 
 def _write_mixtral(cfg, state, tokenizer, folder: Path) -> int:
-    from safetensors.torch import save_file
-
     from megalong.export.mixtral import to_mixtral
 
     hf_config, tensors = to_mixtral(cfg, state, tokenizer.bos, tokenizer.eod)
     hf_config.architectures = ["MixtralForCausalLM"]
+    return _write_stock(hf_config, tensors, folder)
+
+
+def _llama_writer(target: str):
+    def write(cfg, state, tokenizer, folder: Path) -> int:
+        from megalong.export.llama import to_hf
+
+        return _write_stock(*to_hf(cfg, state, target, tokenizer.bos, tokenizer.eod), folder)
+
+    return write
+
+
+def _write_stock(hf_config, tensors: dict, folder: Path) -> int:
+    """A stock class's config and its tensors under the class's on-disk names."""
+    from safetensors.torch import save_file
+
     hf_config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     return hf_config.vocab_size
+
+
+_WRITERS = {"gpt_neo": _write_gpt_neo, "mixtral": _write_mixtral, "megalong": _write_megalong,
+            "llama": _llama_writer("llama"), "mistral": _llama_writer("mistral"), "qwen2": _llama_writer("qwen2")}

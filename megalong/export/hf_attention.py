@@ -26,14 +26,13 @@ class Attention(nn.Module):
     """megatron's SelfAttention: fused q/k/v projection (per head [q; k; v]), RoPE, the kind's core
     attention, output projection. Subclasses for replaced SelfAttention classes change `project`."""
 
-    qkv_parts = 3
-
     def __init__(self, cfg: Config, kind: str, layer_number: int):
         super().__init__()
         m = cfg.model
         self.heads, self.head_dim = m.num_attention_heads, m.hidden_size // m.num_attention_heads
+        self.groups = m.query_groups
         self.rope_base = m.rotary_base if m.position_embedding == "rope" else None
-        self.linear_qkv = nn.Linear(m.hidden_size, self.qkv_parts * m.hidden_size, bias=m.qkv_bias)
+        self.linear_qkv = nn.Linear(m.hidden_size, self.qkv_width(cfg), bias=m.qkv_bias)
         self.linear_proj = nn.Linear(m.hidden_size, m.hidden_size, bias=m.linear_bias)
         core_config = SimpleNamespace(num_attention_heads=m.num_attention_heads, kv_channels=self.head_dim,
                                       hidden_size=m.hidden_size, attention_dropout=0.0)
@@ -42,10 +41,19 @@ class Attention(nn.Module):
             pg_collection=SimpleNamespace(tp=SimpleNamespace(rank=lambda: 0, size=lambda: 1)),
             options=cfg.attention_options(kind))
 
+    def qkv_width(self, cfg: Config) -> int:
+        """megatron's fused projection: per query group its query heads, one key and one value head."""
+        return (self.heads + 2 * self.groups) * self.head_dim
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [s, b, hidden] -> q, k, v [s, b, heads, head_dim] (before RoPE)."""
-        s, b, _ = x.shape
-        return self.linear_qkv(x).view(s, b, self.heads, 3, self.head_dim).unbind(dim=3)
+        """x [s, b, hidden] -> q [s, b, heads, head_dim], k and v [s, b, groups, head_dim] (before RoPE)."""
+        return self.split(self.linear_qkv(x))
+
+    def split(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, b, _ = mixed.shape
+        per_group = self.heads // self.groups
+        q, k, v = mixed.view(s, b, self.groups, per_group + 2, self.head_dim).split([per_group, 1, 1], dim=3)
+        return q.reshape(s, b, self.heads, self.head_dim), k.squeeze(3), v.squeeze(3)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """megatron's non-interleaved rotary embedding on [s, b, heads, head_dim] at `positions` [s]."""
@@ -77,21 +85,21 @@ class GlobalTokensAttention(Attention):
         super().__init__(cfg, kind, layer_number)
         if cfg.attention_options(kind).global_tokens:
             m = cfg.model
-            self.linear_qkv_global = nn.Linear(m.hidden_size, 3 * m.hidden_size, bias=m.qkv_bias)
+            self.linear_qkv_global = nn.Linear(m.hidden_size, self.qkv_width(cfg), bias=m.qkv_bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         local = super().project(x)
         if not hasattr(self, "linear_qkv_global"):
             return local
-        s, b, _ = x.shape
-        extra = self.linear_qkv_global(x).view(s, b, self.heads, 3, self.head_dim).unbind(dim=3)
+        extra = self.split(self.linear_qkv_global(x))
         return tuple(torch.cat([a, g], dim=2) for a, g in zip(local, extra))
 
 
 class SharedQKAttention(Attention):
     """`LshSelfAttention`: `linear_qkv` projects per head [q; v]; the key is the query."""
 
-    qkv_parts = 2
+    def qkv_width(self, cfg: Config) -> int:
+        return 2 * cfg.model.hidden_size  # config validation refuses groups with lsh
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s, b, _ = x.shape

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from megalong.config import Config
-from megalong.export.gpt_neo import split_qkv
+from megalong.export.qkv import split_qkv
 
 
 def mixtral_refusal(cfg: Config) -> Optional[str]:
@@ -44,7 +44,7 @@ def to_mixtral(cfg: Config, state: dict[str, torch.Tensor], bos_id: int, eos_id:
         intermediate_size=o.expert_hidden_size or cfg.ffn_hidden_size,
         num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_attention_heads,
+        num_key_value_heads=m.query_groups,
         max_position_embeddings=m.max_position_embeddings,
         rms_norm_eps=m.layernorm_epsilon,
         rope_theta=float(m.rotary_base),
@@ -63,7 +63,7 @@ def to_mixtral(cfg: Config, state: dict[str, torch.Tensor], bos_id: int, eos_id:
         out["lm_head.weight"] = state["output_layer.weight"]
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads)
+        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads, m.query_groups)
         out.update({
             dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
             dst + "self_attn.q_proj.weight": q,

@@ -15,6 +15,7 @@ linear layers, the context's q/k/v otherwise); a layer class with no incremental
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -26,6 +27,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from megalong.attention.registry import ATTENTION_KINDS
 from megalong.config import Config, config_from_dict, migrate_saved_config
 from megalong.export.hf_layers import HF_LAYER, hf_counterpart, norm
+
+# The name transformers gives the cache in model outputs and generation's model inputs: `cache`
+# from 5.x on (the old `past_key_values` still works there, with a deprecation warning).
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class MegalongConfig(PretrainedConfig):
@@ -173,18 +178,20 @@ class MegalongForCausalLM(PreTrainedModel, GenerationMixin):
         return self.embedding.word_embeddings
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, past_key_values: Optional[MegalongCache] = None,
-                use_cache: Optional[bool] = None, **unused) -> CausalLMOutputWithPast:
-        """Logits of input_ids [b, s]; with a cache (`past_key_values`, or a new one when
-        use_cache), input_ids are the tokens after the `cache.seen` already given."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("MegalongForCausalLM: padded batches (zeros in attention_mask) are not supported")
-        cache = past_key_values
+                labels: Optional[torch.Tensor] = None, cache: Optional[MegalongCache] = None,
+                use_cache: Optional[bool] = None, past_key_values: Optional[MegalongCache] = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits of input_ids [b, s]; with a cache (`cache`, `past_key_values` before transformers
+        5.x named it so, or a new one when use_cache), input_ids are the tokens after the
+        `cache.seen` already given. Other keyword arguments transformers passes (cache_position,
+        return_dict, ...) change nothing."""
+        refuse_padding(attention_mask)
+        cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = MegalongCache(len(self.decoder.layers))
         start = cache.seen if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        refuse_packed_inputs(unused, positions)
+        refuse_packed_inputs(kwargs, positions)
         x = self.embedding(input_ids, positions).transpose(0, 1)  # megatron layout [s, b, h]
         x = self.decoder(x, positions, cache).transpose(0, 1)
         if cache is not None:
@@ -194,14 +201,28 @@ class MegalongForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: Optional[MegalongCache] = None,
-                                      use_cache: Optional[bool] = None, **unused) -> dict:
-        """With a cache only the tokens it has not seen; without, the whole context."""
-        if past_key_values is not None:
-            input_ids = input_ids[:, past_key_values.seen:]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "use_cache": use_cache}
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: Optional[MegalongCache] = None,
+                                      attention_mask: Optional[torch.Tensor] = None,
+                                      use_cache: Optional[bool] = None,
+                                      past_key_values: Optional[MegalongCache] = None, **kwargs) -> dict:
+        """With a cache only the tokens it has not seen; without, the whole context. The catch-all
+        must be named `kwargs`: transformers passes through only a catch-all of that name, so
+        `generate(**tokenizer(prompt, return_tensors="pt"))` can hand over its attention_mask."""
+        refuse_padding(attention_mask)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            input_ids = input_ids[:, cache.seen:]
+        return {"input_ids": input_ids, CACHE_FIELD: cache, "use_cache": use_cache, "attention_mask": attention_mask}
+
+
+def refuse_padding(attention_mask: Optional[torch.Tensor]) -> None:
+    """Every attention kind here runs its rows from position 0 without masks: a padded row
+    would attend to its padding, so batches with padding are refused."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("MegalongForCausalLM: padded batches (zeros in attention_mask) are not supported; "
+                         "generate each prompt on its own, or batch prompts of equal length")
 
 
 AutoConfig.register("megalong", MegalongConfig, exist_ok=True)

@@ -32,6 +32,7 @@ def transformer_config(cfg: Config, whole: bool = False) -> TransformerConfig:
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
         tensor_model_parallel_size=cfg.parallel.tensor,
         pipeline_model_parallel_size=p.pipeline if staged else 1,
@@ -183,7 +184,8 @@ def model_flops_per_token(cfg: Config, vocab_size: int) -> float:
     forward = 2 * h * vocab_size
     for kind, mlp in zip(cfg.layer_kinds(), cfg.mlp_kinds()):
         keys = attended_keys(cfg, kind)
-        forward += 2 * 4 * h * h + 2 * 2 * h * keys  # projections; q k^T and p v
+        kv = 2 * h * m.query_groups // m.num_attention_heads  # key and value projections' width
+        forward += 2 * (2 * h + kv) * h + 2 * 2 * h * keys  # projections; q k^T and p v
         if mlp == "moe":  # active parameters only: the chosen experts, shared experts, router
             active = (1 if moe.router == "switch" else moe.top_k) + moe.num_shared_experts
             forward += 2 * (mlp_mats * h * expert_f * active + h * moe.num_experts)

@@ -24,6 +24,8 @@ class ParallelLayout:
     pipeline_parallel: int = 1
     pipeline_rank: int = 0
     virtual_stages: int = 1
+    context_parallel: int = 1
+    context_rank: int = 0
 
 
 def world_size_from_env() -> int:
@@ -31,9 +33,10 @@ def world_size_from_env() -> int:
 
 
 def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int = 1,
-               pipeline_parallel: int = 1, virtual_stages: int = 1) -> ParallelLayout:
+               pipeline_parallel: int = 1, virtual_stages: int = 1,
+               context_parallel: int = 1) -> ParallelLayout:
     """Start torch.distributed (from torchrun's environment, or a one-process group) and
-    megatron-core's model-parallel groups. NCCL on GPUs, gloo on the CPU (where pipeline stages
+    megatron-core's model-parallel groups (context-parallel ones too). NCCL on GPUs, gloo on the CPU (where pipeline stages
     need megalong/compat/cuda_on_cpu.py, installed here)."""
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -53,7 +56,7 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel, expert_model_parallel_size=expert_parallel,
             expert_tensor_parallel_size=1 if expert_parallel > 1 else None,
-            pipeline_model_parallel_size=pipeline_parallel,
+            pipeline_model_parallel_size=pipeline_parallel, context_parallel_size=context_parallel,
             virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         from megalong import compat
@@ -73,6 +76,8 @@ def initialize(tensor_parallel: int, backend: str = "auto", expert_parallel: int
         pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
         pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
         virtual_stages=parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        context_parallel=parallel_state.get_context_parallel_world_size(),
+        context_rank=parallel_state.get_context_parallel_rank(),
     )
 
 

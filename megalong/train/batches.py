@@ -6,6 +6,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from megalong.parallel.context import split_batch
 from megalong.train.documents import DocumentBatching
 
 
@@ -29,10 +30,11 @@ def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
 def fetch(dataset, indices: list[int], device: torch.device,
           documents: Optional[DocumentBatching] = None) -> dict[str, torch.Tensor]:
     """The samples at `indices` as a batch on `device`; `documents`: with segment ids, reset
-    positions and the EOD loss mask computed there (data.document_mask and friends)."""
+    positions and the EOD loss mask computed there (data.document_mask and friends); with
+    `parallel.context`, this rank's chunk of each sequence (computed on the whole sequence first)."""
     batch = collate([dataset[i] for i in indices])
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch if documents is None else documents.apply(batch)
+    return split_batch(batch if documents is None else documents.apply(batch))
 
 
 def eval_batches(dataset, eval_iters: int, global_batch: int, micro_batch: int, dp_size: int,

@@ -15,7 +15,7 @@ def initialize_for(cfg: Config) -> ParallelLayout:
     if cfg.train.engine == "deepspeed":
         return initialize(p.tensor, p.backend)
     return initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,
-                      virtual_stages=p.virtual_stages)
+                      virtual_stages=p.virtual_stages, context_parallel=p.context)
 
 
 def build_engine(cfg: Config, layout: ParallelLayout, chunks: list[torch.nn.Module]) -> Engine:
@@ -24,7 +24,8 @@ def build_engine(cfg: Config, layout: ParallelLayout, chunks: list[torch.nn.Modu
         from megalong.train.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(chunks, cfg, layout)
-    if layout.data_parallel > 1:  # megatron-core DDP and optimizer
+    # megatron-core DDP and optimizer; with context parallelism it reduces over data x context ranks
+    if layout.data_parallel > 1 or layout.context_parallel > 1:
         from megalong.train.megatron_engine import MegatronEngine
 
         return MegatronEngine(chunks, cfg, layout)

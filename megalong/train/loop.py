@@ -16,6 +16,7 @@ import torch
 
 from megalong.checkpoint import layout as save_dirs
 from megalong.checkpoint import step as checkpoints
+from megalong.checkpoint.init_from import KEY, init_from
 from megalong.config import Config, ConfigError, validate
 from megalong.model.compile import compile_layers
 from megalong.model.gpt import build_model_chunks, model_flops_per_token
@@ -118,6 +119,9 @@ def train(cfg: Config) -> TrainResult:
     layout, tokenizer = _start(cfg)
     torch.manual_seed(t.seed)  # identical on every rank: any layout starts from the same weights
     chunks = [chunk.to(layout.device) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
+    resume = save_dirs.resume_path(cfg)
+    # weights only, before compiling (module names) and before the engine copies or partitions them
+    initialised = init_from(t.init_from, cfg, chunks, layout) if t.init_from and resume is None else None
     if cfg.execution.compile:
         for chunk in chunks:
             compile_layers(chunk)
@@ -125,7 +129,6 @@ def train(cfg: Config) -> TrainResult:
     flops_per_token = model_flops_per_token(cfg, chunks[0].vocab_size)
     engine = build_engine(cfg, layout, chunks)
     start_step = 0
-    resume = save_dirs.resume_path(cfg)
     if resume is not None:
         start_step = checkpoints.load_step(resume, cfg, layout, engine.checkpoint_engine, engine.load)
     else:
@@ -141,7 +144,10 @@ def train(cfg: Config) -> TrainResult:
     for line in [model_line, *engine.describe(), *run_log.describe_data(cfg, train_set, valid_set, n_micro)]:
         reporter.line(line)
     if resume is not None:
-        reporter.line(f"resumed from {resume} at step {start_step}")
+        reporter.line(f"resumed from {resume} at step {start_step}"
+                      + (f" ({KEY} {t.init_from} not applied: a resumed run has its weights)" if t.init_from else ""))
+    for line in initialised.lines() if initialised is not None else []:
+        reporter.line(line)
 
     result = TrainResult()
     guard = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, resume)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong.config import Config
+from megalong.parallel.context import context_loss, context_size
 from megalong.train.documents import model_inputs
 
 
@@ -23,6 +24,8 @@ def lm_loss(model: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the tokens the loss mask keeps."""
     tokens, positions, kwargs = model_inputs(batch)
     per_token = model(tokens, positions, None, labels=batch["labels"], **kwargs)
+    if context_size() > 1:  # this rank holds one chunk of every sequence: the mean over all of them
+        return context_loss(per_token, batch["loss_mask"])
     return masked_mean(per_token, batch["loss_mask"])
 
 

@@ -1,0 +1,44 @@
+"""Validation of `parallel.context` (context parallelism, megalong/parallel/context.py): the
+sizes it must divide, and every combination it does not support yet, refused by name."""
+from __future__ import annotations
+
+from megalong.config.check_model import positive
+from megalong.config.errors import ConfigError
+from megalong.config.schema import Config
+
+CONTEXT_KINDS = ("global", "local", "linear")  # attention kinds with an attend_context
+
+
+def validate_context(cfg: Config, world_size: int) -> None:
+    p, m, e = cfg.parallel, cfg.model, cfg.execution
+    n = p.context
+    positive(n, "parallel.context")
+    if n == 1:
+        return
+    if cfg.seq_length % n:
+        raise ConfigError(f"parallel.context: {n} does not divide the sequence length {cfg.seq_length}")
+    if world_size % (p.tensor * p.pipeline * n):
+        raise ConfigError(f"parallel.context: parallel.tensor x parallel.pipeline x parallel.context = "
+                          f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
+    refused = [
+        (p.tensor > 1, "parallel.tensor > 1"),
+        (p.pipeline > 1, "parallel.pipeline > 1"),
+        (p.expert > 1 or "moe" in cfg.mlp_kinds(), "MoE layers (model.mlp_layers)"),
+        (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
+        (m.position_embedding in ("rope", "axial"), f"model.position_embedding: {m.position_embedding}"),
+        (m.reversible, "model.reversible"),
+        (e.compile, "execution.compile"),
+        (e.recompute_granularity is not None, "execution.recompute_granularity"),
+    ]
+    for kind in sorted(set(cfg.layer_kinds())):
+        options = cfg.attention_options(kind)
+        refused += [
+            (kind not in CONTEXT_KINDS, f"{kind} attention (model.attention_layers)"),
+            (kind == "local" and bool(getattr(options, "global_tokens", 0)), "model.attention.local.global_tokens"),
+            (kind == "linear" and getattr(options, "normalization", "elu") != "elu",
+             "model.attention.linear.normalization other than elu"),
+            (kind == "linear" and cfg.data.document_mask, "data.document_mask with linear attention"),
+        ]
+    for bad, what in refused:
+        if bad:
+            raise ConfigError(f"parallel.context: {n} does not support {what} yet")

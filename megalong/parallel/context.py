@@ -1,0 +1,119 @@
+"""Context parallelism (`parallel.context: N`): one sample's sequence spread over the N ranks of
+megatron-core's context-parallel group.
+
+Rank r of the group holds the contiguous chunk [r * L / N, (r + 1) * L / N) of every sample of
+its micro-batch (`split_batch`), with position ids offset by the chunk's start. Attention kinds
+exchange what they need of the other chunks (megalong/attention/context_attention.py); the loss is
+the masked mean over the whole sequence (`context_loss`); megatron-core's DDP reduces gradients
+over the data x context ranks (its `dp_cp` group) and divides by their number, which is why each
+rank back-propagates N times its share of the loss.
+
+The collectives here are autograd functions: an all-gather whose backward returns to every rank
+the sum of the gradients of its own chunk (a reduce-scatter; with gloo, which has none, an
+all-reduce and a slice).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def context_size() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_context_parallel_world_size()
+
+
+def context_rank() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_context_parallel_rank()
+
+
+def context_group() -> Any:
+    return parallel_state.get_context_parallel_group()
+
+
+def split_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's chunk of every [b, s] entry of a batch (tokens, labels, loss mask, position and
+    segment ids), with `position_ids` (0..s-1 unless the batch has its own) cut the same way, so
+    each chunk keeps its true positions. The batch as it is at CP=1."""
+    n = context_size()
+    if n == 1:
+        return batch
+    tokens = batch["tokens"]
+    s = tokens.shape[1]
+    if s % n:
+        raise ValueError(f"parallel.context: {n} does not divide the sequence length {s}")
+    out = dict(batch)
+    if "position_ids" not in out:
+        out["position_ids"] = torch.arange(s, device=tokens.device).unsqueeze(0).expand_as(tokens)
+    chunk = s // n
+    start = context_rank() * chunk
+    return {k: v[:, start:start + chunk] if v.dim() >= 2 and v.shape[1] == s else v for k, v in out.items()}
+
+
+def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """Every rank's `x` of `group` concatenated along `dim` in rank order (no gradient)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _GatherChunks(torch.autograd.Function):
+    """All-gather along `dim` in rank order; backward: each rank's chunk gets the gradients summed
+    over the group."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        group, dim = ctx.group, ctx.dim
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
+            dist.all_reduce(grad, group=group)
+            return grad.chunk(n, dim=dim)[r].contiguous(), None, None
+        parts = [p.contiguous() for p in grad.chunk(n, dim=dim)]
+        out = torch.empty_like(parts[r])
+        dist.reduce_scatter(out, parts, group=group)
+        return out, None, None
+
+
+def gather_chunks(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every context rank's `x` concatenated along `dim` in rank order (differentiable)."""
+    if context_size() == 1:
+        return x
+    if not x.requires_grad:
+        return all_gather(x, dim, context_group())
+    out = _GatherChunks.apply(x, dim, context_group())
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def sum_over_context(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the context ranks of a tensor that needs no gradient."""
+    if context_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, group=context_group())
+    return x
+
+
+def context_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The masked mean of the per-token loss over the whole sequence (all context ranks): its value
+    is the CP=1 loss on every rank; its gradient is N times this rank's share, the scale
+    megatron-core's DDP expects (it averages over data x context ranks)."""
+    mask = loss_mask.to(per_token.dtype)
+    n = context_size()
+    numerator = (per_token.float() * mask).sum()
+    count = sum_over_context(mask.sum().float()).clamp(min=1)
+    share = numerator / count
+    total = sum_over_context(share)
+    return n * share + (total - n * share).detach()

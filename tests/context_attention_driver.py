@@ -1,0 +1,103 @@
+"""Every context-parallel attention case on one torchrun job of N gloo processes
+(`python -m torch.distributed.run --nproc_per_node N tests/context_attention_driver.py`): each rank
+runs the module on its chunk of the sequence (forward through megatron's layout, as a model calls
+it) and compares its outputs and the gradients of its chunk's q, k, v with the same module's
+one-process `attend` on the whole sequence, in float64. Exits non-zero at the first mismatch;
+refused combinations must raise their one-line error."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention.helpers import attention_config  # noqa: E402
+from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
+from megalong.attention.segments import DocumentSegments  # noqa: E402
+
+L, B, H, D = 48, 2, 4, 8
+CASES = [  # (name, kind, alibi, options, documents)
+    ("global", "global", False, {}, False),
+    ("global alibi", "global", True, {}, False),
+    ("global alibi documents", "global", True, {}, True),
+    ("local window 5", "local", False, {"window": 5}, False),
+    ("local alibi dilations", "local", True, {"window": 4, "dilation": [1, 2, 1, 3]}, False),
+    ("local window longer than a chunk", "local", True, {"window": 30, "dilation": [1, 2, 1, 1]}, False),
+    ("local documents", "local", False, {"window": 6, "dilation": 2}, True),
+    ("linear elu", "linear", False, {"chunk_size": 5}, False),
+]
+REFUSED = [  # (kind, options, documents, words of the error)
+    ("lsh", {"bucket_size": 8}, False, "parallel.context"),
+    ("local", {"window": 4, "global_tokens": 2}, False, "global_tokens"),
+    ("linear", {"normalization": "efficient"}, False, "elu"),
+    ("linear", {}, True, "document_mask"),
+]
+
+
+def segments() -> torch.Tensor:
+    """Three documents per row, starting at different places in the two rows."""
+    pos = torch.arange(L)
+    return torch.stack([(pos >= 7).long() + (pos >= 30).long(), (pos >= 20).long() + (pos >= 21).long()])
+
+
+def check(name: str, kind: str, alibi: bool, options: dict, documents: bool) -> None:
+    n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    C = L // n
+    chunk = slice(r * C, (r + 1) * C)
+    module = CORE_ATTENTION[kind](attention_config(H, D), layer_number=1, alibi=alibi, **options)
+    g = torch.Generator().manual_seed(1)
+    full = [torch.randn(L, B, H, D, dtype=torch.float64, generator=g) for _ in range(3)]
+    weight = torch.randn(L, B, H * D, dtype=torch.float64, generator=g)
+    seg = segments() if documents else None
+
+    ref_in = [x.clone().requires_grad_() for x in full]
+    q, k, v = (x.permute(1, 2, 0, 3) for x in ref_in)
+    ref = module.attend(q, k, v) if seg is None else module.attend_documents(q, k, v, seg)
+    ref = ref.permute(2, 0, 1, 3).reshape(L, B, H * D)
+    (ref * weight).sum().backward()
+
+    mine = [x[chunk].clone().requires_grad_() for x in full]
+    params = None if seg is None else DocumentSegments(segment_ids=seg[:, chunk].contiguous())
+    out = module(*mine, attention_mask=None, packed_seq_params=params)
+    (out * weight[chunk]).sum().backward()
+    error = (out - ref[chunk]).abs().max().item()
+    assert error < 1e-10, (name, "output", r, error)
+    for label, a, b in zip("qkv", mine, ref_in):
+        error = (a.grad - b.grad[chunk]).abs().max().item()
+        assert error < 1e-10, (name, "grad " + label, r, error)
+
+
+def refused(kind: str, options: dict, documents: bool, words: str) -> None:
+    n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    C = L // n
+    module = CORE_ATTENTION[kind](attention_config(H, D), layer_number=1, **options)
+    heads = 2 * H if options.get("global_tokens") else H
+    x = torch.randn(C, B, heads, D, dtype=torch.float64)
+    params = None if not documents else DocumentSegments(segment_ids=segments()[:, r * C:(r + 1) * C].contiguous())
+    try:
+        module(x, x, x, attention_mask=None, packed_seq_params=params)
+    except NotImplementedError as e:
+        assert words in str(e) and "\n" not in str(e), (kind, str(e))
+    else:
+        raise AssertionError(f"{kind} {options} at parallel.context > 1 was not refused")
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
+    for case in CASES:
+        check(*case)
+    for case in REFUSED:
+        refused(*case)
+    if dist.get_rank() == 0:
+        print(f"context attention: {len(CASES)} cases equal one process, {len(REFUSED)} refused, "
+              f"at CP={dist.get_world_size()}")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Context parallelism (`parallel.context`): attention of every supported kind on N gloo
+processes, each holding a chunk of the sequence, equals one process (forward and gradients,
+float64, tests/context_attention_driver.py); training at CP=2 follows the one-process run; the
+combinations not supported are refused by name."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, free_port, read_metrics, run_driver, tiny_overrides
+from test_documents_parallel import short_docs  # noqa: F401 (fixture)
+from test_pipeline import LOSS_TOL, _close, _close_norms, _train_here
+from megalong.checkpoint.step import load_merged_state
+from megalong.config import ConfigError, load_config
+
+STEPS = 5
+WEIGHT_TOL = 1e-4
+# global, local with per-head dilations and linear layers, learned positions (offset per chunk)
+MIXED = {
+    "model.num_layers": 3,
+    "model.attention_layers": '[[["global", "local", "linear"], 1]]',
+    "model.attention": "{local: {window: 8, dilation: [1, 2, 1, 3]}, linear: {chunk_size: 16}}",
+}
+# ALiBi (distances across chunks), a local window longer than a chunk (40 > 64 / 2), packed documents
+ALIBI_DOCUMENTS = {
+    "model.attention_layers": '[[["global", "local"], 1]]',
+    "model.attention": "{local: {window: 40, dilation: [1, 1, 2, 2]}}",
+    "model.alibi": "true",
+    "model.position_embedding": "none",
+    "data.document_mask": "true",
+    "data.eod_mask_loss": "true",
+}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_context_attention_equals_one_process(n):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+           str(free_port()), str(REPO / "tests" / "context_attention_driver.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    assert f"cases equal one process, 4 refused, at CP={n}" in proc.stdout
+
+
+def _args(data, save_dir, **extra) -> list[str]:
+    return [a for a in tiny_overrides(data, save_dir, STEPS, **extra) if a != "--set"]
+
+
+def _same_weights(run, reference, name: str) -> None:
+    _, want = load_merged_state(reference)
+    _, got = load_merged_state(run)
+    assert got.keys() == want.keys(), name
+    for key, tensor in want.items():
+        assert (got[key] - tensor).abs().max().item() < WEIGHT_TOL, (name, key)
+
+
+def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_path):  # noqa: F811
+    """Losses within 2e-5, gradient norms within 1e-4 relative and the final weights within 1e-4
+    of one process, for both models, through megatron-core's DDP over the data x context ranks;
+    CP=2 x DP=2 with the distributed optimizer; checkpoints saved at CP=1 resume at CP=2 and the
+    reverse."""
+    models = {"mixed": (tiny_data, MIXED), "alibi_documents": (short_docs, ALIBI_DOCUMENTS)}
+    save = {"train.save_interval": 3}
+    for name, (data, model) in models.items():
+        _train_here(_args(data, tmp_path / f"{name}_single", **model, **save))
+    cp2 = {"parallel.context": 2}
+    runs = [_args(data, tmp_path / f"{name}_cp2", **model, **cp2, **save) for name, (data, model) in models.items()]
+    runs.append(_args(tiny_data, tmp_path / "mixed_resumed_cp2", **MIXED, **cp2,
+                      **{"train.load": str(tmp_path / "mixed_single" / "step_00000003")}))
+    run_driver(runs, 2, tmp_path)
+    run_driver([_args(tiny_data, tmp_path / "mixed_dp2_cp2", **MIXED, **cp2, **{
+        "parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true",
+        "parallel.ddp_bucket_size": 20000})], 4, tmp_path)
+    _train_here(_args(tiny_data, tmp_path / "mixed_from_cp2", **MIXED,
+                      **{"train.load": str(tmp_path / "mixed_cp2" / "step_00000003")}))
+    for name in models:
+        single, run = tmp_path / f"{name}_single", tmp_path / f"{name}_cp2"
+        reference = read_metrics(single)
+        assert reference[STEPS] < reference[1], name  # it trains
+        _close(read_metrics(run), reference, range(1, STEPS + 1), name)
+        _close_norms(run, single, name)
+        _same_weights(run, single, name)
+        held_out, want = read_metrics(run, "valid/loss"), read_metrics(single, "valid/loss")
+        assert held_out.keys() == want.keys() == {STEPS}, name  # the evaluation's loss too
+        assert abs(held_out[STEPS] - want[STEPS]) < LOSS_TOL, name
+    single = tmp_path / "mixed_single"
+    for name, steps in (("mixed_dp2_cp2", range(1, STEPS + 1)), ("mixed_resumed_cp2", range(4, STEPS + 1)),
+                        ("mixed_from_cp2", range(4, STEPS + 1))):
+        _close(read_metrics(tmp_path / name), read_metrics(single), steps, name)
+        norms, reference = (read_metrics(d, "train/grad_norm") for d in (tmp_path / name, single))
+        for step in steps:
+            assert abs(norms[step] - reference[step]) < 1e-4 * reference[step], (name, step)
+        _same_weights(tmp_path / name, single, name)
+    assert LOSS_TOL == 2e-5
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"parallel.context": 3}, "parallel.context: 3 does not divide the sequence length 64"),
+    ({"parallel.context": 2, "model.attention_layers": '[[["global", "lsh"], 1]]'}, "lsh attention"),
+    ({"parallel.context": 2, "model.position_embedding": "rope"}, "model.position_embedding: rope"),
+    ({"parallel.context": 2, "model.attention": "{local: {window: 8, global_tokens: 2}}"}, "global_tokens"),
+    ({"parallel.context": 2, "parallel.tensor": 2}, "parallel.tensor > 1"),
+    ({"parallel.context": 8}, "does not divide the 4 processes"),
+])
+def test_unsupported_context_layouts_are_refused_by_name(tiny_data, tmp_path, extra, words):
+    with pytest.raises(ConfigError) as error:
+        load_config([], _args(tiny_data, tmp_path / "run", **extra), world_size=4)
+    message = str(error.value)
+    assert words in message and message.startswith("parallel.context") and "\n" not in message
