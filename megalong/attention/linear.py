@@ -86,12 +86,12 @@ class LinearAttention(CoreAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # `elu` has a kernel (Triton on CUDA, megalong/kernels); `efficient` always runs in torch.
         fused = self.normalization == "elu" and kernels.use_kernels(q)
+        if fused:  # 16-bit operands go in as they are (the kernel accumulates in float32)
+            return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size).to(v.dtype)
         dtype = _compute_dtype(q.dtype)
         q, k, v_in = q.to(dtype), k.to(dtype), v
         v = v.to(dtype)
-        if fused:
-            out = elu_kernel(q, k, v, self.eps, self.chunk_size)
-        elif self.normalization == "elu":
+        if self.normalization == "elu":
             out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.eps, self.chunk_size)
         else:
             state = self.init_state(q.shape[0], q.shape[1], q.shape[-1], q.device, dtype, v.shape[-1])

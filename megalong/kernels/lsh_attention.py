@@ -10,8 +10,10 @@ from every round's chunk of both tokens. ALiBi uses the original positions. Retu
 outputs and the log-sum-exp of every sorted row, which the caller uses to combine the rounds.
 Shapes: sq, sk, sv [b, h, n_rounds, Lp, d] (Lp a multiple of `chunk`), positions [b, h, n, Lp]
 (the original position of each sorted row), chunk_of [b, h, n, Lp] (chunk of each original
-position in each round). The backward accumulates dk and dv with float32 atomics (every key row
-serves two chunks).
+position in each round). A program takes BLOCK_M query rows of a chunk and walks the
+two chunks' keys BLOCK_N at a time (tiles per architecture and dtype: `megalong.kernels.tuning.lsh_tiles`).
+The backward accumulates dk and dv with float32 atomics (every key row serves the query blocks of
+two chunks).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import triton.language as tl
 
 from megalong.kernels.arch import device_arch
 from megalong.kernels.offsets import offset64
-from megalong.kernels.tuning import dot_input_precision, lsh_warps
+from megalong.kernels.tuning import dot_input_precision, lsh_tiles
 
 SELF_SCORE = -1e5  # as megalong.attention.lsh.SELF_SCORE
 
@@ -78,30 +80,34 @@ def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slo
 @triton.jit
 def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
              N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    c = tl.program_id(0)
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """BLOCK_M query rows of one chunk (program_id(0)) against its own chunk's and the chunk
+    before's keys, BLOCK_N keys per step (both divide CHUNK)."""
+    qb = tl.program_id(0)
     g = tl.program_id(1)  # (batch, head, round)
     bh = g // N_ROUNDS
     h = bh % H
-    offs = tl.arange(0, CHUNK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     base = offset64(g, Lp)
     g_rounds = offset64(bh, N_ROUNDS * Lp)
-    rows = c * CHUNK + offs
+    rows = qb * BLOCK_M + offs_m
+    c = (qb * BLOCK_M) // CHUNK
     q = tl.load(Q + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=d_mask[None, :], other=0.0)
     pos_q = tl.load(POS + base + rows)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    m_i = tl.full([CHUNK], -1.0e30, tl.float32)
-    l_i = tl.zeros([CHUNK], tl.float32)
-    acc = tl.zeros([CHUNK, BLOCK_D], tl.float32)
-    for step in tl.static_range(2):  # the chunk before (absent for the first), then its own
-        kc = c - 1 + step
-        rows_k = tl.maximum(kc, 0) * CHUNK + offs
-        valid_k = (offs * 0 + kc) >= 0
-        kv_mask = valid_k[:, None] & d_mask[None, :]
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    valid_k = offs_n >= 0
+    kv_mask = valid_k[:, None] & d_mask[None, :]
+    for k0 in range(tl.maximum(c - 1, 0) * CHUNK, (c + 1) * CHUNK, BLOCK_N):  # chunk before, own chunk
+        rows_k = k0 + offs_n
         k = tl.load(K + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         pos_k = tl.load(POS + base + rows_k)
@@ -122,17 +128,21 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
 @triton.jit
 def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_scale, sm_scale, H,
              N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    c = tl.program_id(0)
+             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """dq of BLOCK_M query rows written here; their dk, dv contributions added atomically."""
+    qb = tl.program_id(0)
     g = tl.program_id(1)
     bh = g // N_ROUNDS
     h = bh % H
-    offs = tl.arange(0, CHUNK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     base = offset64(g, Lp)
     g_rounds = offset64(bh, N_ROUNDS * Lp)
-    rows = c * CHUNK + offs
+    rows = qb * BLOCK_M + offs_m
+    c = (qb * BLOCK_M) // CHUNK
     row_ptr = (base + rows)[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + row_ptr, mask=d_mask[None, :], other=0.0)
     do = tl.load(DO + row_ptr, mask=d_mask[None, :], other=0.0)
@@ -142,12 +152,11 @@ def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    dq = tl.zeros([CHUNK, BLOCK_D], tl.float32)
-    for step in tl.static_range(2):
-        kc = c - 1 + step
-        rows_k = tl.maximum(kc, 0) * CHUNK + offs
-        valid_k = (offs * 0 + kc) >= 0
-        kv_mask = valid_k[:, None] & d_mask[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    valid_k = offs_n >= 0
+    kv_mask = valid_k[:, None] & d_mask[None, :]
+    for k0 in range(tl.maximum(c - 1, 0) * CHUNK, (c + 1) * CHUNK, BLOCK_N):
+        rows_k = k0 + offs_n
         k_ptr = (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(K + k_ptr, mask=kv_mask, other=0.0)
         v = tl.load(V + k_ptr, mask=kv_mask, other=0.0)
@@ -175,11 +184,14 @@ class _LshChunk(torch.autograd.Function):
         out = torch.empty_like(sq)
         lse = torch.empty(b, h, n, Lp, device=sq.device, dtype=torch.float32)
         block_d = max(16, triton.next_power_of_2(d))
-        _lsh_fwd[(Lp // chunk, b * h * n)](
+        tiles = lsh_tiles(device_arch(sq.device), d, sq.dtype, backward=False)
+        block_m, block_n = min(tiles.block_m, chunk), min(tiles.block_n, chunk)
+        _lsh_fwd[(Lp // block_m, b * h * n)](
             sq, sk, sv, positions, chunk_of, out, lse, slopes if slopes is not None else lse,
             Lp, scale * 1.4426950408889634, h, N_ROUNDS=n, HAS_ALIBI=slopes is not None,
-            HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, DOT_PRECISION=dot_input_precision(sq.dtype),
-            num_warps=lsh_warps(device_arch(sq.device), d, sq.dtype, backward=False))
+            HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_PRECISION=dot_input_precision(sq.dtype), num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages)
         ctx.save_for_backward(sq, sk, sv, positions, chunk_of, out, lse, slopes)
         ctx.args = (chunk, scale)
         return out, lse
@@ -197,12 +209,15 @@ class _LshChunk(torch.autograd.Function):
         dq = torch.empty(sq.shape, device=sq.device, dtype=torch.float32)
         dk = torch.zeros_like(dq)
         dv = torch.zeros_like(dq)
-        _lsh_bwd[(Lp // chunk, b * h * n)](
+        tiles = lsh_tiles(device_arch(sq.device), d, sq.dtype, backward=True)
+        block_m, block_n = min(tiles.block_m, chunk), min(tiles.block_n, chunk)
+        _lsh_bwd[(Lp // block_m, b * h * n)](
             sq, sk, sv, positions, chunk_of, do, lse, delta, dq, dk, dv,
             slopes if slopes is not None else lse, Lp, scale * 1.4426950408889634, scale, h,
             N_ROUNDS=n, HAS_ALIBI=slopes is not None, HEAD_DIM=d,
-            BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk, DOT_PRECISION=dot_input_precision(sq.dtype),
-            num_warps=lsh_warps(device_arch(sq.device), d, sq.dtype, backward=True))
+            BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_PRECISION=dot_input_precision(sq.dtype), num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages)
         return dq.to(sq.dtype), dk.to(sk.dtype), dv.to(sv.dtype), None, None, None, None, None
 
 

@@ -43,17 +43,26 @@ class AttentionTiles:
 def window_tiles(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -> AttentionTiles:
     """Tiles of the windowed and FAM kernels (forward or backward); arch 0 (the interpreter) takes
     sm_90's. Forward and backward share block_m (the query blocks of `q_positions` are cut once)."""
-    wide = head_dim > 64 or dtype.itemsize > 2
+    if dtype.itemsize > 2:  # tf32x3 splits every float32 operand in two: half the rows and keys
+        if 0 < arch < 90 and head_dim > 64:  # 32 query rows spill 8 B/thread in the forward here
+            return AttentionTiles(16, 16, 4, 1) if backward else AttentionTiles(16, 32, 4, 2)
+        return AttentionTiles(32, 16, 8, 1) if backward else AttentionTiles(32, 32, 8, 2)
+    wide = head_dim > 64
     if not backward:
         return AttentionTiles(64, 32 if wide else 64, 8 if wide else 4, 2)
     return AttentionTiles(64, 32, 8, 1)
 
 
-def lsh_warps(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -> int:
-    """Warps of the LSH kernels (their tiles are the chunk: chunk x chunk scores)."""
+def lsh_tiles(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -> AttentionTiles:
+    """Tiles of the LSH kernels: block_m query rows of a chunk per program, block_n keys per step
+    (the launcher caps both at the chunk); arch 0 (the interpreter) takes 16 x 16 on one warp."""
     if arch == 0:
-        return 1
-    return 8 if backward or head_dim > 64 or dtype.itemsize > 2 else 4
+        return AttentionTiles(16, 16, 1, 1)
+    if dtype.itemsize > 2:  # tf32x3: the backward's 32 x 16 tiles spill (sm_90 112, sm_80 32 B/thread)
+        return AttentionTiles(16, 16, 4, 1) if backward else AttentionTiles(32, 16, 8, 1)
+    if not backward:
+        return AttentionTiles(64, 64, 4 if head_dim <= 64 else 8, 2)
+    return AttentionTiles(64, 64 if arch >= 90 else 32, 8, 1)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class CompileReport:
     dot_rows: list[int] = field(default_factory=list)  # result rows of every tt.dot
     tensor_cores: list[str] = field(default_factory=list)  # 'HGMMA' / 'HMMA' found in the SASS
     error: str = ""  # the compile error, first line(s)
+    seconds: float = 0.0  # wall time of the compile and the inspection
     problems: list[str] = field(default_factory=list)
 
     @property

@@ -13,6 +13,7 @@ import importlib
 import multiprocessing
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,12 +40,14 @@ def run_task(task: CompileTask) -> Any:
     """Compile one task here (a clean process); returns its CompileReport."""
     from megalong.kernels.compile_gate.aot import compile_report
 
+    start = time.perf_counter()
     kernel = getattr(importlib.import_module(task.module), task.name)
     names = list(kernel.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in task.divisible}
     report = compile_report(kernel, dict(task.signature), dict(task.constexprs), task.arch,
                             task.num_warps, task.num_stages, attrs)
     report.kernel = f"{task.module}.{task.name}"
+    report.seconds = time.perf_counter() - start
     return report
 
 
