@@ -76,10 +76,7 @@ def to_hf(cfg: Config, state: dict[str, torch.Tensor], target: str, bos_id: int,
                                              sliding_window=window, layer_types=layer_types)
     hf_config.architectures = [CLASSES[target]]
 
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = state["output_layer.weight"]
+    out = outer_weights(state, m.tie_embeddings)
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         attn, mlp = dst + "self_attn.", dst + "mlp."
@@ -103,3 +100,13 @@ def to_hf(cfg: Config, state: dict[str, torch.Tensor], target: str, bos_id: int,
             out.update({mlp + "gate_proj.bias": gate_b, mlp + "up_proj.bias": up_b,
                         mlp + "down_proj.bias": state[src + "mlp.linear_fc2.bias"]})
     return hf_config, {k: v.contiguous() for k, v in out.items()}
+
+
+def outer_weights(state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The embedding, final norm and (untied) output head under the Llama family's names
+    (Llama, Mistral, Qwen2 and Mixtral share them)."""
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if not tie_embeddings:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    return out

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from megalong.config import Config
+from megalong.export.llama import outer_weights
 from megalong.export.qkv import split_qkv
 
 
@@ -57,10 +58,7 @@ def to_mixtral(cfg: Config, state: dict[str, torch.Tensor], bos_id: int, eos_id:
         bos_token_id=bos_id if bos_id >= 0 else eos_id,
         eos_token_id=eos_id,
     )
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = state["output_layer.weight"]
+    out = outer_weights(state, m.tie_embeddings)
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"], m.num_attention_heads, m.query_groups)
