@@ -104,8 +104,11 @@ def trained(tiny_data, tmp_path_factory):
     return root
 
 
-def test_scores_equal_the_exported_model_through_lm_evals_hf_model(trained):
+def test_scores_equal_the_exported_model_through_lm_evals_hf_model(trained, monkeypatch):
     """Every request type, batched (4) against the hf model at batch 1, and the task metrics."""
+    # A DeepSpeed run earlier in this process leaves LOCAL_RANK=0 (megalong/compat/deepspeed_cpu.py);
+    # accelerate, under lm-eval's HFLM, then starts a torch.distributed group that has no RANK.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     from lm_eval.models.huggingface import HFLM
 
     from megalong.eval.harness import MegalongLM, run_tasks
