@@ -1,6 +1,6 @@
 """Training with data.document_mask (plus reset positions and the EOD loss mask) at TP=2, PP=2,
 TP=2 x PP=2, EP=2 x TP=2, a reversible PP=2 stack, with megatron's full and selective recompute
-(TP=2) and with the DeepSpeed engine (ZeRO-1, TP=2), in one 4-process gloo job, each against one
+(TP=2; full also at PP=2) and with the DeepSpeed engine (ZeRO-1, TP=2), in one 4-process gloo job, each against one
 process: the segment ids reach every stage's attention from the tokens that stage reads, and the
 recomputed forward sees them as the first one did."""
 from __future__ import annotations
@@ -35,6 +35,9 @@ LAYOUTS = {
     "tp2_full_recompute": {"parallel.tensor": 2, "execution.recompute_granularity": "full",
                            "execution.recompute_method": "uniform", "execution.recompute_num_layers": 1},
     "tp2_selective_recompute": {"parallel.tensor": 2, "execution.recompute_granularity": "selective"},
+    # 1F1B: stage 0 runs two micro-batches' forwards before the first backward
+    "pp2_full_recompute": {"parallel.pipeline": 2, "execution.recompute_granularity": "full",
+                           "execution.recompute_method": "uniform", "execution.recompute_num_layers": 1},
 }
 if importlib.util.find_spec("deepspeed") is not None:
     LAYOUTS["deepspeed_zero1_tp2"] = {"train.engine": "deepspeed", "deepspeed.zero_stage": 1, "parallel.tensor": 2}

@@ -79,7 +79,7 @@ class MoELayer(nn.Module):
                                config.init_method_std, output_std) if o.num_shared_experts else None)
         self.aux_loss: Optional[torch.Tensor] = None
         self.ran_without_autograd = False  # the last forward: training, autograd off (a checkpoint)
-        self.recompute_aux_scale: Optional[float] = None  # set by moe_aux_loss for the recomputation
+        self.recompute_aux_scale: Optional[float] = None  # set by moe_aux_loss: its forwards are recomputed
         self.stats: Optional[RoutingStats] = None
         self.layer_number: Optional[int] = None
 
@@ -100,11 +100,10 @@ class MoELayer(nn.Module):
             out = out + self.shared.expert(0, x)
         self.aux_loss = routing.aux_loss
         self.ran_without_autograd = self.training and not torch.is_grad_enabled()
-        if self.ran_without_autograd:
-            self.recompute_aux_scale = None
-        elif self.recompute_aux_scale is not None:  # the recomputation of a checkpointed forward
+        # The mark stays: a pipeline schedule runs several micro-batches' forwards before their
+        # backwards, and every training forward of a checkpointed layer is recomputed.
+        if self.training and torch.is_grad_enabled() and self.recompute_aux_scale is not None:
             out = AttachAuxLoss.apply(out, routing.aux_loss, self.recompute_aux_scale)
-            self.recompute_aux_scale = None
         self.stats = RoutingStats(routing.load.detach(), (~routing.kept).sum().detach(), routing.kept.numel())
         return out.view(shape), None
 
