@@ -37,6 +37,7 @@ from megalong.attention.linear_documents import segmented_efficient_attention, s
 from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
+from megalong.kernels.tuning import linear_kernel_covers
 
 State = tuple[torch.Tensor, ...]
 
@@ -85,7 +86,8 @@ class LinearAttention(CoreAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # `elu` has a kernel (Triton on CUDA, megalong/kernels); `efficient` always runs in torch.
-        fused = self.normalization == "elu" and kernels.use_kernels(q)
+        fused = (self.normalization == "elu" and kernels.use_kernels(q)
+                 and linear_kernel_covers(q.dtype, q.shape[-1], v.shape[-1]))
         if fused:  # 16-bit operands go in as they are (the kernel accumulates in float32)
             return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size).to(v.dtype)
         dtype = _compute_dtype(q.dtype)

@@ -139,6 +139,10 @@ def lsh_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], 
 
 def linear_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from megalong.kernels.linear_attention import linear_attention
+    from megalong.kernels.tuning import linear_kernel_covers
+
+    if not linear_kernel_covers(dtype, s.head_dim, s.head_dim):
+        return  # LinearAttention runs its torch path there: nothing is launched
 
     def case() -> None:
         q, k, v = _qkv(s, dtype)  # LinearAttention hands 16-bit inputs to the kernel as they are
