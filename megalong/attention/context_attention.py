@@ -20,59 +20,97 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.segments import same_document
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
-from megalong.parallel.context import context_group, context_rank, gather_chunks, all_gather
+from megalong.attention.ring_attention import ring_attention
+from megalong.parallel.context import context_rank, gather_chunks, layout
+from megalong.parallel.context_p2p import halo_before
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      slopes: Optional[torch.Tensor], dropout: float,
                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal attention of this rank's queries [b, h, C, d] over the keys of every rank."""
-    C = q.shape[2]
-    start = context_rank() * C
-    k_all, v_all = gather_chunks(k, 2), gather_chunks(v, 2)
-    L = k_all.shape[2]
-    distance = (start + torch.arange(C, device=q.device))[:, None] - torch.arange(L, device=q.device)[None, :]
-    visible = distance >= 0
-    if segment_ids is not None:
-        seg_all = all_gather(segment_ids, 1, context_group())
-        visible = (visible & same_document(segment_ids, seg_all)).unsqueeze(1)  # [b, 1, C, L]
-    mask: torch.Tensor = visible
-    if slopes is not None:
-        bias = alibi_bias(slopes, distance)
-        mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
-        if mask.dim() == 3:
-            mask = mask[None]
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout, scale=scale)
+    """Causal attention of this rank's queries [b, h, C, d] over the keys of every rank: ring
+    attention (ring_attention.py), in either context layout."""
+    if dropout > 0:
+        raise NotImplementedError("global attention with parallel.context > 1: ring attention has no "
+                                  "attention dropout (model.attention_dropout must be 0)")
+    return ring_attention(q, k, v, scale, slopes, segment_ids)
+
+
+def contiguous_only(kind: str) -> None:
+    if layout() != "contiguous":
+        raise NotImplementedError(f"{kind} attention with parallel.context > 1 needs parallel.context_layout: "
+                                  "contiguous")
 
 
 def with_halo(x: torch.Tensor, halo: int, dim: int, differentiable: bool = True) -> tuple[torch.Tensor, int]:
     """(`x` with the `halo` positions before this rank's chunk prepended along `dim` (fewer near
-    the sequence start), how many were prepended)."""
-    C = x.shape[dim]
-    r = context_rank()
-    need = min(halo, r * C)
-    tail = min(halo, C)
-    last = x.narrow(dim, C - tail, tail)
-    tails = gather_chunks(last, dim) if differentiable else all_gather(last, dim, context_group())
-    before = tails.narrow(dim, r * tail - need, need)
-    return torch.cat([before, x], dim=dim), need
+    the sequence start), received point-to-point from the previous rank(s); how many were
+    prepended)."""
+    contiguous_only("local")
+    before = halo_before(x if differentiable else x.detach(), halo, dim, "local halo")
+    return torch.cat([before, x], dim=dim), before.shape[dim]
+
+
+def gather_global_rows(x: torch.Tensor, positions: list[int], dim: int) -> torch.Tensor:
+    """`x` at the sequence positions `positions` (all of them, whichever rank holds them),
+    differentiable: each rank contributes its own rows, the others are zeros, summed over the
+    ranks ([N, ...] gathered, |positions| rows each)."""
+    C, r = x.shape[dim], context_rank()
+    index = torch.tensor([p - r * C if r * C <= p < (r + 1) * C else 0 for p in positions], device=x.device)
+    owned = torch.tensor([r * C <= p < (r + 1) * C for p in positions], device=x.device)
+    rows = x.index_select(dim, index)
+    shape = [1] * rows.dim()
+    shape[dim] = len(positions)
+    rows = rows * owned.view(shape).to(rows.dtype)
+    return gather_chunks(rows.unsqueeze(0), 0, "local global tokens").sum(dim=0)
+
+
+def global_token_rows(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, positions: list[int],
+                      scale: float, slopes: Optional[torch.Tensor],
+                      segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The outputs [b, h, |G|, d] of the global tokens at `positions` (every rank gets all of them):
+    their queries all-gathered, attended by each rank to its own chunk's global-projection keys
+    (partial outputs and log-sum-exps), those gathered and merged by log-sum-exp."""
+    C, r = kg.shape[2], context_rank()
+    q_rows = gather_global_rows(qg, positions, 2)  # [b, h, G, d]
+    g = torch.tensor(positions, device=qg.device)
+    distance = g[:, None] - (r * C + torch.arange(C, device=qg.device))[None, :]  # [G, C]
+    s = torch.matmul(q_rows, kg.transpose(-1, -2)) * scale
+    if slopes is not None:
+        s = s + alibi_bias(slopes.to(s.dtype), distance)
+    visible = distance >= 0
+    if segment_ids is not None:
+        seg_g = gather_global_rows(segment_ids, positions, 1)
+        visible = (visible & same_document(seg_g, segment_ids)).unsqueeze(1)
+    s = s.masked_fill(~visible, float("-inf"))
+    top = s.detach().amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    e = torch.exp(s - top)
+    total = e.sum(dim=-1, keepdim=True)
+    tiny = torch.finfo(total.dtype).tiny
+    out = torch.matmul(e, vg) / total.clamp_min(tiny)
+    lse = torch.where(total > 0, torch.log(total.clamp_min(tiny)) + top, torch.full_like(top, float("-inf")))
+    parts = gather_chunks(torch.cat([out, lse], dim=-1).unsqueeze(0), 0, "local global tokens")
+    outs, lses = parts[..., :-1], parts[..., -1:]
+    weights = torch.softmax(lses, dim=0)  # every global token sees itself: some part is finite
+    return (weights * outs).sum(dim=0)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
                      chunk_size: int) -> torch.Tensor:
     """Katharopoulos's causal linear attention on this rank's chunk, starting from the summed
     states of the ranks before it (an exclusive scan over the all-gathered chunk states)."""
+    contiguous_only("linear")
     fq, fk = elu_feature_map(q), elu_feature_map(k)
     S = torch.matmul(fk.transpose(-1, -2), v)  # [b, h, d, e]
     z = fk.sum(dim=2)  # [b, h, d]
     d = fk.shape[-1]
     state = torch.cat([S, z.unsqueeze(-1)], dim=-1).unsqueeze(2)  # [b, h, 1, d, e + 1]
-    states = gather_chunks(state, 2)
+    states = gather_chunks(state, 2, "linear states")
     before = states[:, :, :context_rank()].sum(dim=2)
     initial = (before[..., :-1], before[..., -1].reshape(*before.shape[:2], d))
     return causal_linear_attention(fq, fk, v, eps, chunk_size, initial)
