@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention.helpers import attention_config  # noqa: E402
+from attention.helpers import attention_config, forward_backward_memory  # noqa: E402
 from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
 from megalong.attention.segments import DocumentSegments  # noqa: E402
 from megalong.parallel.context import rank_positions, set_layout  # noqa: E402
@@ -81,6 +81,30 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, lay
         assert b.grad[chunk].abs().max().item() > 0, (name, "grad " + label, "all zero")
 
 
+MEMORY = [("local", {"window": 16, "dilation": [1, 2]}), ("linear", {"chunk_size": 64})]
+
+
+def memory(kind: str, options: dict) -> str:
+    """Tracked activation memory (tests/attention/helpers.py) of a forward and backward on this
+    rank's chunk of L = 2048 is about 1/N of the one-process run's on the whole sequence."""
+    n = parallel_state.get_context_parallel_world_size()
+    length, heads = 2048, 2
+    module = CORE_ATTENTION[kind](attention_config(heads, D), layer_number=1, **options)
+
+    def whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = module.attend(*(x.permute(1, 2, 0, 3) for x in (q, k, v)))
+        return out.permute(2, 0, 1, 3).reshape(length, 1, -1)
+
+    def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return module(q, k, v, attention_mask=None)
+
+    one = forward_backward_memory(whole, length, heads, D).peak
+    mine = forward_backward_memory(chunk, length // n, heads, D).peak
+    ratio = mine * n / one
+    assert 0.75 < ratio < 1.25, (kind, "memory per rank x N / one process", ratio)
+    return f"{kind} {ratio:.2f}"
+
+
 def refused(kind: str, options: dict, documents: bool, words: str) -> None:
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     C = L // n
@@ -103,13 +127,14 @@ def main() -> None:
         check(*case)
     for case in REFUSED:
         refused(*case)
+    ratios = [memory(*case) for case in MEMORY]
     set_layout("zigzag")  # the sub-quadratic kinds need contiguous chunks
     refused("local", {"window": 4}, False, "contiguous")
     refused("linear", {}, False, "contiguous")
     set_layout("contiguous")
     if dist.get_rank() == 0:
         print(f"context attention: {len(CASES)} cases equal one process, {len(REFUSED) + 2} refused, "
-              f"at CP={dist.get_world_size()}")
+              f"at CP={dist.get_world_size()}; activation memory per rank x N / one process: {', '.join(ratios)}")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

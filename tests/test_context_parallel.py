@@ -22,7 +22,8 @@ WEIGHT_TOL = 1e-4
 MIXED = {
     "model.num_layers": 3,
     "model.attention_layers": '[[["global", "local", "linear"], 1]]',
-    "model.attention": "{local: {window: 8, dilation: [1, 2, 1, 3]}, linear: {chunk_size: 16}}",
+    "model.attention": "{local: {window: 8, dilation: [1, 2, 1, 3], global_tokens: [0, 5, 40]}, "
+                       "linear: {chunk_size: 16}}",
 }
 # ALiBi (distances across chunks), a local window longer than a chunk (40 > 64 / 2), packed documents
 ALIBI_DOCUMENTS = {
@@ -32,6 +33,13 @@ ALIBI_DOCUMENTS = {
     "model.position_embedding": "none",
     "data.document_mask": "true",
     "data.eod_mask_loss": "true",
+}
+# ring attention in the zig-zag layout (every layer global), ALiBi and packed documents
+ZIGZAG = {
+    "model.attention_layers": '[[["global"], 2]]',
+    "model.alibi": "true",
+    "model.position_embedding": "none",
+    "data.document_mask": "true",
 }
 
 
@@ -62,12 +70,14 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
     of one process, for both models, through megatron-core's DDP over the data x context ranks;
     CP=2 x DP=2 with the distributed optimizer; checkpoints saved at CP=1 resume at CP=2 and the
     reverse."""
-    models = {"mixed": (tiny_data, MIXED), "alibi_documents": (short_docs, ALIBI_DOCUMENTS)}
+    models = {"mixed": (tiny_data, MIXED, {}), "alibi_documents": (short_docs, ALIBI_DOCUMENTS, {}),
+              "zigzag": (short_docs, ZIGZAG, {"parallel.context_layout": "zigzag"})}
     save = {"train.save_interval": 3}
-    for name, (data, model) in models.items():
+    for name, (data, model, _) in models.items():
         _train_here(_args(data, tmp_path / f"{name}_single", **model, **save))
     cp2 = {"parallel.context": 2}
-    runs = [_args(data, tmp_path / f"{name}_cp2", **model, **cp2, **save) for name, (data, model) in models.items()]
+    runs = [_args(data, tmp_path / f"{name}_cp2", **model, **cp2, **layout, **save)
+            for name, (data, model, layout) in models.items()]
     runs.append(_args(tiny_data, tmp_path / "mixed_resumed_cp2", **MIXED, **cp2,
                       **{"train.load": str(tmp_path / "mixed_single" / "step_00000003")}))
     run_driver(runs, 2, tmp_path)
@@ -101,7 +111,8 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
     ({"parallel.context": 3}, "parallel.context: 3 does not divide the sequence length 64"),
     ({"parallel.context": 2, "model.attention_layers": '[[["global", "lsh"], 1]]'}, "lsh attention"),
     ({"parallel.context": 2, "model.position_embedding": "rope"}, "model.position_embedding: rope"),
-    ({"parallel.context": 2, "model.attention": "{local: {window: 8, global_tokens: 2}}"}, "global_tokens"),
+    ({"parallel.context": 2, "parallel.context_layout": "zigzag"}, "zigzag needs every attention layer global"),
+    ({"parallel.context": 2, "model.attention_dropout": 0.1}, "model.attention_dropout with global attention"),
     ({"parallel.context": 2, "parallel.tensor": 2}, "parallel.tensor > 1"),
     ({"parallel.context": 8}, "does not divide the 4 processes"),
 ])
