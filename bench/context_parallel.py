@@ -13,7 +13,7 @@ process.
    projection, the attention kind, output projection, 4x MLP) on each rank's chunk, its peak
    tracked allocations (every tensor an operator creates while it is alive: the allocator's peak
    without caching, tests/attention/helpers.py's MemoryTracker), the largest over the ranks. The
-   longest L (a multiple of 256 x N) whose step stays within --budget-mib, by doubling then
+   longest L (a multiple of 64 x N) whose step stays within --budget-mib, by doubling then
    bisection.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def step_memory(name: str, length: int, hidden: int, heads: int) -> int:
 
 def longest(name: str, budget: int, hidden: int, heads: int, start: int, limit: int) -> tuple[int, int]:
     """(the longest L that fits, its peak bytes) by doubling then bisection on multiples of `start`."""
-    fits, fits_peak, length = 0, 0, start
+    fits, fits_peak, length = 0, 0, 8 * start
     while length <= limit:
         peak = step_memory(name, length, hidden, heads)
         if peak > budget:
@@ -141,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
             records.append({"part": "comm", "cp": n, "kind": name, **sizes})
     budget = args.budget_mib * 2 ** 20
     for name in MEMORY_KINDS:
-        fits, peak = longest(name, budget, args.hidden, args.heads, 256 * n, args.max_length)
+        fits, peak = longest(name, budget, args.hidden, args.heads, 64 * n, args.max_length)
         records.append({"part": "memory", "cp": n, "kind": name, "length": fits, "peak": peak})
     if dist.get_rank() == 0:
         for record in records:

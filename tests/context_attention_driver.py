@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention.helpers import attention_config, forward_backward_memory  # noqa: E402
+from megalong.attention import ring_attention  # noqa: E402
 from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
 from megalong.attention.segments import DocumentSegments  # noqa: E402
 from megalong.parallel.context import rank_positions, set_layout  # noqa: E402
@@ -26,6 +27,8 @@ CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("global alibi documents", "global", True, {}, True),
     ("global zigzag", "global", False, {}, False, "zigzag"),
     ("global zigzag alibi documents", "global", True, {}, True, "zigzag"),
+    ("global zigzag alibi documents, tiles of 5", "global", True, {}, True, "zigzag", 5),
+    ("global alibi, tiles of 7", "global", True, {}, False, "contiguous", 7),
     ("local window 5", "local", False, {"window": 5}, False),
     ("local alibi dilations", "local", True, {"window": 4, "dilation": [1, 2, 1, 3]}, False),
     ("local window longer than a chunk", "local", True, {"window": 30, "dilation": [1, 2, 1, 1]}, False),
@@ -51,9 +54,12 @@ def segments() -> torch.Tensor:
     return torch.stack([(pos >= 7).long() + (pos >= 30).long(), (pos >= 20).long() + (pos >= 21).long()])
 
 
-def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, layout: str = "contiguous") -> None:
+def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, layout: str = "contiguous",
+          tile: int = ring_attention.TILE) -> None:
+    """`tile`: ring attention's score tiles (the default covers a whole chunk at L = 48)."""
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     set_layout(layout)
+    default_tile, ring_attention.TILE = ring_attention.TILE, tile
     chunk = rank_positions(r, n, L)
     module = CORE_ATTENTION[kind](attention_config(H, D), layer_number=1, alibi=alibi, **options)
     g = torch.Generator().manual_seed(1)
@@ -73,6 +79,7 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, lay
     out = module(*mine, attention_mask=None, packed_seq_params=params)
     (out * weight[chunk]).sum().backward()
     set_layout("contiguous")
+    ring_attention.TILE = default_tile
     error = (out - ref[chunk]).abs().max().item()
     assert error < 1e-10, (name, "output", r, error)
     for label, a, b in zip("qkv", mine, ref_in):

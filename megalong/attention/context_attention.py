@@ -1,19 +1,24 @@
 """Attention across context-parallel ranks (megalong/parallel/context.py): each rank holds the
-queries, keys and values of its contiguous chunk [start, start + C) of the sequence and
-computes the outputs of its own queries, exactly as one process would. Per kind, what crosses
-ranks (N ranks, chunk C, h heads of width d):
+queries, keys and values of its chunk of the sequence (contiguous [start, start + C), or the two
+zig-zag pieces for global-only models) and computes the outputs of its own queries, exactly as one
+process would. Per kind, what crosses ranks per layer (N ranks, chunk C, h heads of width d;
+every message counted in megalong/parallel/comm_bytes.py):
 
-- `global`: every rank's keys and values (and segment ids) all-gathered, 2 x (N - 1) x C x h x d
-  values received per layer; the backward reduce-scatters their gradients. An all-gather, not yet
-  a ring (the L x C scores of a rank are computed at once). Causal masks and ALiBi use the true
-  positions (the chunk's start added to the queries').
-- `local`: a halo: the last min(halo, C) keys and values of every rank all-gathered, halo =
-  (window - 1) x the largest dilation; a rank keeps the `halo` positions before its chunk (those of
-  several earlier ranks when the window is longer than a chunk) and runs the kind's own attention
-  on halo + chunk. Independent of L. Global tokens are refused.
+- `global`: ring attention (ring_attention.py): the keys and values (and segment ids) passed
+  around the ring point-to-point, (N - 1) x 2 x C x h x d values received in the forward, 2N - 1
+  such blocks in the backward (the blocks again, with their gradients); never more than two
+  blocks in memory. Either layout; zig-zag balances the causal work. Causal masks and ALiBi use
+  the true positions. No attention dropout.
+- `local`: a halo, point-to-point: the `halo` = (window - 1) x the largest dilation positions
+  before a chunk, from the previous rank (or ranks, when the window is longer than a chunk),
+  2 x halo x h x d values received, its gradient sent back in the backward; the kind's own
+  attention then runs on halo + chunk. Independent of L and N. Global tokens (G of them): their
+  ordinary keys and values and their queries gathered (zeros from the ranks not holding them,
+  N x G x h x d each), their rows attended by every rank to its own chunk and the partial outputs
+  and log-sum-exps gathered (N x G x h x (d + 1)) and merged.
 - `linear` (elu): an exclusive scan of the per-chunk states S = sum phi(k) v^T [h, d, d] and
   z = sum phi(k) [h, d]: all-gathered (N x h x d x (d + 1) values), a rank adds those of the ranks
-  before it. Independent of L. `efficient` is refused.
+  before it. Independent of L. `efficient` and packed documents are refused.
 """
 from __future__ import annotations
 

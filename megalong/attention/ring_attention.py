@@ -8,8 +8,8 @@ log-sum-exps (online softmax), while the block is already on its way to the next
 previous rank's is arriving: (N - 1) x C x h x d x 2 values received per layer, the same as an
 all-gather, but never the whole sequence in memory. Segment ids (packed documents) travel with
 the blocks. A block is cut into its contiguous pieces (one per rank in the contiguous layout,
-two in zig-zag, megalong/parallel/context.py); a pair of query and key pieces that no causal
-pair links is skipped. Masks and ALiBi use the true positions.
+two in zig-zag, megalong/parallel/context.py), each cut into tiles of TILE positions; a pair
+of query and key tiles that no causal pair links is skipped, and no C x C scores exist at once. Masks and ALiBi use the true positions.
 
 The backward recomputes every pair's probabilities from the saved log-sum-exp (no N x C x C
 tensor is kept) and sends the key/value blocks around the ring again, each with the gradient of
@@ -28,12 +28,15 @@ from megalong.parallel.context import context_rank, context_size, rank_pieces
 from megalong.parallel.context_p2p import ring_shift
 
 Pieces = list[tuple[int, int, int]]  # (start in the sequence, start in the chunk, length)
+TILE = 256  # scores are computed TILE x TILE at a time: memory O(C x d + TILE^2), not O(C^2)
 
 
 def _pieces(rank: int, n: int, length: int) -> Pieces:
+    """A rank's contiguous pieces cut into tiles of at most TILE positions."""
     out, offset = [], 0
     for start, size in rank_pieces(rank, n, length):
-        out.append((start, offset, size))
+        for a in range(0, size, TILE):
+            out.append((start + a, offset + a, min(TILE, size - a)))
         offset += size
     return out
 
@@ -107,7 +110,7 @@ class RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor):
         q, k, v, seg, slopes, out, lse = ctx.saved_tensors
         scale = ctx.scale
         n, r = context_size(), context_rank()
