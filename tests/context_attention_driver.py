@@ -40,21 +40,25 @@ CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("local global tokens window longer than a chunk", "local", True,
      {"window": 20, "dilation": [1, 2, 1, 1], "global_tokens": [5, 13, 25]}, False),
     ("linear elu", "linear", False, {"chunk_size": 5}, False),
+    ("linear elu documents", "linear", False, {"chunk_size": 5}, True),
+    ("linear elu one document over several ranks", "linear", False, {"chunk_size": 4}, "long"),
 ]
 REFUSED = [  # (kind, options, documents, words of the error)
     ("lsh", {"bucket_size": 8}, False, "parallel.context"),
     ("linear", {"normalization": "efficient"}, False, "elu"),
-    ("linear", {}, True, "document_mask"),
 ]
 
 
-def segments() -> torch.Tensor:
-    """Three documents per row, starting at different places in the two rows."""
+def segments(kind: object = True) -> torch.Tensor:
+    """Three documents per row, starting at different places in the two rows ("long": the second
+    row's first document spans more than three chunks at CP=4, and a document ends at a chunk's end)."""
     pos = torch.arange(L)
+    if kind == "long":
+        return torch.stack([(pos >= 24).long() + (pos >= 36).long(), (pos >= 40).long() + (pos >= 41).long()])
     return torch.stack([(pos >= 7).long() + (pos >= 30).long(), (pos >= 20).long() + (pos >= 21).long()])
 
 
-def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, layout: str = "contiguous",
+def check(name: str, kind: str, alibi: bool, options: dict, documents: object, layout: str = "contiguous",
           tile: int = ring_attention.TILE) -> None:
     """`tile`: ring attention's score tiles (the default covers a whole chunk at L = 48)."""
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
@@ -66,7 +70,7 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, lay
     heads = 2 * H if options.get("global_tokens") else H  # the local heads, then the global projection's
     full = [torch.randn(L, B, heads, D, dtype=torch.float64, generator=g) for _ in range(3)]
     weight = torch.randn(L, B, H * D, dtype=torch.float64, generator=g)
-    seg = segments() if documents else None
+    seg = segments(documents) if documents else None
 
     ref_in = [x.clone().requires_grad_() for x in full]
     q, k, v = (x.permute(1, 2, 0, 3) for x in ref_in)

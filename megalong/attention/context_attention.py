@@ -18,7 +18,8 @@ every message counted in megalong/parallel/comm_bytes.py):
   and log-sum-exps gathered (N x G x h x (d + 1)) and merged.
 - `linear` (elu): an exclusive scan of the per-chunk states S = sum phi(k) v^T [h, d, d] and
   z = sum phi(k) [h, d]: all-gathered (N x h x d x (d + 1) values), a rank adds those of the ranks
-  before it. Independent of L. `efficient` and packed documents are refused.
+  before it. With packed documents, each rank's state of its last document and its
+  last segment id, likewise. Independent of L. `efficient` is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.segments import same_document
+from megalong.attention.linear_documents import segmented_linear_attention
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
 from megalong.attention.ring_attention import ring_attention
 from megalong.parallel.context import context_rank, gather_chunks, layout
@@ -119,3 +121,29 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     before = states[:, :, :context_rank()].sum(dim=2)
     initial = (before[..., :-1], before[..., -1].reshape(*before.shape[:2], d))
     return causal_linear_attention(fq, fk, v, eps, chunk_size, initial)
+
+
+def linear_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                               eps: float, chunk_size: int) -> torch.Tensor:
+    """Causal linear attention (elu) with packed documents on this rank's chunk. Each rank's
+    state of its last document (S, z over the positions of the chunk's last segment id) and its
+    first and last segment ids are all-gathered; the state entering rank r is the sum of those
+    ranks j < r whose last document is the one rank r - 1 ends with (segment ids increase along
+    the sequence, so every rank between them lies wholly inside it), and it carries on to the
+    tokens of that document only."""
+    contiguous_only("linear")
+    fq, fk = elu_feature_map(q), elu_feature_map(k)
+    b, h, _, d = fk.shape
+    last = segment_ids[:, -1]  # [b]
+    in_last = (segment_ids == last[:, None]).to(fk.dtype)[:, None, :, None]  # [b, 1, C, 1]
+    tail_k = fk * in_last
+    state = torch.cat([torch.matmul(tail_k.transpose(-1, -2), v), tail_k.sum(dim=2).unsqueeze(-1)], dim=-1)
+    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, h, N, d, e + 1]
+    lasts = gather_chunks(last[:, None].contiguous(), 1, "linear states")  # [b, N]
+    r = context_rank()
+    # Rank 0 too takes the (empty) sum, so that every rank's backward runs the same collectives.
+    before = lasts[:, r - 1] if r else torch.full_like(last, -1)  # [b]; -1: no document before
+    joins = (lasts[:, :r] == before[:, None]).to(fk.dtype)[:, None, :, None, None]  # [b, 1, r, 1, 1]
+    summed = (states[:, :, :r] * joins).sum(dim=2)
+    initial = (summed[..., :-1], summed[..., -1].reshape(b, h, d), before)
+    return segmented_linear_attention(fq, fk, v, segment_ids, eps, chunk_size, initial)

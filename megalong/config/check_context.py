@@ -48,7 +48,6 @@ def validate_context(cfg: Config, world_size: int) -> None:
              "model.attention_dropout with model.attention.local.global_tokens"),
             (kind == "linear" and getattr(options, "normalization", "elu") != "elu",
              "model.attention.linear.normalization other than elu"),
-            (kind == "linear" and cfg.data.document_mask, "data.document_mask with linear attention"),
         ]
     for bad, what in refused:
         if bad:
