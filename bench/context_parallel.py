@@ -135,12 +135,12 @@ def worker(args: argparse.Namespace) -> None:
     parallel_state.initialize_model_parallel(context_parallel_size=n)
     torch.set_grad_enabled(True)
     records = []
-    if n > 1:
+    if n > 1 and not args.memory_only:
         for name in KINDS:
             sizes = communication(name, args.comm_length, args.heads, args.head_dim)
             records.append({"part": "comm", "cp": n, "kind": name, **sizes})
     budget = args.budget_mib * 2 ** 20
-    for name in MEMORY_KINDS:
+    for name in args.memory_kinds:
         fits, peak = longest(name, budget, args.hidden, args.heads, 64 * n, args.max_length)
         records.append({"part": "memory", "cp": n, "kind": name, "length": fits, "peak": peak})
     if dist.get_rank() == 0:
@@ -148,6 +148,18 @@ def worker(args: argparse.Namespace) -> None:
             print("RECORD " + json.dumps(record), flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def communication_table(records: list[dict], args: argparse.Namespace) -> None:
+    print(f"Communication per layer per rank (L = {args.comm_length}, b = 1, {args.heads} heads x "
+          f"{args.head_dim}, float32), KiB received, forward / backward:\n")
+    sizes = [n for n in args.sizes if n > 1]
+    print("| kind | " + " | ".join(f"CP={n}" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in KINDS:
+        cells = [next(f"{r['forward'] / 1024:.0f} / {r['backward'] / 1024:.0f}" for r in records
+                      if r["part"] == "comm" and r["kind"] == name and r["cp"] == n) for n in sizes]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -161,6 +173,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--budget-mib", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=1 << 17)
+    parser.add_argument("--memory-only", action="store_true", help="skip the communication table")
+    parser.add_argument("--memory-kinds", nargs="+", default=list(MEMORY_KINDS), choices=list(KINDS))
     args = parser.parse_args()
     if args.quick:
         args.comm_length, args.budget_mib, args.max_length = 1024, 8, 1 << 13
@@ -175,20 +189,13 @@ def main() -> None:
         if proc.returncode:
             sys.exit(proc.stderr[-4000:])
         records += [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
-    print(f"Communication per layer per rank (L = {args.comm_length}, b = 1, {args.heads} heads x "
-          f"{args.head_dim}, float32), KiB received, forward / backward:\n")
-    sizes = [n for n in args.sizes if n > 1]
-    print("| kind | " + " | ".join(f"CP={n}" for n in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for name in KINDS:
-        cells = [next(f"{r['forward'] / 1024:.0f} / {r['backward'] / 1024:.0f}" for r in records
-                      if r["part"] == "comm" and r["kind"] == name and r["cp"] == n) for n in sizes]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    if not args.memory_only:
+        communication_table(records, args)
     print(f"\nLongest L of one training step of one block (hidden {args.hidden}, {args.heads} heads) within "
           f"{args.budget_mib} MiB of tracked allocations per process (its peak, MiB):\n")
     print("| kind | " + " | ".join(f"CP={n}" for n in args.sizes) + " |")
     print("|---|" + "---|" * len(args.sizes))
-    for name in MEMORY_KINDS:
+    for name in args.memory_kinds:
         cells = [next(f"{r['length']} ({r['peak'] / 2 ** 20:.1f})" for r in records
                       if r["part"] == "memory" and r["kind"] == name and r["cp"] == n) for n in args.sizes]
         print(f"| {name} | " + " | ".join(cells) + " |")
