@@ -42,10 +42,11 @@ CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("linear elu", "linear", False, {"chunk_size": 5}, False),
     ("linear elu documents", "linear", False, {"chunk_size": 5}, True),
     ("linear elu one document over several ranks", "linear", False, {"chunk_size": 4}, "long"),
+    ("linear efficient", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, False),
 ]
 REFUSED = [  # (kind, options, documents, words of the error)
     ("lsh", {"bucket_size": 8}, False, "parallel.context"),
-    ("linear", {"normalization": "efficient"}, False, "elu"),
+    ("linear", {"normalization": "efficient"}, True, "efficient without data.document_mask"),
 ]
 
 

@@ -19,7 +19,8 @@ every message counted in megalong/parallel/comm_bytes.py):
 - `linear` (elu): an exclusive scan of the per-chunk states S = sum phi(k) v^T [h, d, d] and
   z = sum phi(k) [h, d]: all-gathered (N x h x d x (d + 1) values), a rank adds those of the ranks
   before it. With packed documents, each rank's state of its last document and its
-  last segment id, likewise. Independent of L. `efficient` is refused.
+  last segment id, likewise. Independent of L. `efficient`: the chunk states (with their
+  per-feature maxima) likewise, N x h x d x (d + 2) values; not with packed documents.
 """
 from __future__ import annotations
 
@@ -147,3 +148,24 @@ def linear_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     summed = (states[:, :, :r] * joins).sum(dim=2)
     initial = (summed[..., :-1], summed[..., -1].reshape(b, h, d), before)
     return segmented_linear_attention(fq, fk, v, segment_ids, eps, chunk_size, initial)
+
+
+def efficient_state_before(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shen et al.'s efficient attention: the state (N [b, h, d, e], D [b, h, d], m [b, h, d]) of
+    the positions before this rank's chunk, as linear.efficient_chunk carries it. Each rank's
+    chunk state (sums of exp(k - m) v^T and exp(k - m) with m its own per-feature maximum) is
+    all-gathered (N x h x d x (e + 2) values); the earlier ranks' are rescaled to their largest m
+    and summed (every rank takes the same steps, rank 0 an empty sum)."""
+    contiguous_only("linear")
+    m = k.detach().amax(dim=2)  # [b, h, d]
+    w = torch.exp(k - m.unsqueeze(2))
+    state = torch.cat([torch.matmul(w.transpose(-1, -2), v), w.sum(dim=2).unsqueeze(-1), m.unsqueeze(-1)], dim=-1)
+    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, h, N, d, e + 2]
+    r = context_rank()
+    earlier = (torch.arange(states.shape[2], device=k.device) < r).view(1, 1, -1, 1)
+    ms = torch.where(earlier, states[..., -1].detach(), torch.full_like(states[..., -1], float("-inf")))
+    top = ms.amax(dim=2)  # [b, h, d]; -inf on rank 0
+    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    scale = torch.where(earlier, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, h, N, d]
+    summed = (states[..., :-1] * scale.unsqueeze(-1)).sum(dim=2)
+    return summed[..., :-1], summed[..., -1], top

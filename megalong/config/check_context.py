@@ -46,8 +46,8 @@ def validate_context(cfg: Config, world_size: int) -> None:
              "(ring attention)"),
             (kind == "local" and bool(getattr(options, "global_tokens", 0)) and m.attention_dropout > 0,
              "model.attention_dropout with model.attention.local.global_tokens"),
-            (kind == "linear" and getattr(options, "normalization", "elu") != "elu",
-             "model.attention.linear.normalization other than elu"),
+            (kind == "linear" and getattr(options, "normalization", "elu") != "elu" and cfg.data.document_mask,
+             "model.attention.linear.normalization: efficient with data.document_mask"),
         ]
     for bad, what in refused:
         if bad:
