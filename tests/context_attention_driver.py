@@ -14,44 +14,64 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention.helpers import attention_config  # noqa: E402
+from attention.helpers import attention_config, forward_backward_memory  # noqa: E402
+from megalong.attention import ring_attention  # noqa: E402
 from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
 from megalong.attention.segments import DocumentSegments  # noqa: E402
+from megalong.parallel.context import rank_positions, set_layout  # noqa: E402
 
 L, B, H, D = 48, 2, 4, 8
-CASES = [  # (name, kind, alibi, options, documents)
+CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("global", "global", False, {}, False),
     ("global alibi", "global", True, {}, False),
     ("global alibi documents", "global", True, {}, True),
+    ("global zigzag", "global", False, {}, False, "zigzag"),
+    ("global zigzag alibi documents", "global", True, {}, True, "zigzag"),
+    ("global zigzag alibi documents, tiles of 5", "global", True, {}, True, "zigzag", 5),
+    ("global alibi, tiles of 7", "global", True, {}, False, "contiguous", 7),
     ("local window 5", "local", False, {"window": 5}, False),
     ("local alibi dilations", "local", True, {"window": 4, "dilation": [1, 2, 1, 3]}, False),
     ("local window longer than a chunk", "local", True, {"window": 30, "dilation": [1, 2, 1, 1]}, False),
     ("local documents", "local", False, {"window": 6, "dilation": 2}, True),
+    ("local window of three chunks at CP=4", "local", False, {"window": 33, "dilation": [1, 1, 1, 1]}, False),
+    ("local global tokens", "local", False, {"window": 5, "global_tokens": [0, 3, 17, 30, 40]}, False),
+    ("local global tokens alibi dilations documents", "local", True,
+     {"window": 4, "dilation": [1, 2, 1, 3], "global_tokens": 2}, True),
+    ("local global tokens window longer than a chunk", "local", True,
+     {"window": 20, "dilation": [1, 2, 1, 1], "global_tokens": [5, 13, 25]}, False),
     ("linear elu", "linear", False, {"chunk_size": 5}, False),
+    ("linear elu documents", "linear", False, {"chunk_size": 5}, True),
+    ("linear elu one document over several ranks", "linear", False, {"chunk_size": 4}, "long"),
+    ("linear efficient", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, False),
 ]
 REFUSED = [  # (kind, options, documents, words of the error)
     ("lsh", {"bucket_size": 8}, False, "parallel.context"),
-    ("local", {"window": 4, "global_tokens": 2}, False, "global_tokens"),
-    ("linear", {"normalization": "efficient"}, False, "elu"),
-    ("linear", {}, True, "document_mask"),
+    ("linear", {"normalization": "efficient"}, True, "efficient without data.document_mask"),
 ]
 
 
-def segments() -> torch.Tensor:
-    """Three documents per row, starting at different places in the two rows."""
+def segments(kind: object = True) -> torch.Tensor:
+    """Three documents per row, starting at different places in the two rows ("long": the second
+    row's first document spans more than three chunks at CP=4, and a document ends at a chunk's end)."""
     pos = torch.arange(L)
+    if kind == "long":
+        return torch.stack([(pos >= 24).long() + (pos >= 36).long(), (pos >= 40).long() + (pos >= 41).long()])
     return torch.stack([(pos >= 7).long() + (pos >= 30).long(), (pos >= 20).long() + (pos >= 21).long()])
 
 
-def check(name: str, kind: str, alibi: bool, options: dict, documents: bool) -> None:
+def check(name: str, kind: str, alibi: bool, options: dict, documents: object, layout: str = "contiguous",
+          tile: int = ring_attention.TILE) -> None:
+    """`tile`: ring attention's score tiles (the default covers a whole chunk at L = 48)."""
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
-    C = L // n
-    chunk = slice(r * C, (r + 1) * C)
+    set_layout(layout)
+    default_tile, ring_attention.TILE = ring_attention.TILE, tile
+    chunk = rank_positions(r, n, L)
     module = CORE_ATTENTION[kind](attention_config(H, D), layer_number=1, alibi=alibi, **options)
     g = torch.Generator().manual_seed(1)
-    full = [torch.randn(L, B, H, D, dtype=torch.float64, generator=g) for _ in range(3)]
+    heads = 2 * H if options.get("global_tokens") else H  # the local heads, then the global projection's
+    full = [torch.randn(L, B, heads, D, dtype=torch.float64, generator=g) for _ in range(3)]
     weight = torch.randn(L, B, H * D, dtype=torch.float64, generator=g)
-    seg = segments() if documents else None
+    seg = segments(documents) if documents else None
 
     ref_in = [x.clone().requires_grad_() for x in full]
     q, k, v = (x.permute(1, 2, 0, 3) for x in ref_in)
@@ -63,19 +83,45 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: bool) -> 
     params = None if seg is None else DocumentSegments(segment_ids=seg[:, chunk].contiguous())
     out = module(*mine, attention_mask=None, packed_seq_params=params)
     (out * weight[chunk]).sum().backward()
+    set_layout("contiguous")
+    ring_attention.TILE = default_tile
     error = (out - ref[chunk]).abs().max().item()
     assert error < 1e-10, (name, "output", r, error)
     for label, a, b in zip("qkv", mine, ref_in):
         error = (a.grad - b.grad[chunk]).abs().max().item()
         assert error < 1e-10, (name, "grad " + label, r, error)
+        assert b.grad[chunk].abs().max().item() > 0, (name, "grad " + label, "all zero")
+
+
+MEMORY = [("local", {"window": 16, "dilation": [1, 2]}), ("linear", {"chunk_size": 64})]
+
+
+def memory(kind: str, options: dict) -> str:
+    """Tracked activation memory (tests/attention/helpers.py) of a forward and backward on this
+    rank's chunk of L = 2048 is about 1/N of the one-process run's on the whole sequence."""
+    n = parallel_state.get_context_parallel_world_size()
+    length, heads = 2048, 2
+    module = CORE_ATTENTION[kind](attention_config(heads, D), layer_number=1, **options)
+
+    def whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = module.attend(*(x.permute(1, 2, 0, 3) for x in (q, k, v)))
+        return out.permute(2, 0, 1, 3).reshape(length, 1, -1)
+
+    def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return module(q, k, v, attention_mask=None)
+
+    one = forward_backward_memory(whole, length, heads, D).peak
+    mine = forward_backward_memory(chunk, length // n, heads, D).peak
+    ratio = mine * n / one
+    assert 0.75 < ratio < 1.25, (kind, "memory per rank x N / one process", ratio)
+    return f"{kind} {ratio:.2f}"
 
 
 def refused(kind: str, options: dict, documents: bool, words: str) -> None:
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     C = L // n
     module = CORE_ATTENTION[kind](attention_config(H, D), layer_number=1, **options)
-    heads = 2 * H if options.get("global_tokens") else H
-    x = torch.randn(C, B, heads, D, dtype=torch.float64)
+    x = torch.randn(C, B, H, D, dtype=torch.float64)
     params = None if not documents else DocumentSegments(segment_ids=segments()[:, r * C:(r + 1) * C].contiguous())
     try:
         module(x, x, x, attention_mask=None, packed_seq_params=params)
@@ -89,12 +135,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
     for case in CASES:
+        print("case", case[0], file=sys.stderr, flush=True)
         check(*case)
     for case in REFUSED:
         refused(*case)
+    ratios = [memory(*case) for case in MEMORY]
+    set_layout("zigzag")  # the sub-quadratic kinds need contiguous chunks
+    refused("local", {"window": 4}, False, "contiguous")
+    refused("linear", {}, False, "contiguous")
+    set_layout("contiguous")
     if dist.get_rank() == 0:
-        print(f"context attention: {len(CASES)} cases equal one process, {len(REFUSED)} refused, "
-              f"at CP={dist.get_world_size()}")
+        print(f"context attention: {len(CASES)} cases equal one process, {len(REFUSED) + 2} refused, "
+              f"at CP={dist.get_world_size()}; activation memory per rank x N / one process: {', '.join(ratios)}")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

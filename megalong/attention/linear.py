@@ -120,11 +120,23 @@ class LinearAttention(CoreAttention):
     def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's chunk from the summed states of the earlier ranks (context_attention.py)."""
-        if self.normalization != "elu" or segment_ids is not None:
-            raise NotImplementedError("linear attention with parallel.context > 1: normalization elu "
-                                      "without data.document_mask only")
         dtype = _compute_dtype(q.dtype)
-        out = context_attention.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), self.eps, self.chunk_size)
+        q, k, v_in = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.normalization == "efficient":
+            if segment_ids is not None:
+                raise NotImplementedError("linear attention with parallel.context > 1: normalization "
+                                          "efficient without data.document_mask only")
+            state: State = context_attention.efficient_state_before(k, v_in)
+            outs = []
+            for start in range(0, q.shape[2], self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                out, state = efficient_chunk(q[:, :, part], k[:, :, part], v_in[:, :, part], state)
+                outs.append(out)
+            out = torch.cat(outs, dim=2)
+        elif segment_ids is None:
+            out = context_attention.linear_attention(q, k, v_in, self.eps, self.chunk_size)
+        else:
+            out = context_attention.linear_documents_attention(q, k, v_in, segment_ids, self.eps, self.chunk_size)
         return out.to(v.dtype)
 
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,

@@ -17,6 +17,14 @@ def validate_context(cfg: Config, world_size: int) -> None:
         return
     if cfg.seq_length % n:
         raise ConfigError(f"parallel.context: {n} does not divide the sequence length {cfg.seq_length}")
+    if p.context_layout == "zigzag":
+        others = sorted(set(cfg.layer_kinds()) - {"global"})
+        if others:
+            raise ConfigError(f"parallel.context_layout: zigzag needs every attention layer global "
+                              f"(model.attention_layers has {', '.join(others)})")
+        if cfg.seq_length % (2 * n):
+            raise ConfigError(f"parallel.context_layout: zigzag cuts the sequence into 2 x {n} pieces, "
+                              f"which do not divide the sequence length {cfg.seq_length}")
     if world_size % (p.tensor * p.pipeline * n):
         raise ConfigError(f"parallel.context: parallel.tensor x parallel.pipeline x parallel.context = "
                           f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
@@ -34,10 +42,12 @@ def validate_context(cfg: Config, world_size: int) -> None:
         options = cfg.attention_options(kind)
         refused += [
             (kind not in CONTEXT_KINDS, f"{kind} attention (model.attention_layers)"),
-            (kind == "local" and bool(getattr(options, "global_tokens", 0)), "model.attention.local.global_tokens"),
-            (kind == "linear" and getattr(options, "normalization", "elu") != "elu",
-             "model.attention.linear.normalization other than elu"),
-            (kind == "linear" and cfg.data.document_mask, "data.document_mask with linear attention"),
+            (kind == "global" and m.attention_dropout > 0, "model.attention_dropout with global attention "
+             "(ring attention)"),
+            (kind == "local" and bool(getattr(options, "global_tokens", 0)) and m.attention_dropout > 0,
+             "model.attention_dropout with model.attention.local.global_tokens"),
+            (kind == "linear" and getattr(options, "normalization", "elu") != "elu" and cfg.data.document_mask,
+             "model.attention.linear.normalization: efficient with data.document_mask"),
         ]
     for bad, what in refused:
         if bad:
