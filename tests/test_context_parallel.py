@@ -34,6 +34,21 @@ ALIBI_DOCUMENTS = {
     "data.eod_mask_loss": "true",
 }
 
+# Every kind, one layer each: chunks of 32 at CP=2 hold whole axial rows (8) and FAM blocks (8);
+# the FAM state crosses ranks, the LSH buckets span the whole sequence.
+EVERY_KIND = {
+    "model.num_layers": 6,
+    "model.attention_layers": '[[["global", "local", "linear", "lsh", "axial", "fam"], 1]]',
+    "model.attention": ("{local: {window: 8, dilation: [1, 2, 1, 3]}, linear: {chunk_size: 16}, "
+                        "lsh: {bucket_size: 8, n_hashes: 2}, axial: {axial_shape: [8, 8]}, "
+                        "fam: {block_size: 8, memory_segments: 1, fam_length: 2}}"),
+}
+EVERY_KIND_LAYOUTS = {  # name: layout, processes
+    "every_cp2": ({"parallel.context": 2}, 2),
+    "every_cp2_tp2": ({"parallel.context": 2, "parallel.tensor": 2}, 4),
+    "every_cp2_pp2": ({"parallel.context": 2, "parallel.pipeline": 2}, 4),
+}
+
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_context_attention_equals_one_process(n):
@@ -95,6 +110,22 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
             assert abs(norms[step] - reference[step]) < 1e-4 * reference[step], (name, step)
         _same_weights(tmp_path / name, single, name)
     assert LOSS_TOL == 2e-5
+
+
+def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tmp_path):
+    """A model with one layer of each kind at CP=2, CP=2 x TP=2 and CP=2 x PP=2: losses within
+    2e-5, gradient norms within 1e-4 relative and weights within 1e-4 of one process."""
+    single = tmp_path / "every_single"
+    _train_here(_args(tiny_data, single, **EVERY_KIND))
+    for procs in (2, 4):
+        run_driver([_args(tiny_data, tmp_path / name, **EVERY_KIND, **layout)
+                    for name, (layout, p) in EVERY_KIND_LAYOUTS.items() if p == procs], procs, tmp_path)
+    reference = read_metrics(single)
+    assert reference[STEPS] < reference[1]
+    for name in EVERY_KIND_LAYOUTS:
+        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        _close_norms(tmp_path / name, single, name)
+        _same_weights(tmp_path / name, single, name)
 
 
 @pytest.mark.parametrize("extra, words", [
