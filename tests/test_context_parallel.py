@@ -130,10 +130,18 @@ def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tm
 
 @pytest.mark.parametrize("extra, words", [
     ({"parallel.context": 3}, "parallel.context: 3 does not divide the sequence length 64"),
-    ({"parallel.context": 2, "model.attention_layers": '[[["global", "lsh"], 1]]'}, "lsh attention"),
+    ({"parallel.context": 4, "model.attention_layers": '[[["global", "fam"], 1]]',
+      "model.attention": "{fam: {block_size: 32, fam_length: 2}}"}, "not whole blocks of model.attention.fam.block_size"),
+    ({"parallel.context": 4, "model.attention_layers": '[[["global", "axial"], 1]]',
+      "model.attention": "{axial: {axial_shape: [2, 32]}}"}, "not whole rows of model.attention.axial.axial_shape"),
+    ({"parallel.context": 2, "model.attention_layers": '[[["global", "fam"], 1]]',
+      "model.attention": "{fam: {block_size: 8, fam_length: 2}}", "data.document_mask": "true"},
+     "data.document_mask with fam attention"),
+    ({"parallel.context": 2, "model.mlp_layers": '[[["moe", "dense"], 1]]', "model.moe": "{num_experts: 4}"},
+     "MoE layers"),
+    ({"parallel.context": 2, "model.reversible": "true"}, "model.reversible"),
     ({"parallel.context": 2, "model.position_embedding": "rope"}, "model.position_embedding: rope"),
     ({"parallel.context": 2, "model.attention": "{local: {window: 8, global_tokens: 2}}"}, "global_tokens"),
-    ({"parallel.context": 2, "parallel.tensor": 2}, "parallel.tensor > 1"),
     ({"parallel.context": 8}, "does not divide the 4 processes"),
 ])
 def test_unsupported_context_layouts_are_refused_by_name(tiny_data, tmp_path, extra, words):
