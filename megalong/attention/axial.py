@@ -21,6 +21,9 @@ longer than rows x cols (more rows), so generation with a growing context works.
 Packed documents (`attend_documents`): the row summaries, the row step and the column step each
 keep only keys of the query's own document (a summary u(r', c) used by (r, c) is then over row
 r''s tokens of that document); positions padded to whole rows belong to no document.
+
+Context parallelism (`parallel.context`): whole rows per rank, the earlier rows' keys and summaries
+all-gathered (context_axial.py).
 """
 from __future__ import annotations
 

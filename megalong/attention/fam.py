@@ -23,6 +23,9 @@ the document of block t's last token: it continues F_{t-1} when that document di
 from the initial FAM, and reads only that document's tokens of block t. A document that starts at
 a block boundary is thus computed exactly as if alone (tested). The torch path runs (the block
 kernel takes no segment ids).
+
+Context parallelism (`parallel.context`): the memory by a halo from the earlier ranks, the FAM
+state handed from rank to rank, serially (context_fam.py, which states the cost).
 """
 from __future__ import annotations
 

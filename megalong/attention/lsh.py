@@ -19,6 +19,9 @@ Packed documents (`attend_documents`): hashing, sorting and chunks are those of 
 every round a pair is visible only when both tokens lie in one document (the torch chunk path runs;
 the chunk kernel takes no segment ids). A token alone in its document's part of its chunks sees
 itself, as any token with nothing else visible.
+
+Context parallelism (`parallel.context`): every rank's queries and values all-gathered, this rank's
+chunk of the one-process result kept (context_lsh.py).
 """
 from __future__ import annotations
 
