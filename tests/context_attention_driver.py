@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention.helpers import attention_config, forward_backward_memory  # noqa: E402
+from megalong.attention import fam as fam_module  # noqa: E402
 from megalong.attention import ring_attention  # noqa: E402
 from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
 from megalong.attention.segments import DocumentSegments  # noqa: E402
@@ -43,10 +44,26 @@ CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("linear elu documents", "linear", False, {"chunk_size": 5}, True),
     ("linear elu one document over several ranks", "linear", False, {"chunk_size": 4}, "long"),
     ("linear efficient", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, False),
+    ("lsh", "lsh", False, {"bucket_size": 4, "n_hashes": 2}, False),
+    ("lsh alibi documents", "lsh", True, {"bucket_size": 6, "n_hashes": 3}, True),
+    ("lsh fixed buckets", "lsh", False, {"bucket_size": 4, "n_buckets": 6}, False),
+    ("axial", "axial", False, {"axial_shape": [8, 6]}, False),
+    ("axial alibi documents", "axial", True, {"axial_shape": [12, 4]}, True),
+    ("axial one row per chunk", "axial", True, {"axial_shape": [4, 12]}, False),
+]
+FAM_CASES = [  # (name, alibi, options): chunks of 24 (CP=2) and 12 (CP=4) tokens
+    ("fam", False, {"block_size": 4, "memory_segments": 1, "fam_length": 2}),
+    ("fam alibi, memory longer than a chunk", True, {"block_size": 6, "memory_segments": 3, "fam_length": 3}),
+    ("fam one block per chunk", True, {"block_size": 12, "memory_segments": 2, "fam_length": 1}),
+    ("fam without feedback memory", False, {"block_size": 4, "memory_segments": 4, "fam_length": 0}),
 ]
 REFUSED = [  # (kind, options, documents, words of the error)
-    ("lsh", {"bucket_size": 8}, False, "parallel.context"),
     ("linear", {"normalization": "efficient"}, True, "efficient without data.document_mask"),
+    ("axial", {"axial_shape": [10, 5]}, False, "whole rows"),
+]
+FAM_REFUSED = [  # (options, documents, words)
+    ({"block_size": 5, "memory_segments": 1, "fam_length": 2}, False, "whole blocks"),
+    ({"block_size": 4, "memory_segments": 1, "fam_length": 2}, True, "document_mask"),
 ]
 
 
@@ -88,6 +105,9 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: object, l
     error = (out - ref[chunk]).abs().max().item()
     assert error < 1e-10, (name, "output", r, error)
     for label, a, b in zip("qkv", mine, ref_in):
+        if kind == "lsh" and label == "k":  # keys are the queries: k is not used
+            assert a.grad is None and b.grad is None, name
+            continue
         error = (a.grad - b.grad[chunk]).abs().max().item()
         assert error < 1e-10, (name, "grad " + label, r, error)
         assert b.grad[chunk].abs().max().item() > 0, (name, "grad " + label, "all zero")
@@ -117,6 +137,98 @@ def memory(kind: str, options: dict) -> str:
     return f"{kind} {ratio:.2f}"
 
 
+class FamLayer:
+    """A small FAM layer in float64 for `run_fam_layer`: projections, output projection and a
+    tanh MLP (no norms), its weights the same on every rank."""
+
+    def __init__(self, module, fam_length: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        w = H * D
+        self.module = module
+        self.weights = {name: (torch.randn(*shape, dtype=torch.float64, generator=g) * 0.3).requires_grad_()
+                        for name, shape in (("qkv", (w, 3 * w)), ("proj", (w, w)), ("up", (w, 2 * w)),
+                                            ("down", (2 * w, w)))}
+        self.fam_init = (torch.randn(fam_length, w, dtype=torch.float64, generator=g).requires_grad_()
+                         if fam_length else None)
+
+    def qkv(self, h: torch.Tensor):
+        s, b = h.shape[:2]
+        return (h @ self.weights["qkv"]).view(s, b, H, 3, D).unbind(3)
+
+    def residual(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + context @ self.weights["proj"]
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(h @ self.weights["up"]) @ self.weights["down"]
+
+    def __call__(self, x: torch.Tensor, segment_ids=None) -> torch.Tensor:
+        return fam_module.run_fam_layer(x, self.fam_init, self.module, self.qkv, self.residual, self.mlp,
+                                        segment_ids)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.weights.values()) + ([] if self.fam_init is None else [self.fam_init])
+
+
+def one_process(function, *args):
+    """`function(*args)` as one process runs it: fam.py's context-parallel branch switched off."""
+    original = fam_module.context_size
+    fam_module.context_size = lambda: 1
+    try:
+        return function(*args)
+    finally:
+        fam_module.context_size = original
+
+
+def check_fam(name: str, alibi: bool, options: dict) -> None:
+    """Two layers in a row (the second's memory and state come from the first's outputs): outputs,
+    the gradients of the chunk's inputs and of every weight and the initial FAM (summed over the
+    ranks) equal one process's, to 1e-10 of their largest magnitude (the FAM chain of L / B
+    steps grows the gradients to ~1e2)."""
+    n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    C = L // n
+    chunk = slice(r * C, (r + 1) * C)
+    layers = [FamLayer(CORE_ATTENTION["fam"](attention_config(H, D), layer_number=i + 1, alibi=alibi, **options),
+                       options["fam_length"], seed=3 + i) for i in range(2)]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(L, B, H * D, dtype=torch.float64, generator=g)
+    weight = torch.randn(L, B, H * D, dtype=torch.float64, generator=g)
+    params = [p for layer in layers for p in layer.parameters()]
+
+    ref_in = x.clone().requires_grad_()
+    ref = one_process(lambda h: layers[1](layers[0](h)), ref_in)
+    (ref * weight).sum().backward()
+    ref_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    mine = x[chunk].clone().requires_grad_()
+    out = layers[1](layers[0](mine))
+    (out * weight[chunk]).sum().backward()
+    error = (out - ref[chunk]).abs().max().item()
+    assert error < 1e-10 * max(1.0, ref.abs().max().item()), (name, "output", r, error)
+    error = (mine.grad - ref_in.grad[chunk]).abs().max().item()
+    assert error < 1e-10 * max(1.0, ref_in.grad.abs().max().item()), (name, "grad x", r, error)
+    for i, (p, want) in enumerate(zip(params, ref_grads)):
+        got = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # fam_init: rank 0's only
+        dist.all_reduce(got, group=parallel_state.get_context_parallel_group())
+        error = (got - want).abs().max().item()
+        assert error < 1e-10 * max(1.0, want.abs().max().item()), (name, "grad weight", i, r, error)
+
+
+def fam_refused(options: dict, documents: bool, words: str) -> None:
+    n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    C = L // n
+    layer = FamLayer(CORE_ATTENTION["fam"](attention_config(H, D), layer_number=1, **options), options["fam_length"], 1)
+    x = torch.randn(C, B, H * D, dtype=torch.float64)
+    seg = segments()[:, r * C:(r + 1) * C].contiguous() if documents else None
+    try:
+        layer(x, seg)
+    except NotImplementedError as e:
+        assert words in str(e) and "\n" not in str(e), (options, str(e))
+    else:
+        raise AssertionError(f"fam {options} at parallel.context > 1 was not refused")
+
+
 def refused(kind: str, options: dict, documents: bool, words: str) -> None:
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     C = L // n
@@ -137,16 +249,21 @@ def main() -> None:
     for case in CASES:
         print("case", case[0], file=sys.stderr, flush=True)
         check(*case)
+    for case in FAM_CASES:
+        check_fam(*case)
     for case in REFUSED:
         refused(*case)
+    for fam_case in FAM_REFUSED:
+        fam_refused(*fam_case)
     ratios = [memory(*case) for case in MEMORY]
     set_layout("zigzag")  # the sub-quadratic kinds need contiguous chunks
     refused("local", {"window": 4}, False, "contiguous")
     refused("linear", {}, False, "contiguous")
     set_layout("contiguous")
     if dist.get_rank() == 0:
-        print(f"context attention: {len(CASES)} cases equal one process, {len(REFUSED) + 2} refused, "
-              f"at CP={dist.get_world_size()}; activation memory per rank x N / one process: {', '.join(ratios)}")
+        print(f"context attention: {len(CASES) + len(FAM_CASES)} cases equal one process, "
+              f"{len(REFUSED) + len(FAM_REFUSED) + 2} refused, at CP={dist.get_world_size()}; "
+              f"activation memory per rank x N / one process: {', '.join(ratios)}")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -49,6 +49,21 @@ ZIGZAG = {
     "data.document_mask": "true",
 }
 
+# Every kind, one layer each: chunks of 32 at CP=2 hold whole axial rows (8) and FAM blocks (8);
+# the FAM state crosses ranks, the LSH buckets span the whole sequence.
+EVERY_KIND = {
+    "model.num_layers": 6,
+    "model.attention_layers": '[[["global", "local", "linear", "lsh", "axial", "fam"], 1]]',
+    "model.attention": ("{local: {window: 8, dilation: [1, 2, 1, 3]}, linear: {chunk_size: 16}, "
+                        "lsh: {bucket_size: 8, n_hashes: 2}, axial: {axial_shape: [8, 8]}, "
+                        "fam: {block_size: 8, memory_segments: 1, fam_length: 2}}"),
+}
+EVERY_KIND_LAYOUTS = {  # name: layout, processes
+    "every_cp2": ({"parallel.context": 2}, 2),
+    "every_cp2_tp2": ({"parallel.context": 2, "parallel.tensor": 2}, 4),
+    "every_cp2_pp2": ({"parallel.context": 2, "parallel.pipeline": 2}, 4),
+}
+
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_context_attention_equals_one_process(n):
@@ -57,7 +72,7 @@ def test_context_attention_equals_one_process(n):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    assert f"cases equal one process, 4 refused, at CP={n}" in proc.stdout
+    assert f"cases equal one process, 6 refused, at CP={n}" in proc.stdout
 
 
 def _args(data, save_dir, **extra) -> list[str]:
@@ -118,13 +133,37 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
     assert LOSS_TOL == 2e-5
 
 
+def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tmp_path):
+    """A model with one layer of each kind at CP=2, CP=2 x TP=2 and CP=2 x PP=2: losses within
+    2e-5, gradient norms within 1e-4 relative and weights within 1e-4 of one process."""
+    single = tmp_path / "every_single"
+    _train_here(_args(tiny_data, single, **EVERY_KIND))
+    for procs in (2, 4):
+        run_driver([_args(tiny_data, tmp_path / name, **EVERY_KIND, **layout)
+                    for name, (layout, p) in EVERY_KIND_LAYOUTS.items() if p == procs], procs, tmp_path)
+    reference = read_metrics(single)
+    assert reference[STEPS] < reference[1]
+    for name in EVERY_KIND_LAYOUTS:
+        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        _close_norms(tmp_path / name, single, name)
+        _same_weights(tmp_path / name, single, name)
+
+
 @pytest.mark.parametrize("extra, words", [
     ({"parallel.context": 3}, "parallel.context: 3 does not divide the sequence length 64"),
-    ({"parallel.context": 2, "model.attention_layers": '[[["global", "lsh"], 1]]'}, "lsh attention"),
+    ({"parallel.context": 4, "model.attention_layers": '[[["global", "fam"], 1]]',
+      "model.attention": "{fam: {block_size: 32, fam_length: 2}}"}, "not whole blocks of model.attention.fam.block_size"),
+    ({"parallel.context": 4, "model.attention_layers": '[[["global", "axial"], 1]]',
+      "model.attention": "{axial: {axial_shape: [2, 32]}}"}, "not whole rows of model.attention.axial.axial_shape"),
+    ({"parallel.context": 2, "model.attention_layers": '[[["global", "fam"], 1]]',
+      "model.attention": "{fam: {block_size: 8, fam_length: 2}}", "data.document_mask": "true"},
+     "data.document_mask with fam attention"),
+    ({"parallel.context": 2, "model.mlp_layers": '[[["moe", "dense"], 1]]', "model.moe": "{num_experts: 4}"},
+     "MoE layers"),
+    ({"parallel.context": 2, "model.reversible": "true"}, "model.reversible"),
     ({"parallel.context": 2, "model.position_embedding": "rope"}, "model.position_embedding: rope"),
     ({"parallel.context": 2, "parallel.context_layout": "zigzag"}, "zigzag needs every attention layer global"),
     ({"parallel.context": 2, "model.attention_dropout": 0.1}, "model.attention_dropout with global attention"),
-    ({"parallel.context": 2, "parallel.tensor": 2}, "parallel.tensor > 1"),
     ({"parallel.context": 8}, "does not divide the 4 processes"),
 ])
 def test_unsupported_context_layouts_are_refused_by_name(tiny_data, tmp_path, extra, words):

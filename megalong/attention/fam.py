@@ -23,6 +23,9 @@ the document of block t's last token: it continues F_{t-1} when that document di
 from the initial FAM, and reads only that document's tokens of block t. A document that starts at
 a block boundary is thus computed exactly as if alone (tested). The torch path runs (the block
 kernel takes no segment ids).
+
+Context parallelism (`parallel.context`): the memory by a halo from the earlier ranks, the FAM
+state handed from rank to rank, serially (context_fam.py, which states the cost).
 """
 from __future__ import annotations
 
@@ -34,11 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megalong.attention import context_fam
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import FamOptions
 from megalong.attention.segments import document_positions, same_document, segments_of
 from megalong.kernels import select as kernels
+from megalong.parallel.context import context_size
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -218,6 +223,17 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
     def tokens_first(t: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [s, b, h * d]
         return t.permute(2, 0, 1, 3).flatten(2)
 
+    if context_size() > 1:  # this rank's chunk of blocks, the FAM state from the rank before (context_fam.py)
+        if segment_ids is not None:
+            raise NotImplementedError("fam attention: data.document_mask with parallel.context > 1 is not supported")
+
+        def project(h: torch.Tensor):
+            return tuple(heads_first(t) for t in _expand_groups(*qkv(h)))
+
+        def advance(context: torch.Tensor, fam: torch.Tensor) -> torch.Tensor:
+            return mlp_residual(attention_residual(tokens_first(context), fam))
+
+        return tokens_first(context_fam.fam_context(x, fam_init, attention, project, advance))
     q, k, v = (heads_first(t) for t in _expand_groups(*qkv(x)))
     k_fam = v_fam = None
     documents = None
