@@ -95,37 +95,82 @@ def test_groups_are_refused_where_they_cannot_apply():
                                    "parallel": {"tensor": 2}}), check_paths=False, world_size=2)
 
 
-def _global_attention_memory(grouped_kv: bool, groups: int, alibi: bool, documents: bool) -> int:
-    """Peak tracked bytes of one forward + backward of global attention's core module on q
-    [L, b, 8, d] and k, v [L, b, groups, d] made outside the tracker."""
+MEMORY = {  # kind, options, alibi, documents
+    "global": ("global", {}, False, False),
+    "global_alibi": ("global", {}, True, False),
+    "global_documents": ("global", {}, False, True),
+    "local_dilated_alibi": ("local", {"window": 8, "dilation": [1, 2, 1, 2, 3, 3, 1, 1]}, True, False),
+    "local_global_tokens_documents": ("local", {"window": 8, "global_tokens": 4}, False, True),
+    "linear": ("linear", {"chunk_size": 16}, False, False),
+    "linear_efficient": ("linear", {"chunk_size": 16, "normalization": "efficient"}, False, False),
+    "linear_documents": ("linear", {"chunk_size": 16}, False, True),
+    "linear_efficient_documents": ("linear", {"chunk_size": 16, "normalization": "efficient"}, False, True),
+    "axial_alibi": ("axial", {"axial_shape": [8, 16]}, True, False),
+    "axial_documents": ("axial", {"axial_shape": [8, 16]}, False, True),
+    "fam": ("fam", {"block_size": 16, "memory_segments": 1, "fam_length": 4}, False, False),
+    "fam_alibi_documents": ("fam", {"block_size": 16, "memory_segments": 1, "fam_length": 4}, True, True),
+}
+MEM_L, MEM_HEADS, MEM_D = 128, 8, 16
+
+
+def _attention_memory(case: str, groups: int, copy: bool) -> int:
+    """Peak tracked bytes of one forward + backward of the kind's core attention on q [L, b, 8, d]
+    and k, v [L, b, groups, d] made outside the tracker (global tokens: twice the heads and groups,
+    the local then the global projections'); `copy`: k and v repeated per query head inside the
+    tracker first (what the base class does for a kind with grouped_kv False). fam runs its block
+    attention (`blocks`, FAM keys and values of the groups made outside too)."""
     from attention.helpers import MemoryTracker, attention_config
 
-    from megalong.attention.global_attention import GlobalAttention
+    from megalong.attention.base import per_query_head
+    from megalong.attention.registry import CORE_ATTENTION
     from megalong.attention.segments import DocumentSegments
 
-    L, b, heads, d = 128, 1, 8, 16
-    module = GlobalAttention(attention_config(heads, d), 1, alibi=alibi)
-    module.grouped_kv = grouped_kv
+    kind, options, alibi, documents = MEMORY[case]
+    L, b, heads, d = MEM_L, 1, MEM_HEADS, MEM_D
+    cls = CORE_ATTENTION[kind]
+    module = cls(attention_config(heads, d), 1, alibi=alibi, options=cls.options_class(**options))
+    sets = 2 if options.get("global_tokens") else 1
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(L, b, heads, d, generator=g, requires_grad=True)
-    k, v = (torch.randn(L, b, groups, d, generator=g, requires_grad=True) for _ in range(2))
-    grad = torch.randn(L, b, heads * d, generator=g)
-    segments = DocumentSegments(segment_ids=(torch.arange(L) // 40).expand(b, L).contiguous()) if documents else None
+    q = torch.randn(L, b, sets * heads, d, generator=g, requires_grad=True)
+    k, v = (torch.randn(L, b, sets * groups, d, generator=g, requires_grad=True) for _ in range(2))
+    grad = torch.randn(L, b, heads * d, generator=g)  # global tokens: the local heads' output
+    seg = (torch.arange(L) // 40).expand(b, L).contiguous()
     tracker = MemoryTracker()
+    if kind == "fam":
+        from megalong.attention.fam import FamDocuments
+
+        n, fam_len = -(-L // options["block_size"]), options["fam_length"]
+        k_fam, v_fam = (torch.randn(b, groups, n, fam_len, d, generator=g, requires_grad=True) for _ in range(2))
+        k_init, v_init = (torch.randn(b, groups, fam_len, d, generator=g) for _ in range(2))
+        qh, kh, vh = (x.permute(1, 2, 0, 3) for x in (q, k, v))
+        with tracker:
+            if copy:
+                kh, vh, k_fam, v_fam = (per_query_head(x, heads) for x in (kh, vh, k_fam, v_fam))
+                k_init, v_init = per_query_head(k_init, heads), per_query_head(v_init, heads)
+            docs = None
+            if documents:
+                ends = (torch.arange(1, n + 1) * options["block_size"]).clamp(max=L) - 1
+                docs = FamDocuments(seg, torch.cat([seg[:, :1], seg[:, ends][:, :-1]], dim=1), k_init, v_init)
+            out = module.blocks(qh, kh, vh, k_fam, v_fam, docs)
+            out.permute(2, 0, 1, 3).reshape(L, b, -1).backward(grad)
+        return tracker.peak
+    module.grouped_kv = not copy
     with tracker:
-        module(q, k, v, packed_seq_params=segments).backward(grad)
+        module(q, k, v, packed_seq_params=DocumentSegments(segment_ids=seg) if documents else None).backward(grad)
     return tracker.peak
 
 
-@pytest.mark.parametrize("alibi,documents", [(False, False), (True, False), (False, True)])
-def test_global_attention_never_copies_kv_per_query_head(alibi, documents):
-    """Tracked allocations: with one key/value group for 8 query heads, global attention's forward
-    + backward peaks no higher than multi-head attention's (a per-query-head copy of k and v
-    would add 2 * L * heads * d floats, kept for backward); the same module made to copy them
-    (grouped_kv False, what the other kinds do) does exceed it, so the measurement can fail."""
-    copy_bytes = 2 * 128 * 8 * 16 * 4
-    mha = _global_attention_memory(True, 8, alibi, documents)
-    grouped = _global_attention_memory(True, 1, alibi, documents)
-    copied = _global_attention_memory(False, 1, alibi, documents)
+@pytest.mark.parametrize("case", sorted(MEMORY))
+def test_attention_never_copies_kv_per_query_head(case):
+    """Tracked allocations: with one key/value group for 8 query heads, each kind's forward +
+    backward peaks no higher than multi-head attention's (8 groups: its k and v, and whatever the
+    kind derives from them, per query head), and at least the bytes of a per-query-head copy of k
+    and v below the same module made to copy them (grouped_kv False, what repeat_interleave in
+    the base class did), so the measurement can fail."""
+    sets = 2 if MEMORY[case][1].get("global_tokens") else 1
+    copy_bytes = 2 * MEM_L * sets * (MEM_HEADS - 1) * MEM_D * 4
+    mha = _attention_memory(case, MEM_HEADS, False)
+    grouped = _attention_memory(case, 1, False)
+    copied = _attention_memory(case, 1, True)
     assert grouped <= mha, (grouped, mha)
-    assert copied >= grouped + copy_bytes, (copied, grouped)
+    assert copied >= grouped + copy_bytes, (copied, grouped, copy_bytes)
