@@ -20,6 +20,7 @@ CASES = {
                             {"alibi": True, "position_embedding": "none"}),
     "local_global_tokens": ("local", {"window": 3, "global_tokens": 2}, {}),
     "linear": ("linear", {"chunk_size": 4}, {}),
+    "linear_efficient": ("linear", {"chunk_size": 4, "normalization": "efficient"}, {}),
     "axial": ("axial", {"axial_shape": [4, 4]}, {}),
     "fam": ("fam", {"block_size": 4, "memory_segments": 1, "fam_length": 2}, {}),
     "rope_swiglu": ("global", {}, {"position_embedding": "rope", "activation": "swiglu", "normalization": "RMSNorm"}),
@@ -82,6 +83,77 @@ def test_grouped_kv_equals_multi_head_with_duplicated_kv(case):
         uncached = hf.generate(tokens[:1, :6], max_new_tokens=6, do_sample=False, use_cache=False)
     assert (exported - ours).abs().max().item() < 1e-10
     assert torch.equal(cached, uncached)
+
+
+DOCUMENT_CASES = {  # layers of several kinds, run on packed documents
+    "local_linear_axial_fam": (["local", "linear", "axial", "fam"],
+                               {"local": {"window": 3, "dilation": [1, 2, 1, 3], "global_tokens": 2},
+                                "linear": {"chunk_size": 4}, "axial": {"axial_shape": [4, 4]},
+                                "fam": {"block_size": 4, "memory_segments": 1, "fam_length": 2}}),
+    "local_linear_efficient": (["local", "linear"], {"local": {"window": 3, "dilation": 2},
+                                                      "linear": {"chunk_size": 4, "normalization": "efficient"}}),
+}
+
+
+def _documents_config(case: str, groups):
+    kinds, options = DOCUMENT_CASES[case]
+    model = {"num_layers": len(kinds), "hidden_size": HEADS * HEAD_DIM, "num_attention_heads": HEADS,
+             "num_query_groups": groups, "max_position_embeddings": SEQ, "attention_layers": [[kinds, 1]],
+             "attention": options, "vocab_size": VOCAB, "make_vocab_size_divisible_by": 1}
+    return config_from_dict({"model": model, "data": {"seq_length": SEQ}})
+
+
+@pytest.mark.parametrize("case", sorted(DOCUMENT_CASES))
+def test_grouped_kv_with_packed_documents_equals_multi_head_loss_and_gradients(case):
+    """Packed documents (segment ids reaching every layer), float64: the grouped model's per-token
+    loss is the duplicated multi-head model's, and so are its weight gradients, a group's key and
+    value rows receiving the sum of its query heads' duplicated rows' gradients."""
+    from megalong.model.gpt import build_model
+    from megalong.parallel.distributed import initialize
+    from megalong.train.documents import DocumentBatching, model_inputs
+
+    grouped_cfg, mha_cfg = _documents_config(case, GROUPS), _documents_config(case, None)
+    validate(grouped_cfg, check_paths=False)
+    full = torch.randint(3, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    full[0, [5, 6, 11]] = 2  # EOD: a one-token document, ragged ends
+    full[1, 9] = 2
+    batch = {"tokens": full[:, :-1], "labels": full[:, 1:], "loss_mask": torch.ones(2, SEQ)}
+    batch = DocumentBatching(2, document_mask=True, reset_position_ids=True).apply(batch)
+    tokens, positions, kwargs = model_inputs(batch)
+    try:
+        initialize(1)
+        torch.manual_seed(0)
+        grouped = build_model(grouped_cfg, VOCAB).double().eval()  # eval: no dropout; gradients still flow
+        mha = build_model(mha_cfg, VOCAB).double().eval()
+        state = {k: v for k, v in grouped.state_dict().items() if not k.endswith("_extra_state")}
+        qkv = [k for k in state if "linear_qkv" in k and state[k].shape[0] == (HEADS + 2 * GROUPS) * HEAD_DIM]
+        mha.load_state_dict(duplicated_kv(state, qkv), strict=False)
+        ours = grouped(tokens, positions, None, labels=batch["labels"], **kwargs)
+        theirs = mha(tokens, positions, None, labels=batch["labels"], **kwargs)
+        names = [n for n, _ in grouped.named_parameters()]
+        ours_g = dict(zip(names, torch.autograd.grad(ours.sum(), list(grouped.parameters()), allow_unused=True)))
+        mha_params = dict(mha.named_parameters())
+        theirs_g = dict(zip(names, torch.autograd.grad(theirs.sum(), [mha_params[n] for n in names],
+                                                       allow_unused=True)))
+    finally:
+        shutdown()
+    assert (ours - theirs).abs().max().item() < 1e-10
+    per_group = HEADS // GROUPS
+    compared = 0
+    for name in names:
+        a, b = ours_g[name], theirs_g[name]
+        if a is None or b is None:
+            assert a is None and b is None, name
+            continue
+        if name in qkv:
+            qa, ka, va = split_qkv(a, HEADS, GROUPS)
+            qb, kb, vb = split_qkv(b, HEADS, HEADS)
+            kb, vb = (x.reshape(GROUPS, per_group, HEAD_DIM, *x.shape[1:]).sum(1).reshape(ka.shape) for x in (kb, vb))
+            a, b = torch.cat([qa, ka, va]), torch.cat([qb, kb, vb])
+        assert (a - b).abs().max().item() < 1e-10, name
+        compared += 1
+    assert compared >= len(qkv) > 0
+    assert any("linear_qkv_global" in n for n in qkv) == (case == "local_linear_axial_fam")
 
 
 def test_groups_are_refused_where_they_cannot_apply():
