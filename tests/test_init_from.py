@@ -199,3 +199,44 @@ def test_a_hugging_face_folder_loads_as_its_import_does(tiny_data, tmp_path):
     assert sorted(surgery_report.carried) == sorted(state)
     assert torch.equal(local.state_dict()["decoder.layers.1.self_attention.linear_qkv.weight"],
                        state["decoder.layers.1.self_attention.linear_qkv.weight"])
+
+
+def _table(rows: list[str]) -> list[str]:
+    """The init_from table's lines among a log's messages, the source path left out."""
+    start = next(i for i, line in enumerate(rows) if line.startswith("train.init_from: weights from"))
+    table = [rows[start].split(" (", 1)[1]]
+    return table + [line for line in rows[start + 1:] if line.startswith("  ")]
+
+
+def test_tensor_and_pipeline_parallel_load_the_whole_model_and_report_it_once(tiny_data, source, tmp_path, caplog):
+    """init_from into TP=2 and into PP=2 (one layer per stage; layer 1 turned local with global
+    tokens, so there are new tensors on the second stage only): the first loss is the one-process
+    run's within 2e-5, and rank 0's table is the one-process table, line for line (no tensor of
+    the other stage reported dropped, the second stage's new ones listed)."""
+    from conftest import read_metrics, run_driver
+
+    layers, options = '[[["global", "local"], 1]]', SURGERY["local_global_tokens"][1]
+
+    def args(save_dir, **extra):
+        return [a for a in tiny_overrides(tiny_data, save_dir, 1, **{
+            "model.attention_layers": layers, "model.attention": options, "train.init_from": str(source),
+            **extra}) if a != "--set"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the spawned processes (OMP_NUM_THREADS=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="megalong"):
+            one = _train(load_config([], args(tmp_path / "one")))
+    finally:
+        torch.set_num_threads(threads)
+    want = _table([record.getMessage() for record in caplog.records])
+    assert "0 dropped" in want[0] and re.search(r"[1-9]\d* new", want[0]), want[0]
+    assert any(line.startswith("  new      decoder.layers.1.self_attention.linear_qkv_global") for line in want)
+    layouts = {"tp2": {"parallel.tensor": 2}, "pp2": {"parallel.pipeline": 2}}
+    run_driver([args(tmp_path / name, **extra) for name, extra in layouts.items()], 2, tmp_path)
+    for name in layouts:
+        loss = read_metrics(tmp_path / name)[1]
+        assert abs(loss - one.losses[1]) < 2e-5, (name, loss, one.losses[1])
+        # the CLI's format: "HH:MM:SS message"
+        got = _table([line[9:] for line in (tmp_path / name / "train.log").read_text().splitlines()])
+        assert got == want, (name, got[:3], want[:3])

@@ -45,6 +45,7 @@ Columns = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
 class AxialAttention(CoreAttention):
     options_class = AxialOptions
     options: AxialOptions
+    grouped_kv = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -55,46 +56,62 @@ class AxialAttention(CoreAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                segment_ids: Optional[torch.Tensor] = None, columns: Optional[Columns] = None) -> torch.Tensor:
-        """`columns`: under context parallelism (context_axial.py), maps this chunk's rows' keys,
-        summaries and padded segment ids [b, 1, R, C] (or None) to those of every row of the
-        sequence and the index of this chunk's first row; None: the rows are the whole sequence."""
+        """q [b, heads, L, d], k and v [b, groups, L, d]. Scores are laid out [b, g, R, j, C, keys]
+        (query head g * j' + j, j' = heads / groups): each matmul takes a group's query heads as
+        rows against its keys, never a copy of k or v per query head. `columns`: under context
+        parallelism (context_axial.py), maps this chunk's rows' keys [b, g, R, C, d], summaries
+        [b, g, R, j, C, d] and padded segment ids [b, 1, R, C] (or None) to those of every row of
+        the sequence and the index of this chunk's first row; None: the rows are the whole sequence."""
         b, h, L, d = q.shape
+        g = k.shape[1]
+        j = h // g
         C = self.cols
         R = -(-L // C)
-        Q, K, V = (F.pad(x, (0, 0, 0, R * C - L)).view(b, h, R, C, d) for x in (q, k, v))
+        Q, K, V = (F.pad(x, (0, 0, 0, R * C - L)).view(b, x.shape[1], R, C, d) for x in (q, k, v))
+        Q6 = Q.view(b, g, j, R, C, d)
         device = q.device
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
         col = torch.arange(C, device=device)
         row_gap = col.view(C, 1) - col  # c - c'
-        row_scores = torch.matmul(Q, K.transpose(-1, -2)).to(dtype) * self.scale  # [b, h, R, C, C]
+        Q_rows = Q6.permute(0, 1, 3, 2, 4, 5).reshape(b, g, R, j * C, d)  # a row's queries, all heads of the group
+        row_scores = (torch.matmul(Q_rows, K.transpose(-1, -2)).to(dtype) * self.scale).view(b, g, R, j, C, C)
         if self.alibi:
-            slopes = self.alibi_slopes(device, dtype).view(1, h, 1, 1, 1)
+            slopes = self.alibi_slopes(device, dtype).view(1, g, 1, j, 1, 1)
             row_scores = row_scores - slopes * row_gap.abs().to(dtype)
 
         seg = None
         if segment_ids is not None:  # padding: document -1, seen by no real token
             seg = F.pad(segment_ids, (0, R * C - L), value=-1).view(b, 1, R, C)
-            row_scores = row_scores.masked_fill(~same_document(seg, seg), float("-inf"))  # [b, 1, R, C, C]
+            row_scores = row_scores.masked_fill(~same_document(seg, seg).unsqueeze(3), float("-inf"))  # [b, 1, R, 1, C, C]
 
-        # 1. Row summaries over whole rows.
-        summary = torch.matmul(self._dropout(torch.softmax(row_scores, dim=-1)).to(v.dtype), V)
+        # 1. Row summaries over whole rows: [b, g, R, j, C, d], one per query head.
+        row_probs = self._dropout(torch.softmax(row_scores, dim=-1)).to(v.dtype)
+        summary = torch.matmul(row_probs.reshape(b, g, R, j * C, C), V).view(b, g, R, j, C, d)
         K_cols, U_cols, seg_cols, first = (K, summary, seg, 0) if columns is None else columns(K, summary, seg)
+        Rc = K_cols.shape[2]  # the rows a column's queries see (those of every rank under CP)
+        col_same = None
+        if seg is not None and seg_cols is not None:  # [b, 1, R, 1, C, R']
+            col_same = same_document(seg.transpose(2, 3), seg_cols.transpose(2, 3)).transpose(2, 3).unsqueeze(3)
 
         # 2. Joint softmax over the row prefix and the column above.
-        Qt, Kt = Q.transpose(2, 3), K_cols.transpose(2, 3)  # [b, h, C, R, d], [b, h, C, R', d]
-        col_scores = torch.matmul(Qt, Kt.transpose(-1, -2)).to(dtype) * self.scale  # [b, h, C, R, R']
-        col_gap = (first + torch.arange(R, device=device)).view(R, 1) - torch.arange(K_cols.shape[2], device=device)
+        Q_cols = Q6.permute(0, 1, 4, 2, 3, 5).reshape(b, g, C, j * R, d)  # a column's queries
+        col_scores = torch.matmul(Q_cols, K_cols.transpose(2, 3).transpose(-1, -2)).to(dtype) * self.scale
+        col_scores = col_scores.view(b, g, C, j, R, Rc).permute(0, 1, 4, 3, 2, 5)  # [b, g, R, j, C, R']
+        row = first + torch.arange(R, device=device)
+        col_gap = (row.view(R, 1) - torch.arange(Rc, device=device)).view(R, 1, 1, Rc)  # r - r', against [R, j, C, R']
         if self.alibi:
             col_scores = col_scores - slopes * (col_gap * C).to(dtype)
-        col_scores = col_scores.masked_fill(col_gap <= 0, float("-inf")).transpose(2, 3)  # [b, h, R, C, R']
-        if seg is not None and seg_cols is not None:
-            col_same = same_document(seg.transpose(2, 3), seg_cols.transpose(2, 3)).transpose(2, 3)  # [b, 1, R, C, R']
+        col_scores = col_scores.masked_fill(col_gap <= 0, float("-inf"))
+        if col_same is not None:
             col_scores = col_scores.masked_fill(~col_same, float("-inf"))
         scores = torch.cat([row_scores.masked_fill(row_gap < 0, float("-inf")), col_scores], dim=-1)
         probs = self._dropout(torch.softmax(scores, dim=-1)).to(v.dtype)
-        p_row, p_col = probs.split([C, K_cols.shape[2]], dim=-1)
-        out = torch.matmul(p_row, V) + torch.matmul(p_col.transpose(2, 3), U_cols.transpose(2, 3)).transpose(2, 3)
+        p_row, p_col = probs.split([C, Rc], dim=-1)
+        out_row = torch.matmul(p_row.reshape(b, g, R, j * C, C), V).view(b, g, R, j, C, d)
+        # the column step's values are the summaries of the same query head and column
+        out_col = torch.matmul(p_col.permute(0, 1, 3, 4, 2, 5), U_cols.permute(0, 1, 3, 4, 2, 5))  # [b, g, j, C, R, d]
+        out = out_row.permute(0, 1, 3, 2, 4, 5) + out_col.transpose(3, 4)  # [b, g, j, R, C, d]
         return out.reshape(b, h, R * C, d)[:, :, :L]
 
     attend_documents = attend  # one implementation serves packed documents too

@@ -143,7 +143,8 @@ class CoreAttention(nn.Module):
         (output [batch, heads, n, head_dim], the state to pass with the next tokens)."""
         if self.kv_cache:  # the cache holds groups: SDPA indexes them per query head
             return self._decode_kv(q, k, v, state)
-        k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
+        if not self.grouped_kv:
+            k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
         if callable(getattr(self, "step", None)) and callable(getattr(self, "init_state", None)):
             return self._decode_recurrent(q, k, v, state)
         if state is not None:
@@ -174,10 +175,11 @@ class CoreAttention(nn.Module):
 
     def _decode_recurrent(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           state: Optional[dict]) -> tuple[torch.Tensor, dict]:
-        b, h, n, d = q.shape
+        b, _, n, d = q.shape
         init_state: Callable[..., Any] = getattr(self, "init_state")  # noqa: B009 (defined by recurrent kinds)
         step: Callable[..., tuple[torch.Tensor, Any]] = getattr(self, "step")  # noqa: B009
-        inner = init_state(b, h, d, q.device, q.dtype) if state is None else state["inner"]
+        # one state per key/value head: a group's, shared by its query heads (grouped_kv kinds)
+        inner = init_state(b, k.shape[1], d, q.device, q.dtype) if state is None else state["inner"]
         outs = []
         for i in range(n):
             out, inner = step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], inner)

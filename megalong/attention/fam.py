@@ -39,7 +39,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention import context_fam
 from megalong.attention.alibi import alibi_bias
-from megalong.attention.base import CoreAttention
+from megalong.attention.base import CoreAttention, per_query_head
+from megalong.attention.grouped import grouped_sdpa
 from megalong.attention.options import FamOptions
 from megalong.attention.segments import document_positions, same_document, segments_of
 from megalong.kernels import select as kernels
@@ -62,7 +63,7 @@ def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: 
 @dataclass
 class FamDocuments:
     """What `FamAttention.blocks` needs of packed documents: segment_ids [b, L]; fam_docs [b, blocks],
-    the document F_{t-1} belongs to for block t; k_init, v_init [b, h, fam_length, d], the initial
+    the document F_{t-1} belongs to for block t; k_init, v_init [b, groups, fam_length, d], the initial
     FAM's keys and values (None without FAM)."""
 
     segment_ids: torch.Tensor
@@ -77,6 +78,7 @@ class FamAttention(CoreAttention):
 
     options_class = FamOptions
     options: FamOptions
+    grouped_kv = True  # every path takes the key/value groups (the torch one via grouped.py)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -102,8 +104,8 @@ class FamAttention(CoreAttention):
             mask = mask.masked_fill(~visible, float("-inf"))  # [h, ...] aligns with q's heads
         else:
             mask = visible
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.active_dropout,
-                                              scale=self.scale)
+        # k, v may hold key/value groups: the group's query heads are stacked along the rows
+        return grouped_sdpa(q, k, v, mask, self.active_dropout, self.scale)
 
     def fam_step(self, q_fam: torch.Tensor, k_fam: torch.Tensor, v_fam: torch.Tensor,
                  k_block: torch.Tensor, v_block: torch.Tensor, block_visible: Optional[torch.Tensor] = None,
@@ -129,8 +131,8 @@ class FamAttention(CoreAttention):
                documents: Optional[FamDocuments] = None) -> torch.Tensor:
         """Every block's tokens over [memory blocks; FAM before the block; own block, causally].
 
-        q, k, v: [b, h, L, d]; k_fam, v_fam: [b, h, blocks, fam_length, d] (F_{t-1} for block t)
-        or None without FAM; `documents`: packed documents (the module docstring). Returns [b, h, L, d].
+        q: [b, h, L, d]; k, v: [b, g, L, d] (g key/value groups dividing h); k_fam, v_fam:
+        [b, g, blocks, fam_length, d] (F_{t-1} for block t) or None without FAM; `documents`: packed documents (the module docstring). Returns [b, h, L, d].
         """
         if documents is None and kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
@@ -142,7 +144,7 @@ class FamAttention(CoreAttention):
         pad = n * B - L
 
         def blocked(x: torch.Tensor) -> torch.Tensor:
-            return F.pad(x, (0, 0, 0, pad)).view(b, h, n, B, d)
+            return F.pad(x, (0, 0, 0, pad)).view(b, x.shape[1], n, B, d)
 
         qb, kb, vb = blocked(q), blocked(k), blocked(v)
         fam_len = 0 if k_fam is None else k_fam.shape[3]
@@ -227,14 +229,15 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
         if segment_ids is not None:
             raise NotImplementedError("fam attention: data.document_mask with parallel.context > 1 is not supported")
 
-        def project(h: torch.Tensor):
-            return tuple(heads_first(t) for t in _expand_groups(*qkv(h)))
+        def project(h: torch.Tensor):  # context_fam takes one key/value head per query head
+            q, k, v = (heads_first(t) for t in qkv(h))
+            return q, per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
 
         def advance(context: torch.Tensor, fam: torch.Tensor) -> torch.Tensor:
             return mlp_residual(attention_residual(tokens_first(context), fam))
 
         return tokens_first(context_fam.fam_context(x, fam_init, attention, project, advance))
-    q, k, v = (heads_first(t) for t in _expand_groups(*qkv(x)))
+    q, k, v = (heads_first(t) for t in qkv(x))  # k, v: the key/value groups, never copied per query head
     k_fam = v_fam = None
     documents = None
     if segment_ids is not None:
@@ -247,10 +250,10 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
         k_list, v_list = [], []
         init_qkv: Optional[tuple[torch.Tensor, ...]] = None
         if documents is not None:
-            init_qkv = tuple(heads_first(u) for u in _expand_groups(*qkv(initial)))
+            init_qkv = tuple(heads_first(u) for u in qkv(initial))
             documents.k_init, documents.v_init = init_qkv[1], init_qkv[2]
         for t in range(n):
-            qf, kf, vf = (heads_first(u) for u in _expand_groups(*qkv(fam)))
+            qf, kf, vf = (heads_first(u) for u in qkv(fam))
             k_list.append(kf)
             v_list.append(vf)
             if t == n - 1:
@@ -269,12 +272,6 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
         k_fam, v_fam = torch.stack(k_list, dim=2), torch.stack(v_list, dim=2)
     return tokens_first(attention.blocks(q, k, v, k_fam, v_fam, documents))
 
-
-def _expand_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    if k.shape[2] != q.shape[2]:  # grouped-query attention: share each key/value head
-        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-        v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
-    return q, k, v
 
 
 class FamTransformerLayer(TransformerLayer):

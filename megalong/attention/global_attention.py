@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention import context_attention
-from megalong.attention.base import CoreAttention, per_query_head
+from megalong.attention.base import CoreAttention
 from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
 
@@ -25,8 +25,8 @@ def alibi_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 class GlobalAttention(CoreAttention):
     kv_cache = True  # generation keeps every key and value
-    # SDPA indexes key/value groups itself (enable_gqa); only the windowed Triton kernel (ALiBi or
-    # documents on CUDA) takes them per query head, copied.
+    # SDPA indexes key/value groups itself (enable_gqa), and so does the windowed Triton kernel
+    # (ALiBi or documents on CUDA).
     grouped_kv = True
 
     def cache_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,6 @@ class GlobalAttention(CoreAttention):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout, is_causal=True,
                                                   scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
         if kernels.use_kernels(q, dropout=self.active_dropout):  # ALiBi without an L x L bias
-            k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
             return alibi_kernel(q, k, v, self.scale, self.alibi_slopes(q.device, torch.float32))
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)
@@ -58,7 +57,6 @@ class GlobalAttention(CoreAttention):
         with a [b, 1, L, L] mask built here, on the device."""
         if kernels.use_kernels(q, dropout=self.active_dropout):
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
-            k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
             return alibi_kernel(q, k, v, self.scale, slopes, segment_ids)
         L = q.shape[2]
         pos = torch.arange(L, device=q.device)

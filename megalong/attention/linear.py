@@ -33,6 +33,7 @@ import torch
 
 from megalong.attention import context_attention
 from megalong.attention.base import CoreAttention
+from megalong.attention.grouped import stack_heads, unstack_heads
 from megalong.attention.linear_documents import segmented_efficient_attention, segmented_linear_attention
 from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
@@ -47,19 +48,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-    """Shen et al.'s causal efficient attention on one chunk [b, h, C, d], carrying
-    state = (N [b, h, d, e], D [b, h, d], m [b, h, d]): sums of exp(k - m) v^T and exp(k - m)."""
+    """Shen et al.'s causal efficient attention on one chunk, q [b, h, C, d], k and v [b, g, C, d]
+    (g key/value groups dividing h), carrying state = (N [b, g, d, e], D [b, g, d], m [b, g, d]):
+    sums of exp(k - m) v^T and exp(k - m), one per group (the query heads of a group share them,
+    stacked along the rows: grouped.py)."""
     N, D, m = state
+    heads, groups = q.shape[1], k.shape[1]
     m_new = torch.maximum(m, k.amax(dim=2)).detach()
     rescale = torch.exp(m - m_new)  # 0 for the empty state (m = -inf)
     N, D = N * rescale.unsqueeze(-1), D * rescale
-    w = torch.exp(k - m_new.unsqueeze(2))  # [b, h, C, d]
+    w = torch.exp(k - m_new.unsqueeze(2))  # [b, g, C, d]
     prefix = D.unsqueeze(2) + torch.cumsum(w, dim=2)  # sum_{j<=i} exp(k_j - m), per feature
-    q_over = torch.softmax(q, dim=-1) / prefix
+    j = heads // groups
+    q_over = stack_heads(torch.softmax(q, dim=-1), groups) / prefix.repeat(1, 1, j, 1)  # [b, g, j * C, d]
     C = q.shape[2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril().repeat(j, 1)
     A = torch.matmul(q_over, w.transpose(-1, -2)).masked_fill(~causal, 0.0)
-    out = torch.matmul(A, v) + torch.matmul(q_over, N)
+    out = unstack_heads(torch.matmul(A, v) + torch.matmul(q_over, N), heads)
     return out, (N + torch.matmul(w.transpose(-1, -2), v), D + w.sum(dim=2), m_new)
 
 
@@ -74,6 +79,9 @@ def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, ch
 class LinearAttention(CoreAttention):
     options_class = LinearOptions
     options: LinearOptions
+    # Every torch path keeps one state per key/value group (the query heads of a group stacked
+    # along the rows, grouped.py); the elu kernel takes the groups as they are.
+    grouped_kv = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -96,7 +104,7 @@ class LinearAttention(CoreAttention):
         if self.normalization == "elu":
             out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.eps, self.chunk_size)
         else:
-            state = self.init_state(q.shape[0], q.shape[1], q.shape[-1], q.device, dtype, v.shape[-1])
+            state = self.init_state(q.shape[0], k.shape[1], q.shape[-1], q.device, dtype, v.shape[-1])
             outs = []
             for start in range(0, q.shape[2], self.chunk_size):
                 part = slice(start, start + self.chunk_size)
@@ -141,7 +149,8 @@ class LinearAttention(CoreAttention):
 
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,
                    dtype: torch.dtype, value_dim: int | None = None) -> State:
-        """The state before the first token (a tuple of tensors; pass it to `step` unchanged)."""
+        """The state before the first token (a tuple of tensors; pass it to `step` unchanged);
+        `heads`: the key/value heads (groups), which the state is kept for."""
         e = value_dim or head_dim
         dtype = _compute_dtype(dtype)
         S = torch.zeros(batch, heads, head_dim, e, device=device, dtype=dtype)
@@ -151,11 +160,9 @@ class LinearAttention(CoreAttention):
         return S, z, torch.full_like(z, float("-inf"))
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One token: q [b, heads, 1, d], k and v [b, heads or kv groups, 1, d] -> (out [b, heads,
-        1, d], new state). Grouped key/value heads are shared as in the parallel form."""
-        if k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        """One token: q [b, heads, 1, d], k and v [b, groups, 1, d] -> (out [b, heads, 1, d], new
+        state, one per group: `init_state` with the groups). Grouped key/value heads are shared as
+        in the parallel form."""
         dtype = state[0].dtype
         out_dtype = v.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -166,5 +173,6 @@ class LinearAttention(CoreAttention):
         fq, fk = elu_feature_map(q), elu_feature_map(k)
         S = S + torch.matmul(fk.transpose(-1, -2), v)
         z = z + fk.squeeze(2)
-        out = torch.matmul(fq, S) / ((fq.squeeze(2) * z).sum(-1) + self.eps)[..., None, None]
-        return out.to(out_dtype), (S, z)
+        fq = stack_heads(fq, k.shape[1])  # [b, g, heads / g, d]: the group's query heads as rows
+        out = torch.matmul(fq, S) / ((fq * z.unsqueeze(2)).sum(-1) + self.eps).unsqueeze(-1)
+        return unstack_heads(out, q.shape[1]).to(out_dtype), (S, z)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from megalong.attention.grouped import stack_heads, unstack_heads
 from megalong.attention.segments import heads_first, same_document
 
 State = tuple[torch.Tensor, ...]
@@ -28,29 +29,34 @@ def segmented_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tens
                                eps: float, chunk_size: int,
                                initial: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
                                ) -> torch.Tensor:
-    """Katharopoulos's causal form on features fq, fk [b, h, L, d], v [b, h, L, e], restarting at
-    every document of segment_ids [b, L]. `initial`: (S [b, h, d, e], z [b, h, d], the segment id
-    [b] of the position before these) of the tokens before them (context parallelism), which
-    tokens of that document continue."""
+    """Katharopoulos's causal form on features fq [b, h, L, d], fk [b, g, L, d], v [b, g, L, e]
+    (g key/value groups dividing h; one state per group, a group's query heads stacked along the
+    rows: grouped.py), restarting at every document of segment_ids [b, L]. `initial`: (S [b, g, d, e],
+    z [b, g, d], the segment id [b] of the position before these) of the tokens before them
+    (context parallelism), which tokens of that document continue."""
     b, h, L, d = fq.shape
+    g = fk.shape[1]
+    j = h // g
     seg = heads_first(segment_ids)  # [b, 1, L]
-    S = fq.new_zeros(b, h, d, v.shape[-1])
-    z = fq.new_zeros(b, h, d)
+    S = fq.new_zeros(b, g, d, v.shape[-1])
+    z = fq.new_zeros(b, g, d)
     last_prev: Optional[torch.Tensor] = None
     if initial is not None:
         S, z, last_prev = initial[0], initial[1], initial[2].view(b, 1)
     outs = []
     for part in _chunks(L, chunk_size):
-        Q, K, V, sc = fq[:, :, part], fk[:, :, part], v[:, :, part], seg[..., part]
-        c = Q.shape[2]
+        Q, K, V, sc = stack_heads(fq[:, :, part], g), fk[:, :, part], v[:, :, part], seg[..., part]
+        c = K.shape[2]
         causal = torch.ones(c, c, dtype=torch.bool, device=fq.device).tril()
-        A = torch.matmul(Q, K.transpose(-1, -2)).masked_fill(~(causal & same_document(sc, sc)), 0.0)
+        visible = (causal & same_document(sc, sc)).repeat(1, 1, j, 1)  # [b, 1, j * c, c]
+        A = torch.matmul(Q, K.transpose(-1, -2)).masked_fill(~visible, 0.0)
         num, den = torch.matmul(A, V), A.sum(dim=-1)
         if last_prev is not None:
-            carried = (sc == last_prev.unsqueeze(-1)).to(Q.dtype)  # [b, 1, c]: continues the previous chunk's document
+            # [b, 1, j * c]: the rows that continue the previous chunk's document
+            carried = (sc == last_prev.unsqueeze(-1)).to(Q.dtype).repeat(1, 1, j)
             num = num + torch.matmul(Q, S) * carried.unsqueeze(-1)
             den = den + (Q * z.unsqueeze(2)).sum(dim=-1) * carried
-        outs.append(num / (den + eps).unsqueeze(-1))
+        outs.append(unstack_heads(num / (den + eps).unsqueeze(-1), h))
         last = sc[..., -1]  # [b, 1]
         K_last = K * (sc == last.unsqueeze(-1)).to(K.dtype).unsqueeze(-1)
         keep = torch.zeros_like(last, dtype=K.dtype) if last_prev is None else (last == last_prev).to(K.dtype)
@@ -63,13 +69,16 @@ def segmented_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tens
 def segmented_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                                   chunk_size: int) -> torch.Tensor:
     """Shen et al.'s causal efficient attention (linear.efficient_chunk) restarting at every
-    document of segment_ids [b, L]: q, k [b, h, L, d], v [b, h, L, e]. The running maximum is the
-    document's own from its first chunk on (a large key of an earlier document cannot underflow a
-    later document's sums)."""
+    document of segment_ids [b, L]: q [b, h, L, d], k [b, g, L, d], v [b, g, L, e] (one state per
+    key/value group, as in segmented_linear_attention). The running maximum is the document's own
+    from its first chunk on (a large key of an earlier document cannot underflow a later
+    document's sums)."""
     b, h, L, d = q.shape
+    g = k.shape[1]
+    j = h // g
     seg = heads_first(segment_ids)
-    N = q.new_zeros(b, h, d, v.shape[-1])
-    D = q.new_zeros(b, h, d)
+    N = q.new_zeros(b, g, d, v.shape[-1])
+    D = q.new_zeros(b, g, d)
     m = torch.full_like(D, float("-inf"))
     last_prev: Optional[torch.Tensor] = None
     outs = []
@@ -79,14 +88,16 @@ def segmented_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         m_new = torch.maximum(m, kc.amax(dim=2)).detach()
         rescale = torch.exp(m - m_new)  # 0 for the empty state (m = -inf)
         N, D = N * rescale.unsqueeze(-1), D * rescale
-        w = torch.exp(kc - m_new.unsqueeze(2))  # [b, h, c, d]
+        w = torch.exp(kc - m_new.unsqueeze(2))  # [b, g, c, d]
         visible = torch.ones(c, c, dtype=torch.bool, device=q.device).tril() & same_document(sc, sc)  # [b, 1, c, c]
         carried = (torch.zeros_like(sc, dtype=w.dtype) if last_prev is None
                    else (sc == last_prev.unsqueeze(-1)).to(w.dtype)).unsqueeze(-1)  # [b, 1, c, 1]
         prefix = carried * D.unsqueeze(2) + torch.matmul(visible.to(w.dtype), w)  # own document's sum_{j<=i}
-        q_over = torch.softmax(qc, dim=-1) / prefix
-        A = torch.matmul(q_over, w.transpose(-1, -2)).masked_fill(~visible, 0.0)
-        outs.append(torch.matmul(A, vc) + torch.matmul(q_over, N) * carried)
+        # the group's query heads stacked along the rows (grouped.py): [b, g, j * c, .]
+        q_over = stack_heads(torch.softmax(qc, dim=-1), g) / prefix.repeat(1, 1, j, 1)
+        rows_visible, rows_carried = visible.repeat(1, 1, j, 1), carried.repeat(1, 1, j, 1)
+        A = torch.matmul(q_over, w.transpose(-1, -2)).masked_fill(~rows_visible, 0.0)
+        outs.append(unstack_heads(torch.matmul(A, vc) + torch.matmul(q_over, N) * rows_carried, h))
         # The state after the chunk: the sums of the document it ends in.
         last = sc[..., -1]
         in_last = (sc == last.unsqueeze(-1)).unsqueeze(-1)  # [b, 1, c, 1]

@@ -36,6 +36,7 @@ from megalong.attention.alibi import alibi_bias
 from megalong.attention import context_attention
 from megalong.parallel.context import context_rank, context_size
 from megalong.attention.base import CoreAttention
+from megalong.attention.grouped import grouped_sdpa
 from megalong.attention.options import LocalOptions
 from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
@@ -57,6 +58,7 @@ def window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 class LocalAttention(CoreAttention):
     options_class = LocalOptions
     options: LocalOptions
+    grouped_kv = True  # k, v of key/value groups, torch path and kernel alike
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -94,14 +96,15 @@ class LocalAttention(CoreAttention):
         # The kernel takes float32 slopes; the torch path biases in the inputs' dtype.
         slopes = self.alibi_slopes(q.device, torch.float32 if fused else q.dtype) if self.alibi else None
         window = partial(self._window_on_kernel if fused else self._window, segment_ids=segment_ids)
-        groups = self.dilation_groups
-        if len(groups) == 1:
-            out = window(q, k, v, self.dilations[0], slopes, g)
+        buckets = self.head_buckets(q.shape[1], k.shape[1])
+        if len(buckets) == 1:
+            out = window(q, k, v, buckets[0][0], slopes, g)
         else:
             out = torch.empty_like(q)
-            for d, heads in groups.items():
+            for d, heads, groups in buckets:
                 idx = torch.tensor(heads, device=q.device)
-                part = window(q[:, idx], k[:, idx], v[:, idx], d, None if slopes is None else slopes[idx], g)
+                kv = torch.tensor(groups, device=q.device)
+                part = window(q[:, idx], k[:, kv], v[:, kv], d, None if slopes is None else slopes[idx], g)
                 out = out.index_copy(1, idx, part)
         if len(g):
             rows = partial(self._global_rows_on_kernel if fused else self._global_rows, segment_ids=segment_ids)
@@ -109,6 +112,24 @@ class LocalAttention(CoreAttention):
         return out
 
     attend_documents = attend  # one implementation serves packed documents too
+
+    def head_buckets(self, heads: int, groups: int) -> list[tuple[int, list[int], list[int]]]:
+        """(dilation, query heads, their key/value groups) per call: the heads of one dilation,
+        split so that every group of a call serves the same number of its query heads (a group's
+        heads may have different dilations), query heads ordered by group. One bucket, all heads
+        in order, when every head has one dilation."""
+        per_group = heads // groups
+        buckets = []
+        for d, members in self.dilation_groups.items():
+            by_group: dict[int, list[int]] = {}
+            for i in members:
+                by_group.setdefault(i // per_group, []).append(i)
+            by_count: dict[int, list[int]] = {}
+            for group, its_heads in by_group.items():
+                by_count.setdefault(len(its_heads), []).append(group)
+            for kv in by_count.values():
+                buckets.append((d, [i for group in kv for i in by_group[group]], kv))
+        return buckets
 
     def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -171,10 +192,11 @@ class LocalAttention(CoreAttention):
         h = self.heads_per_rank
         glob = (None, None, None)
         if self.global_positions:
-            if q.shape[1] != 2 * h:
+            if q.shape[1] != 2 * h or k.shape[1] % 2:
                 raise ValueError("local attention with global_tokens expects the local and the global "
                                  f"heads ({2 * h}), got {q.shape[1]}: use LocalSelfAttention")
-            (q, qg), (k, kg), (v, vg) = q.split(h, 1), k.split(h, 1), v.split(h, 1)
+            groups = k.shape[1] // 2  # key/value groups: the local ones, then the global ones
+            (q, qg), (k, kg), (v, vg) = q.split(h, 1), k.split(groups, 1), v.split(groups, 1)
             glob = (qg, kg, vg)
         L = q.shape[2]
         g = torch.tensor([p for p in self.global_positions if p < L], dtype=torch.long, device=q.device)
@@ -186,10 +208,12 @@ class LocalAttention(CoreAttention):
                 global_kv: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
                 offset: int = 0) -> torch.Tensor:
         """Dilated sliding window (plus the global tokens' keys) for heads of one dilation d; with
-        segment_ids [b, L], pairs of one document only. `global_kv`: the global tokens' keys,
-        values and segment ids given (at the true positions g) instead of taken from k and v, the
-        queries standing at `offset` + their index (context parallelism)."""
+        segment_ids [b, L], pairs of one document only. k, v may hold key/value groups (grouped.py).
+        `global_kv`: the global tokens' keys, values and segment ids given (at the true positions g)
+        instead of taken from k and v, the queries standing at `offset` + their index (context
+        parallelism)."""
         b, h, L, e = q.shape
+        groups = k.shape[1]
         device = q.device
         sub = -(-L // d)  # length of each of the d interleaved sub-sequences
         block = min(self.window, sub)
@@ -218,8 +242,8 @@ class LocalAttention(CoreAttention):
             visible = torch.cat([(gap >= 0) & ~in_window, visible], dim=-1)
             distance = torch.cat([gap, distance], dim=-1)
             k_glob, v_glob = (k[:, :, g], v[:, :, g]) if global_kv is None else global_kv[:2]
-            kg = k_glob.view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
-            vg = v_glob.view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
+            kg = k_glob.view(b, groups, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
+            vg = v_glob.view(b, groups, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
             kb, vb = torch.cat([kg, kb], dim=4), torch.cat([vg, vb], dim=4)
         if segment_ids is not None:  # folded like the queries and keys; padding is never visible
             seg = segment_ids.view(b, 1, L, 1)
@@ -234,8 +258,7 @@ class LocalAttention(CoreAttention):
         else:
             bias = alibi_bias(slopes, distance).unsqueeze(0)
             mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
-                                             dropout_p=self.active_dropout, scale=self.scale)
+        out = grouped_sdpa(qb, kb, vb, mask, self.active_dropout, self.scale)
         out = out.reshape(b, h, d, n * block, e)[:, :, :, :sub].transpose(2, 3)
         return out.reshape(b, h, sub * d, e)[:, :, :L]
 
@@ -253,8 +276,7 @@ class LocalAttention(CoreAttention):
         else:
             bias = alibi_bias(slopes, distance).unsqueeze(0)
             mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
-        return F.scaled_dot_product_attention(qg[:, :, g], kg, vg, attn_mask=mask,
-                                              dropout_p=self.active_dropout, scale=self.scale)
+        return grouped_sdpa(qg[:, :, g], kg, vg, mask, self.active_dropout, self.scale)
 
 
 class LocalSelfAttention(SelfAttention):

@@ -122,7 +122,25 @@ def init_from(path: str | Path, cfg: Config, model: Any, layout: ParallelLayout)
         state = {local: (mine[names[local]] if local in names else value) for local, value in own.items()
                  if isinstance(value, torch.Tensor)}
         load_weights(chunk, state, str(path))
-    report.carried = sorted(wanted)
-    report.new = sorted(set(report.new))
-    report.dropped = sorted(set(source) - wanted)
+    carried, new, converted = _whole_model(wanted, set(report.new), set(report.converted))
+    report.carried = sorted(carried)
+    report.new = sorted(new)
+    report.converted = sorted(converted)
+    report.dropped = sorted(set(source) - carried)
     return report
+
+
+def _whole_model(carried: set[str], new: set[str], converted: set[str]) -> tuple[set[str], set[str], set[str]]:
+    """The names of every rank united: a pipeline stage holds only its layers and would report the
+    other stages' tensors dropped; tensor-parallel and data-parallel ranks hold the same names."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return carried, new, converted
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (sorted(carried), sorted(new), sorted(converted)))
+    united: tuple[set[str], set[str], set[str]] = (set(), set(), set())
+    for names in gathered:
+        for whole, part in zip(united, names):
+            whole.update(part)
+    return united

@@ -18,6 +18,11 @@ Forward returns the output and the log-sum-exp (natural log, float32) of every q
 The backward kernel recomputes the probabilities from the log-sum-exp; dq is written by its query
 block, dk and dv are accumulated with float32 atomics (a key tile is shared by the ~window / block_m
 query blocks that see it, and global keys by all of them).
+
+Grouped-query attention: k and v may hold G key/value heads for the H query heads (G divides H);
+query head h reads key/value head h // (H / G), indexed in the kernel (never copied per query
+head), and dk, dv [b, G, L, D] receive the atomic adds of all the group's query heads: addition in
+any order, the same float32 atomics that already join the query blocks.
 Dropout is not implemented: callers use the reference when dropout is active.
 
 `segment_ids` [b, L] (packed documents, non-decreasing along a row): a pair is visible only inside
@@ -45,7 +50,11 @@ def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                q_positions: Optional[torch.Tensor] = None,
                                segment_ids: Optional[torch.Tensor] = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same attention with an explicit [Lq, L] mask (O(L^2)): returns (out, lse [b, h, Lq])."""
+    """The same attention with an explicit [Lq, L] mask (O(L^2)): returns (out, lse [b, h, Lq]);
+    k, v with fewer heads (groups) are repeated per query head here, the obvious form."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     L, Lq = k.shape[2], q.shape[2]
     pos_q = torch.arange(Lq, device=q.device) if q_positions is None else q_positions.to(q.device).long()
     distance = pos_q[:, None] - torch.arange(L, device=q.device)[None, :]
@@ -91,7 +100,7 @@ def _query_block(QPOS, Lq, L, dilation, pid_m,
 @triton.jit
 def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS, SEG, DSTART,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                H, Lq, L, n_global, window, dilation, qk_scale,
+                H, per_group, Lq, L, n_global, window, dilation, qk_scale,
                 HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -106,8 +115,9 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS, SEG, DSTART,
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    K += offset64(b, skb) + offset64(h, skh)
-    V += offset64(b, svb) + offset64(h, svh)
+    kv_h = h // per_group  # this query head's key/value head
+    K += offset64(b, skb) + offset64(kv_h, skh)
+    V += offset64(b, svb) + offset64(kv_h, svh)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -169,11 +179,11 @@ def _window_fwd(Q, K, V, O, LSE, SLOPES, QPOS, QBOUNDS, GKEYS, SEG, DSTART,
 @triton.jit
 def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEYS, SEG, DSTART,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-                H, Lq, L, n_global, window, dilation, qk_scale, sm_scale,
+                H, per_group, Lq, L, n_global, window, dilation, qk_scale, sm_scale,
                 HAS_ALIBI: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_SEG: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq [b, h, Lq, D] float32 written here; dk, dv [b, h, L, D] float32 (contiguous) accumulated."""
+    """dq [b, h, Lq, D] float32 written here; dk, dv [b, groups, L, D] float32 (contiguous) accumulated."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -188,10 +198,12 @@ def _window_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, SLOPES, QPOS, QBOUNDS, GKEY
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
-    K += offset64(b, skb) + offset64(h, skh)
-    V += offset64(b, svb) + offset64(h, svh)
-    DK += offset64(bh, L) * HEAD_DIM
-    DV += offset64(bh, L) * HEAD_DIM
+    kv_h = h // per_group  # this query head's key/value head: its dk, dv rows are the group's
+    K += offset64(b, skb) + offset64(kv_h, skh)
+    V += offset64(b, svb) + offset64(kv_h, svh)
+    kv_bh = b * (H // per_group) + kv_h
+    DK += offset64(kv_bh, L) * HEAD_DIM
+    DV += offset64(kv_bh, L) * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     n_sub = (L - r + dilation - 1) // dilation
@@ -270,7 +282,7 @@ class _WindowAttention(torch.autograd.Function):
             segments if segments is not None else dummy, doc_starts if doc_starts is not None else dummy,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            H, Lq, L, n_global, window, dilation, scale * LOG2E,
+            H, H // k.shape[1], Lq, L, n_global, window, dilation, scale * LOG2E,
             HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
             HAS_GLOBAL=n_global > 0, HAS_SEG=segments is not None, HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, DOT_PRECISION=dot_input_precision(q.dtype),
@@ -290,7 +302,7 @@ class _WindowAttention(torch.autograd.Function):
         if dlse is not None:  # d lse_i / d s_ij = p_ij: a gradient on lse shifts delta
             delta = delta - dlse.float()
         dq = torch.empty(B, H, Lq, D, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(B, H, L, D, device=q.device, dtype=torch.float32)
+        dk = torch.zeros(B, k.shape[1], L, D, device=q.device, dtype=torch.float32)  # one per key/value head
         dv = torch.zeros_like(dk)
         dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
         n_global = 0 if global_keys is None else len(global_keys)
@@ -302,7 +314,7 @@ class _WindowAttention(torch.autograd.Function):
             segments if segments is not None else dummy, doc_starts if doc_starts is not None else dummy,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            H, Lq, L, n_global, window, dilation, scale * LOG2E, scale,
+            H, H // k.shape[1], Lq, L, n_global, window, dilation, scale * LOG2E, scale,
             HAS_ALIBI=slopes is not None, HAS_QPOS=q_positions is not None,
             HAS_GLOBAL=n_global > 0, HAS_SEG=segments is not None, HEAD_DIM=D,
             BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -320,7 +332,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      blocks: Optional[tuple[int, int, int]] = None,
                      segment_ids: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton windowed attention: q [b, h, Lq, D], k and v [b, h, L, D] -> (out, lse [b, h, Lq]).
+    """Triton windowed attention: q [b, h, Lq, D], k and v [b, g, L, D] (g key/value heads
+    dividing h; query head i reads i // (h / g)) -> (out, lse [b, h, Lq]).
 
     Same arguments and result as `reference_window_attention` (see the module docstring);
     `blocks` = (block_m, block_n, num_warps) overrides the per-architecture tiles of
@@ -330,6 +343,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         raise ValueError(f"window_attention: window {window} and dilation {dilation} must be >= 1")
     if q_positions is not None and (dilation != 1 or global_keys is not None):
         raise ValueError("window_attention: q_positions needs dilation 1 and no global_keys")
+    if k.shape[1] != v.shape[1] or not 0 < k.shape[1] <= q.shape[1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"window_attention: {k.shape[1]} key / {v.shape[1]} value heads for "
+                         f"{q.shape[1]} query heads (the key/value heads must divide them)")
     if q_positions is None and q.shape[2] != k.shape[2]:
         raise ValueError("window_attention: queries and keys differ in length; pass q_positions")
     L = k.shape[2]

@@ -106,6 +106,15 @@ def window_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[
     yield "global-documents", documents
     yield "window256-alibi-documents", lambda: documents(256, True)
 
+    def grouped(window: int | None, documents: bool) -> None:  # 4 query heads per key/value head
+        q = _t(1, s.heads, SEQ_LEN, s.head_dim, dtype=dtype, grad=True)
+        k, v = (_t(1, s.heads // 4, SEQ_LEN, s.head_dim, dtype=dtype, grad=True) for _ in range(2))
+        segments = torch.zeros(1, SEQ_LEN, device=META, dtype=torch.long) if documents else None
+        _backward(window_attention(q, k, v, scale, window, 1, _slopes(s.heads), segment_ids=segments)[0])
+    # grouped k/v: `per_group` is then an i32 argument, not the constexpr 1 of the cases above
+    yield "window256-alibi-gqa4", lambda: grouped(256, False)
+    yield "global-alibi-documents-gqa4", lambda: grouped(None, True)
+
 
 def fam_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from megalong.kernels.fam_attention import fam_block_attention
