@@ -132,7 +132,8 @@ def document_losses(checkpoint, prefixes: dict[str, str], samples: int) -> dict[
     return out
 
 
-def test_per_dataset_losses_under_document_mask_are_those_of_each_document_alone(tiny_data, short_docs, tmp_path):
+def test_per_dataset_losses_under_document_mask_are_those_of_each_document_alone(
+        tiny_data, short_docs, tmp_path):  # noqa: F811 (short_docs: the imported fixture)
     from megalong.cli import main
     from megalong.config import load_config
     from megalong.parallel.distributed import shutdown
