@@ -185,3 +185,37 @@ def test_tp2_and_pp2_equal_one_process(trained, tmp_path):
         for a, b in zip(got["rolling"], one["rolling"]):
             assert abs(a - b) < 1e-4 * max(1.0, abs(b)), name
         assert got["generate"] == one["generate"], name
+
+
+def test_readme_torchrun_eval_line_equals_one_process(trained, tmp_path):
+    """The README's `torchrun --nproc_per_node N --no-python megalong eval CKPT --tasks ... --tensor T
+    --pipeline P` on two gloo processes (TP=2): the task metrics it writes equal one process's."""
+    import shutil
+
+    from megalong.cli import main
+    from megalong.parallel.distributed import shutdown
+
+    torchrun, megalong = shutil.which("torchrun"), shutil.which("megalong")
+    assert torchrun and megalong, "torchrun and the megalong console script come with `pip install -e .`"
+    tasks = write_tasks(tmp_path / "tasks")
+    common = ["--tasks", "tiny_choice", "tiny_rolling", "--include-path", str(tasks)]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python", megalong,
+           "eval", str(trained / "run"), *common, "--tensor", "2", "--pipeline", "1",
+           "--output", str(tmp_path / "tp2.jsonl")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    try:
+        assert main(["eval", str(trained / "run"), *common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    finally:
+        shutdown()
+
+    def metrics(name):
+        lines = (tmp_path / name).read_text().splitlines()
+        return {k: v for line in lines for k, v in json.loads(line).items() if k.startswith("eval/")}
+
+    one, tp2 = metrics("one.jsonl"), metrics("tp2.jsonl")
+    assert "eval/tiny_rolling/word_perplexity" in one and "eval/tiny_choice/acc" in one
+    assert tp2.keys() == one.keys()
+    for key, value in one.items():
+        assert tp2[key] == pytest.approx(value, rel=1e-4), key

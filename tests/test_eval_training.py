@@ -1,7 +1,8 @@
 """Evaluation during training and of its checkpoint: with two data.train datasets, the held-out loss
 of each (valid/<name>/loss) against a hand computation; train.eval_tasks logs an lm-eval task's
 metric, the same that `megalong eval --tasks` gives for the checkpoint; `megalong eval
---per-dataset` gives the hand-computed losses too."""
+--per-dataset` gives the hand-computed losses too, also under data.document_mask (against every
+packed document run alone)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import os
 import pytest
 
 from conftest import read_metrics, tiny_overrides
+from test_documents_parallel import short_docs  # noqa: F401 (a fixture)
 from test_eval_harness import write_tasks
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -91,6 +93,69 @@ def test_per_dataset_held_out_and_tasks_during_training_and_from_the_checkpoint(
     assert records["step"] == 2 and records["eval/tiny_choice/acc"] == acc
     for name, loss in expected.items():
         assert records[f"valid/{name}/loss"] == pytest.approx(loss, rel=1e-5), name
+
+
+def document_losses(checkpoint, prefixes: dict[str, str], samples: int) -> dict[str, tuple[float, float]]:
+    """Per prefix: (the loss with every packed document of a held-out sample run alone, at its
+    positions in the sample; the loss of the whole samples unmasked). A document ends at its EOD."""
+    import torch
+    import torch.nn.functional as F
+
+    from megalong.data.datasets import build_gpt_datasets
+    from megalong.data.tokenizer import SentencePieceTokenizer
+    from megalong.generate import load_for_inference
+    from megalong.parallel.distributed import shutdown
+
+    out = {}
+    try:
+        model, cfg, _ = load_for_inference(checkpoint)
+        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+        for name, prefix in prefixes.items():
+            valid = build_gpt_datasets([(1.0, prefix)], "90,10,0", SEQ, 1234, tokenizer, (0, samples, 0), None)[1]
+            alone, whole, pieces = [], [], 0
+            for i in range(samples):
+                tokens = torch.as_tensor(valid[i]["tokens"])
+                labels = torch.as_tensor(valid[i]["labels"])
+                ends = [int(e) + 1 for e in (tokens == tokenizer.eod).nonzero().flatten()]
+                bounds = [0] + [e for e in ends if e < SEQ] + [SEQ]
+                with torch.no_grad():
+                    for a, b in zip(bounds, bounds[1:]):
+                        logits = model(tokens[None, a:b], torch.arange(a, b)[None], None)[0]
+                        alone.append(F.cross_entropy(logits.double(), labels[a:b], reduction="none"))
+                        pieces += 1
+                    logits = model(tokens[None], torch.arange(SEQ)[None], None)[0]
+                whole.append(F.cross_entropy(logits.double(), labels, reduction="none"))
+            assert pieces > 2 * samples  # several documents per sample
+            out[name] = (torch.cat(alone).mean().item(), torch.cat(whole).mean().item())
+    finally:
+        shutdown()
+    return out
+
+
+def test_per_dataset_losses_under_document_mask_are_those_of_each_document_alone(
+        tiny_data, short_docs, tmp_path):  # noqa: F811 (short_docs: the imported fixture)
+    from megalong.cli import main
+    from megalong.config import load_config
+    from megalong.parallel.distributed import shutdown
+    from megalong.train.loop import train
+
+    save = tmp_path / "run"
+    args = tiny_overrides(tiny_data, save, 1, **{
+        "data.train": f"[{{path: {short_docs.prefix}, name: short}}, {{path: {tiny_data.prefix}, name: long}}]",
+        "data.document_mask": "true"})
+    try:
+        train(load_config([], [a for a in args if a != "--set"]))
+    finally:
+        shutdown()
+    samples = 3
+    expected = document_losses(save, {"short": short_docs.prefix}, samples)
+    masked, unmasked = expected["short"]
+    assert abs(masked - unmasked) > 1e-3  # the mask changes these losses
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", str(save), "--per-dataset", "--tokens", str(samples * SEQ), "--output", str(out)]) == 0
+    records = {k: v for line in out.read_text().splitlines() for k, v in json.loads(line).items()}
+    assert records["valid/short/loss"] == pytest.approx(masked, rel=1e-5)
+    assert "valid/long/loss" in records
 
 
 @pytest.mark.parametrize("extra, world, message", [

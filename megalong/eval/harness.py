@@ -188,6 +188,12 @@ def run_tasks(lm: TemplateLM, tasks: list[str], include_path: Optional[str] = No
         raise EvalError(f"--tasks: lm-eval knows no task {unknown[0]!r}{where}")
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
                               limit=limit, log_samples=False, bootstrap_iters=0)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # lm-eval returns the results only where LOCAL_RANK is 0 (None on torchrun's other
+        # processes); the ranks' metrics agree (see above), so all take global rank 0's.
+        shared = [results]
+        dist.broadcast_object_list(shared, src=0)
+        results = shared[0]
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
