@@ -9,6 +9,8 @@ completes only once the receiver has posted its receive): their handles and tens
 on a send to an earlier rank could wait on a rank that waits on it). By the next forward every
 receiver has posted: a forward only waits on earlier ranks, which have sent, and a rank only
 starts a forward after every backward it took part in (the gradient all-reduce syncs the step).
+That is why fam has its own halo here: local attention's (context_p2p.halo_before) waits on its
+sends, which inside fam's backward could wait on a rank that waits for this one's state gradient.
 """
 from __future__ import annotations
 
