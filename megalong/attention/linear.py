@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 from megalong.attention import context_attention
-from megalong.attention.base import CoreAttention
+from megalong.attention.base import CoreAttention, per_query_head
 from megalong.attention.linear_documents import segmented_efficient_attention, segmented_linear_attention
 from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
@@ -63,16 +63,20 @@ def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: St
 
 
 @kernels.eager
-def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int) -> torch.Tensor:
-    """`causal_linear_attention` with phi = elu + 1 on the chunked kernel (megalong/kernels/linear_attention.py)."""
+def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`causal_linear_attention` (or, with segment_ids, `segmented_linear_attention`) with
+    phi = elu + 1 on the chunked kernel (megalong/kernels/linear_attention.py); k and v may hold
+    key/value groups (the kernel indexes them)."""
     from megalong.kernels.linear_attention import linear_attention
 
-    return linear_attention(q, k, v, eps, chunk_size)
+    return linear_attention(q, k, v, eps, chunk_size, segment_ids)
 
 
 class LinearAttention(CoreAttention):
     options_class = LinearOptions
     options: LinearOptions
+    grouped_kv = True  # the elu kernel indexes key/value groups; the torch paths copy them per query head
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -88,6 +92,7 @@ class LinearAttention(CoreAttention):
         fused = self.normalization == "elu" and kernels.use_kernels(q)
         if fused:  # 16-bit operands go in as they are (the kernel accumulates in float32)
             return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size).to(v.dtype)
+        k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
         dtype = _compute_dtype(q.dtype)
         q, k, v_in = q.to(dtype), k.to(dtype), v
         v = v.to(dtype)
@@ -105,6 +110,9 @@ class LinearAttention(CoreAttention):
 
     def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          segment_ids: torch.Tensor) -> torch.Tensor:
+        if self.normalization == "elu" and kernels.use_kernels(q):
+            return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size, segment_ids).to(v.dtype)
+        k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
         dtype = _compute_dtype(q.dtype)
         out_dtype = v.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
