@@ -21,8 +21,11 @@ belongs to its document; a document that starts inside block t sees the initial 
 keys from the learned embeddings, standing at the document's first position - 1). F_t belongs to
 the document of block t's last token: it continues F_{t-1} when that document did, else restarts
 from the initial FAM, and reads only that document's tokens of block t. A document that starts at
-a block boundary is thus computed exactly as if alone (tested). The torch path runs (the block
-kernel takes no segment ids).
+a block boundary is thus computed exactly as if alone (tested). The block kernel takes the same
+documents (megalong/kernels/fam_attention.py); the FAM chain stays in torch.
+
+Grouped-query attention: keys and values stay one head per group ([b, groups, ...]); the block
+kernel indexes the groups, the torch paths copy them per query head.
 """
 from __future__ import annotations
 
@@ -43,17 +46,6 @@ from megalong.kernels import select as kernels
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-@kernels.eager
-def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: Optional[torch.Tensor],
-                      v_fam: Optional[torch.Tensor], scale: float, block_size: int, memory_segments: int,
-                      slopes: Optional[torch.Tensor]) -> torch.Tensor:
-    """`FamAttention.blocks` on the FAM block kernel (megalong/kernels/fam_attention.py); the FAM
-    chain's `fam_step` stays in torch."""
-    from megalong.kernels.fam_attention import fam_block_attention
-
-    return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes)
-
-
 @dataclass
 class FamDocuments:
     """What `FamAttention.blocks` needs of packed documents: segment_ids [b, L]; fam_docs [b, blocks],
@@ -64,6 +56,22 @@ class FamDocuments:
     fam_docs: torch.Tensor
     k_init: Optional[torch.Tensor] = None
     v_init: Optional[torch.Tensor] = None
+
+
+@kernels.eager
+def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: Optional[torch.Tensor],
+                      v_fam: Optional[torch.Tensor], scale: float, block_size: int, memory_segments: int,
+                      slopes: Optional[torch.Tensor], documents: Optional[FamDocuments] = None) -> torch.Tensor:
+    """`FamAttention.blocks` on the FAM block kernel (megalong/kernels/fam_attention.py), packed
+    documents included; k, v, k_fam, v_fam may hold key/value groups (the kernel indexes them). The
+    FAM chain's `fam_step` stays in torch."""
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    if documents is None:
+        return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes)
+    return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes,
+                               segment_ids=documents.segment_ids, fam_docs=documents.fam_docs,
+                               k_init=documents.k_init, v_init=documents.v_init)
 
 
 class FamAttention(CoreAttention):
@@ -107,6 +115,9 @@ class FamAttention(CoreAttention):
         Packed documents: block_visible [b, B], the block's tokens of F_t's document; fam_distance
         [b], the FAM queries' distance to the FAM keys (block_size, or from the document's start)."""
         B, Fl = k_block.shape[2], k_fam.shape[2]
+        heads = q_fam.shape[1]
+        k_fam, v_fam = _per_query_head(k_fam, heads), _per_query_head(v_fam, heads)
+        k_block, v_block = _per_query_head(k_block, heads), _per_query_head(v_block, heads)
         keys, values = torch.cat([k_fam, k_block], dim=2), torch.cat([v_fam, v_block], dim=2)
         to_block = self.block_size - 1 - torch.arange(B, device=q_fam.device)
         if block_visible is None or fam_distance is None:
@@ -124,13 +135,21 @@ class FamAttention(CoreAttention):
                documents: Optional[FamDocuments] = None) -> torch.Tensor:
         """Every block's tokens over [memory blocks; FAM before the block; own block, causally].
 
-        q, k, v: [b, h, L, d]; k_fam, v_fam: [b, h, blocks, fam_length, d] (F_{t-1} for block t)
-        or None without FAM; `documents`: packed documents (the module docstring). Returns [b, h, L, d].
+        q: [b, h, L, d]; k, v: [b, h or groups, L, d]; k_fam, v_fam: [b, h or groups, blocks,
+        fam_length, d] (F_{t-1} for block t) or None without FAM; `documents`: packed documents (the
+        module docstring). Returns [b, h, L, d].
         """
-        if documents is None and kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
+        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
             return fam_blocks_kernel(q, k, v, k_fam, v_fam, self.scale, self.block_size, self.memory_segments,
-                                     slopes)
+                                     slopes, documents)
+        heads = q.shape[1]  # the torch path takes key/value groups per query head (a copy)
+        k, v = _per_query_head(k, heads), _per_query_head(v, heads)
+        if k_fam is not None and v_fam is not None:
+            k_fam, v_fam = _per_query_head(k_fam, heads), _per_query_head(v_fam, heads)
+        if documents is not None and documents.k_init is not None and documents.v_init is not None:
+            documents = FamDocuments(documents.segment_ids, documents.fam_docs,
+                                     _per_query_head(documents.k_init, heads), _per_query_head(documents.v_init, heads))
         b, h, L, d = q.shape
         B, m = self.block_size, self.memory_segments
         n = -(-L // B)
@@ -218,7 +237,7 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
     def tokens_first(t: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [s, b, h * d]
         return t.permute(2, 0, 1, 3).flatten(2)
 
-    q, k, v = (heads_first(t) for t in _expand_groups(*qkv(x)))
+    q, k, v = (heads_first(t) for t in qkv(x))  # k, v: key/value groups (blocks and fam_step share them)
     k_fam = v_fam = None
     documents = None
     if segment_ids is not None:
@@ -231,10 +250,10 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
         k_list, v_list = [], []
         init_qkv: Optional[tuple[torch.Tensor, ...]] = None
         if documents is not None:
-            init_qkv = tuple(heads_first(u) for u in _expand_groups(*qkv(initial)))
+            init_qkv = tuple(heads_first(u) for u in qkv(initial))
             documents.k_init, documents.v_init = init_qkv[1], init_qkv[2]
         for t in range(n):
-            qf, kf, vf = (heads_first(u) for u in _expand_groups(*qkv(fam)))
+            qf, kf, vf = (heads_first(u) for u in qkv(fam))
             k_list.append(kf)
             v_list.append(vf)
             if t == n - 1:
@@ -254,11 +273,12 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
     return tokens_first(attention.blocks(q, k, v, k_fam, v_fam, documents))
 
 
-def _expand_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    if k.shape[2] != q.shape[2]:  # grouped-query attention: share each key/value head
-        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-        v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
-    return q, k, v
+def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention on the torch path: [b, groups, ...] -> [b, heads, ...], query head i
+    reading group i // (heads / groups) (a copy; the kernel indexes the groups instead)."""
+    if x.shape[1] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 class FamTransformerLayer(TransformerLayer):
