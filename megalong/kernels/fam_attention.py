@@ -51,6 +51,46 @@ def _fam_documents(SEG, DSTART, FAMDOC, b, t, pos_q, valid_q, L, n_blocks, k_lo)
 
 
 @triton.jit
+def _fam_keys_fwd(acc, m_i, l_i, q, KF, VF, skn, svn, fam_len, pos_q, key_pos, rows, d_mask, slope,
+                  qk_scale, HAS_ALIBI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """The fam_len FAM keys at KF, VF (row strides skn, svn), all standing at key_pos, visible to
+    the query rows `rows`."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for f0 in range(0, fam_len, BLOCK_N):
+        fi = f0 + tl.arange(0, BLOCK_N)
+        valid_k = fi < fam_len
+        pos_k = tl.zeros([BLOCK_N], tl.int32) + key_pos
+        visible = valid_k[None, :] & rows[:, None]
+        kv_mask = valid_k[:, None] & d_mask[None, :]
+        acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, KF + fi[:, None] * skn + offs_d[None, :],
+                                     VF + fi[:, None] * svn + offs_d[None, :], kv_mask,
+                                     pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fam_keys_bwd(dq, q, do, lse2, delta, KF, VF, DKF, DVF, skn, svn, fam_len, pos_q, key_pos, rows,
+                  d_mask, slope, qk_scale, sm_scale, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """`_fam_keys_fwd`'s backward: dq after the FAM keys, their gradients (rows of HEAD_DIM at DKF,
+    DVF) added atomically."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for f0 in range(0, fam_len, BLOCK_N):
+        fi = f0 + tl.arange(0, BLOCK_N)
+        valid_k = fi < fam_len
+        pos_k = tl.zeros([BLOCK_N], tl.int32) + key_pos
+        visible = valid_k[None, :] & rows[:, None]
+        kv_mask = valid_k[:, None] & d_mask[None, :]
+        grad_off = fi[:, None] * HEAD_DIM + offs_d[None, :]
+        dq = backward_tile(dq, q, do, lse2, delta, KF + fi[:, None] * skn + offs_d[None, :],
+                           VF + fi[:, None] * svn + offs_d[None, :], DKF + grad_off, DVF + grad_off,
+                           kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
+                           DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _fam_fwd(Q, K, V, KF, VF, O, LSE, SLOPES, SEG, DSTART, FAMDOC, KI, VI,
              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
              sfkb, sfkh, sfkt, sfkn, sfvb, sfvh, sfvt, sfvn,
@@ -98,35 +138,24 @@ def _fam_fwd(Q, K, V, KF, VF, O, LSE, SLOPES, SEG, DSTART, FAMDOC, KI, VI,
         acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, K + pos_k[:, None] * skn + offs_d[None, :],
                                      V + pos_k[:, None] * svn + offs_d[None, :], kv_mask,
                                      pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI, DOT_PRECISION)
-    if HAS_FAM:  # F_{t-1}, visible to the queries of its document, at position t * B - 1
-        if tl.max(continued.to(tl.int32), axis=0) > 0:
-            KF += offset64(b, sfkb) + offset64(kvh, sfkh) + offset64(t, sfkt)
-            VF += offset64(b, sfvb) + offset64(kvh, sfvh) + offset64(t, sfvt)
-            for f0 in range(0, fam_len, BLOCK_N):
-                fi = f0 + tl.arange(0, BLOCK_N)
-                valid_k = fi < fam_len
-                pos_k = tl.zeros([BLOCK_N], tl.int32) + t * block_size - 1
-                visible = valid_k[None, :] & continued[:, None]
-                kv_mask = valid_k[:, None] & d_mask[None, :]
-                acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, KF + fi[:, None] * sfkn + offs_d[None, :],
-                                             VF + fi[:, None] * sfvn + offs_d[None, :], kv_mask,
-                                             pos_q, pos_k, visible, slope, qk_scale, HAS_ALIBI,
-                                             DOT_PRECISION)
-        if HAS_SEG:  # documents started inside block t: the initial FAM, at their first position - 1
+    if HAS_FAM:  # F_{t-1}, at position t * B - 1, visible to the queries of its document
+        KF += offset64(b, sfkb) + offset64(kvh, sfkh) + offset64(t, sfkt)
+        VF += offset64(b, sfvb) + offset64(kvh, sfvh) + offset64(t, sfvt)
+        if HAS_SEG:  # and the initial FAM, at its first position - 1, for documents started in block t
+            if tl.max(continued.to(tl.int32), axis=0) > 0:
+                acc, m_i, l_i = _fam_keys_fwd(acc, m_i, l_i, q, KF, VF, sfkn, sfvn, fam_len, pos_q,
+                                              t * block_size - 1, continued, d_mask, slope, qk_scale,
+                                              HAS_ALIBI, BLOCK_D, BLOCK_N, DOT_PRECISION)
             restarted = valid_q & ~continued
             if tl.max(restarted.to(tl.int32), axis=0) > 0:
-                KI += offset64(b * (H // GROUP) + kvh, fam_len * HEAD_DIM)
-                VI += offset64(b * (H // GROUP) + kvh, fam_len * HEAD_DIM)
-                for f0 in range(0, fam_len, BLOCK_N):
-                    fi = f0 + tl.arange(0, BLOCK_N)
-                    valid_k = fi < fam_len
-                    pos_k = tl.zeros([BLOCK_N], tl.int32) - 1
-                    visible = valid_k[None, :] & restarted[:, None]
-                    kv_mask = valid_k[:, None] & d_mask[None, :]
-                    acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, KI + fi[:, None] * HEAD_DIM + offs_d[None, :],
-                                                 VI + fi[:, None] * HEAD_DIM + offs_d[None, :], kv_mask,
-                                                 doc_pos, pos_k, visible, slope, qk_scale, HAS_ALIBI,
-                                                 DOT_PRECISION)
+                init = offset64(b * (H // GROUP) + kvh, fam_len * HEAD_DIM)
+                acc, m_i, l_i = _fam_keys_fwd(acc, m_i, l_i, q, KI + init, VI + init, HEAD_DIM, HEAD_DIM,
+                                              fam_len, doc_pos, -1, restarted, d_mask, slope, qk_scale,
+                                              HAS_ALIBI, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        else:
+            acc, m_i, l_i = _fam_keys_fwd(acc, m_i, l_i, q, KF, VF, sfkn, sfvn, fam_len, pos_q,
+                                          t * block_size - 1, valid_q, d_mask, slope, qk_scale,
+                                          HAS_ALIBI, BLOCK_D, BLOCK_N, DOT_PRECISION)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + offset64(b, sob) + offset64(h, soh) + pos_q[:, None] * som + offs_d[None, :],
@@ -191,36 +220,25 @@ def _fam_bwd(Q, K, V, KF, VF, DO, DQ, DK, DV, DKF, DVF, LSE, DELTA, SLOPES, SEG,
                            kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
                            DOT_PRECISION)
     if HAS_FAM:
-        if tl.max(continued.to(tl.int32), axis=0) > 0:
-            KF += offset64(b, sfkb) + offset64(kvh, sfkh) + offset64(t, sfkt)
-            VF += offset64(b, sfvb) + offset64(kvh, sfvh) + offset64(t, sfvt)
-            DKF += (offset64(bg, n_blocks) + t) * fam_len * HEAD_DIM
-            DVF += (offset64(bg, n_blocks) + t) * fam_len * HEAD_DIM
-            for f0 in range(0, fam_len, BLOCK_N):
-                fi = f0 + tl.arange(0, BLOCK_N)
-                valid_k = fi < fam_len
-                pos_k = tl.zeros([BLOCK_N], tl.int32) + t * block_size - 1
-                visible = valid_k[None, :] & continued[:, None]
-                kv_mask = valid_k[:, None] & d_mask[None, :]
-                grad_off = fi[:, None] * HEAD_DIM + offs_d[None, :]
-                dq = backward_tile(dq, q, do, lse2, delta, KF + fi[:, None] * sfkn + offs_d[None, :],
-                                   VF + fi[:, None] * sfvn + offs_d[None, :], DKF + grad_off, DVF + grad_off,
-                                   kv_mask, pos_q, pos_k, visible, slope, qk_scale, sm_scale, HAS_ALIBI,
-                                   DOT_PRECISION)
+        KF += offset64(b, sfkb) + offset64(kvh, sfkh) + offset64(t, sfkt)
+        VF += offset64(b, sfvb) + offset64(kvh, sfvh) + offset64(t, sfvt)
+        DKF += (offset64(bg, n_blocks) + t) * fam_len * HEAD_DIM
+        DVF += (offset64(bg, n_blocks) + t) * fam_len * HEAD_DIM
         if HAS_SEG:
+            if tl.max(continued.to(tl.int32), axis=0) > 0:
+                dq = _fam_keys_bwd(dq, q, do, lse2, delta, KF, VF, DKF, DVF, sfkn, sfvn, fam_len, pos_q,
+                                   t * block_size - 1, continued, d_mask, slope, qk_scale, sm_scale,
+                                   HAS_ALIBI, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
             restarted = valid_q & ~continued
             if tl.max(restarted.to(tl.int32), axis=0) > 0:
                 init = offset64(bg, fam_len * HEAD_DIM)
-                for f0 in range(0, fam_len, BLOCK_N):
-                    fi = f0 + tl.arange(0, BLOCK_N)
-                    valid_k = fi < fam_len
-                    pos_k = tl.zeros([BLOCK_N], tl.int32) - 1
-                    visible = valid_k[None, :] & restarted[:, None]
-                    kv_mask = valid_k[:, None] & d_mask[None, :]
-                    off = init + fi[:, None] * HEAD_DIM + offs_d[None, :]
-                    dq = backward_tile(dq, q, do, lse2, delta, KI + off, VI + off, DKI + off, DVI + off,
-                                       kv_mask, doc_pos, pos_k, visible, slope, qk_scale, sm_scale,
-                                       HAS_ALIBI, DOT_PRECISION)
+                dq = _fam_keys_bwd(dq, q, do, lse2, delta, KI + init, VI + init, DKI + init, DVI + init,
+                                   HEAD_DIM, HEAD_DIM, fam_len, doc_pos, -1, restarted, d_mask, slope,
+                                   qk_scale, sm_scale, HAS_ALIBI, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        else:
+            dq = _fam_keys_bwd(dq, q, do, lse2, delta, KF, VF, DKF, DVF, sfkn, sfvn, fam_len, pos_q,
+                               t * block_size - 1, valid_q, d_mask, slope, qk_scale, sm_scale,
+                               HAS_ALIBI, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     tl.store(DQ + offset64(bh, L) * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_mask)
 
 

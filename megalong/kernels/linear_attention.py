@@ -15,6 +15,14 @@ recomputes the chunk's [chunk, chunk] scores it needs. `tl.dot` operands keep th
 operands follow `megalong.kernels.tuning.dot_input_precision`.
 The feature map stays in torch (elementwise; autograd chains it), so the kernel's inputs are
 features. The reference is `megalong.kernels.linear_reference.causal_linear_attention`.
+
+Packed documents (segment ids [b, L], non-decreasing along a row): pairs inside a chunk are
+masked to one document; the state carried into a chunk serves only the rows of the document the
+previous chunk ended in, and the state carried out is that of the document the chunk ends in
+(the torch form is `megalong.attention.linear_documents.segmented_linear_attention`); the backward
+walks mirror it (the sums carried back serve the keys of the next chunk's first document).
+Grouped-query attention: fk and v hold g key/value heads, query head h reads h // (H / g); the dk
+and dv programs of a group's query heads add into its rows with float32 atomics.
 """
 from __future__ import annotations
 
@@ -40,7 +48,10 @@ def reference_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def _kv_head(bh, H, GROUP: tl.constexpr):
     """(batch, the key/value head query head bh reads): query head h reads group h // GROUP."""
     b = bh // H
-    return b, b * (H // GROUP) + (bh % H) // GROUP
+    kvh = bh  # one head per group: the index math of the plain kernel (sm_80's dq is at 255 registers)
+    if GROUP > 1:
+        kvh = b * (H // GROUP) + (bh % H) // GROUP
+    return b, kvh
 
 
 @triton.jit
@@ -74,17 +85,19 @@ def _linear_fwd(FQ, FK, V, O, DEN, SEG, L, H, eps, D: tl.constexpr, E: tl.conste
         fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
         v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0)
         visible = causal
-        carried = rmask
         if HAS_SEG:  # the state carried in serves the rows of the previous chunk's last document
             seg, prev, last = _chunk_documents(SEG, rows, rmask, c0, L, CHUNK)
             visible = causal & (seg[:, None] == seg[None, :])
             carried = seg == prev
         A = tl.where(visible, tl.dot(fq, tl.trans(fk), input_precision=DOT_PRECISION), 0.0)
-        state_num = tl.dot(fq, S.to(fq.dtype), input_precision=DOT_PRECISION)
-        state_den = tl.sum(fq.to(tl.float32) * z[None, :], 1)
         num = tl.dot(A.to(v.dtype), v, input_precision=DOT_PRECISION)
-        num += tl.where(carried[:, None], state_num, 0.0)
-        den = tl.sum(A, 1) + tl.where(carried, state_den, 0.0)
+        den = tl.sum(A, 1)
+        if HAS_SEG:
+            num += tl.where(carried[:, None], tl.dot(fq, S.to(fq.dtype), input_precision=DOT_PRECISION), 0.0)
+            den += tl.where(carried, tl.sum(fq.to(tl.float32) * z[None, :], 1), 0.0)
+        else:
+            num += tl.dot(fq, S.to(fq.dtype), input_precision=DOT_PRECISION)
+            den += tl.sum(fq.to(tl.float32) * z[None, :], 1)
         out = num / (den + eps)[:, None]
         tl.store(O + rows[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty), mask=emask)
         tl.store(DEN + rows, den, mask=rmask & (pe == 0))
@@ -148,7 +161,6 @@ def _linear_bwd_dq(FK, V, DNUM, DDEN, DFQ, SEG, L, H, D: tl.constexpr, E: tl.con
         dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(v.dtype)
         dden = tl.load(DDEN + rows, mask=rmask, other=0.0)
         visible = causal
-        carried = rmask
         if HAS_SEG:
             seg, prev, last = _chunk_documents(SEG, rows, rmask, c0, L, CHUNK)
             visible = causal & (seg[:, None] == seg[None, :])
@@ -156,8 +168,12 @@ def _linear_bwd_dq(FK, V, DNUM, DDEN, DFQ, SEG, L, H, D: tl.constexpr, E: tl.con
         M = tl.dot(dnum, tl.trans(v), input_precision=DOT_PRECISION) + dden[:, None]
         M = tl.where(visible, M, 0.0)
         dfq = tl.dot(M.to(fk.dtype), fk, input_precision=DOT_PRECISION)
-        state = tl.dot(dnum, tl.trans(S.to(dnum.dtype)), input_precision=DOT_PRECISION)
-        dfq += tl.where(carried[:, None], state + dden[:, None] * z[None, :], 0.0)
+        if HAS_SEG:
+            state = tl.dot(dnum, tl.trans(S.to(dnum.dtype)), input_precision=DOT_PRECISION)
+            dfq += tl.where(carried[:, None], state + dden[:, None] * z[None, :], 0.0)
+        else:
+            dfq += tl.dot(dnum, tl.trans(S.to(dnum.dtype)), input_precision=DOT_PRECISION)
+            dfq += dden[:, None] * z[None, :]
         tl.store(DFQ + rows[:, None] * D + offs_d[None, :], dfq, mask=dmask)
         if HAS_SEG:
             fk = tl.where((seg == last)[:, None], fk, 0.0).to(fk.dtype)
@@ -202,7 +218,6 @@ def _linear_bwd_dk(FQ, V, DNUM, DDEN, DFK, SEG, L, H, D: tl.constexpr, E: tl.con
         dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(v.dtype)
         dden = tl.load(DDEN + rows, mask=rmask, other=0.0)
         visible = causal
-        carried = rmask
         if HAS_SEG:  # the sums carried back serve the keys of the next chunk's first document
             seg, nxt, first = _chunk_documents_reversed(SEG, rows, rmask, c0, L, CHUNK)
             visible = causal & (seg[:, None] == seg[None, :])
@@ -210,8 +225,11 @@ def _linear_bwd_dk(FQ, V, DNUM, DDEN, DFK, SEG, L, H, D: tl.constexpr, E: tl.con
         M = tl.dot(dnum, tl.trans(v), input_precision=DOT_PRECISION) + dden[:, None]
         M = tl.where(visible, M, 0.0)
         dfk = tl.dot(tl.trans(M.to(fq.dtype)), fq, input_precision=DOT_PRECISION)
-        state = tl.dot(v, tl.trans(R.to(v.dtype)), input_precision=DOT_PRECISION) + r[None, :]
-        dfk += tl.where(carried[:, None], state, 0.0)
+        if HAS_SEG:
+            state = tl.dot(v, tl.trans(R.to(v.dtype)), input_precision=DOT_PRECISION) + r[None, :]
+            dfk += tl.where(carried[:, None], state, 0.0)
+        else:
+            dfk += tl.dot(v, tl.trans(R.to(v.dtype)), input_precision=DOT_PRECISION) + r[None, :]
         if GROUP > 1:
             tl.atomic_add(DFK + rows[:, None] * D + offs_d[None, :], dfk, mask=dmask)
         else:
@@ -257,14 +275,16 @@ def _linear_bwd_dv(FQ, FK, DNUM, DV, SEG, L, H, D: tl.constexpr, E: tl.constexpr
         fk = tl.load(FK + rows[:, None] * D + offs_d[None, :], mask=dmask, other=0.0)
         dnum = tl.load(DNUM + rows[:, None] * E + offs_e[None, :], mask=emask, other=0.0).to(fq.dtype)
         visible = causal
-        carried = rmask
         if HAS_SEG:
             seg, nxt, first = _chunk_documents_reversed(SEG, rows, rmask, c0, L, CHUNK)
             visible = causal & (seg[:, None] == seg[None, :])
             carried = seg == nxt
         A = tl.where(visible, tl.dot(fq, tl.trans(fk), input_precision=DOT_PRECISION), 0.0)
         dv = tl.dot(tl.trans(A.to(dnum.dtype)), dnum, input_precision=DOT_PRECISION)
-        dv += tl.where(carried[:, None], tl.dot(fk, R.to(fk.dtype), input_precision=DOT_PRECISION), 0.0)
+        if HAS_SEG:
+            dv += tl.where(carried[:, None], tl.dot(fk, R.to(fk.dtype), input_precision=DOT_PRECISION), 0.0)
+        else:
+            dv += tl.dot(fk, R.to(fk.dtype), input_precision=DOT_PRECISION)
         if GROUP > 1:
             tl.atomic_add(DV + rows[:, None] * E + offs_e[None, :], dv, mask=emask)
         else:

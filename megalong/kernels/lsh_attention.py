@@ -86,10 +86,14 @@ def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, visible, CHUNK_OF, g_rounds
 
 @triton.jit
 def _same_document(SEG, seg_q, pos_k, HAS_SEG: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] (or [BLOCK_M, 1] without segments): query and key in one document."""
+    """[BLOCK_M, BLOCK_N]: query and key in one document (everywhere without segments)."""
+    seg_k = seg_q
     if HAS_SEG:
-        return seg_q[:, None] == tl.load(SEG + pos_k)[None, :]
-    return seg_q[:, None] >= 0
+        seg_k = tl.load(SEG + pos_k)
+    else:
+        seg_k = tl.zeros_like(pos_k)
+        seg_q = tl.zeros_like(seg_q)
+    return seg_q[:, None] == seg_k[None, :]
 
 
 @triton.jit
