@@ -22,9 +22,10 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        # tests run the DeepSpeed engine, lm-evaluation-harness, W&B offline and the plots
+        # tests run the DeepSpeed engine, lm-evaluation-harness (its `hf` model needs accelerate), W&B
+        # offline and the plots
         "dev": ["pytest>=8", "triton==3.6.0", "deepspeed==0.19.8", "ruff==0.17.6", "mypy==2.4.1",
-                "lm-eval==0.4.13", "wandb==0.31.0", "matplotlib==3.11.2"],
+                "lm-eval==0.4.13", "accelerate==1.16.0", "wandb==0.31.0", "matplotlib==3.11.2"],
         "gpu": ["triton>=3.2"],
         "deepspeed": ["deepspeed==0.19.8"],
         "tensorboard": ["tensorboard"],

@@ -177,6 +177,35 @@ def _lines_before_damage(path: Path):
         return
 
 
+def test_a_worker_that_dies_ends_the_run_with_an_error_naming_the_file(tiny_data, docs, tmp_path):
+    """A worker killed mid-run (the OOM killer, a segfault) raises a CorpusError naming the file
+    being tokenized and leaves no shard under a final name; a multiprocessing.Pool would wait
+    for the lost block forever."""
+    import psutil
+
+    from megalong.data.corpus import CorpusError
+    from megalong.data.preprocess_events import BlockWritten
+
+    files = _three_files(tmp_path / "in", docs)
+    me = psutil.Process()
+    killed = []
+
+    def kill_workers(event):
+        if isinstance(event, BlockWritten) and not killed:
+            workers = [p for p in me.children() if "multiprocessing" in " ".join(p.cmdline())]
+            assert workers, "no worker processes"
+            for worker in workers:
+                worker.kill()
+            killed.extend(workers)
+
+    with pytest.raises(CorpusError) as error:
+        preprocess(PreprocessOptions(files, str(tmp_path / "out" / "p"), tiny_data.tokenizer, workers=2,
+                                     chunk_bytes=1 << 12), kill_workers)
+    message = str(error.value)
+    assert killed and "worker process died" in message and message.startswith(files[0]), message
+    assert not list((tmp_path / "out").glob("p_a.*")) and not (tmp_path / "out" / ".p_a.tmp").exists()
+
+
 @pytest.mark.parametrize("kind", ["non_utf8", "non_json", "missing_key", "empty_doc", "truncated_zst",
                                   "missing_file"])
 def test_bad_input_stops_with_file_and_line_or_is_skipped_and_counted(tiny_data, kind, tmp_path):

@@ -343,6 +343,25 @@ def test_linear_attend_bf16_inputs_reach_the_kernel(monkeypatch, L, D, chunk):
         assert a.dtype == torch.bfloat16 and _rel(a, b) < LINEAR_BF16_REL
 
 
+@pytest.mark.parametrize("dtype,D,kernel", [(torch.float32, 128, False), (torch.float32, 64, True),
+                                            (torch.bfloat16, 128, True)])
+def test_linear_attend_leaves_float32_past_head_dim_64_to_torch(monkeypatch, dtype, D, kernel):
+    """float32 at head_dim 128 spills in every kernel tile (tuning.linear_kernel_covers): the
+    module runs its torch chunked path there, and the kernel elsewhere."""
+    import megalong.attention.linear as linear
+
+    calls = []
+    monkeypatch.setattr(select, "use_kernels", lambda *a, **kw: True)
+    monkeypatch.setattr(linear, "elu_kernel", lambda q, *a: calls.append(q.dtype) or torch.zeros_like(q))
+    module = linear.LinearAttention(attn_config(2, D), 1, chunk_size=16)
+    q, k, v = (rand(1, 2, 20, D, seed=s).to(dtype) for s in range(3))
+    out = module.attend(q, k, v)
+    assert calls == ([dtype] if kernel else [])
+    if not kernel:
+        want = la.reference_linear_attention(q.double(), k.double(), v.double(), 1e-6, 16)
+        assert _rel(out, want) < 1e-5
+
+
 # ---- LSH chunk attention -----------------------------------------------------------------------
 
 def _sorted_rounds(b, h, n, L, c, seed=0):

@@ -21,17 +21,25 @@ longer than rows x cols (more rows), so generation with a growing context works.
 Packed documents (`attend_documents`): the row summaries, the row step and the column step each
 keep only keys of the query's own document (a summary u(r', c) used by (r, c) is then over row
 r''s tokens of that document); positions padded to whole rows belong to no document.
+
+Context parallelism (`parallel.context`): whole rows per rank, the earlier rows' keys and summaries
+all-gathered (context_axial.py).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megalong.attention import context_axial
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import AxialOptions
 from megalong.attention.segments import same_document
+
+# (keys, row summaries, padded segment ids of this chunk's rows) -> those of every row, first row index
+Columns = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
+                   tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]]
 
 
 class AxialAttention(CoreAttention):
@@ -46,7 +54,10 @@ class AxialAttention(CoreAttention):
         self.rows, self.cols = axial_shape
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+               segment_ids: Optional[torch.Tensor] = None, columns: Optional[Columns] = None) -> torch.Tensor:
+        """`columns`: under context parallelism (context_axial.py), maps this chunk's rows' keys,
+        summaries and padded segment ids [b, 1, R, C] (or None) to those of every row of the
+        sequence and the index of this chunk's first row; None: the rows are the whole sequence."""
         b, h, L, d = q.shape
         C = self.cols
         R = -(-L // C)
@@ -61,33 +72,38 @@ class AxialAttention(CoreAttention):
             slopes = self.alibi_slopes(device, dtype).view(1, h, 1, 1, 1)
             row_scores = row_scores - slopes * row_gap.abs().to(dtype)
 
-        row_same = col_same = None
+        seg = None
         if segment_ids is not None:  # padding: document -1, seen by no real token
             seg = F.pad(segment_ids, (0, R * C - L), value=-1).view(b, 1, R, C)
-            row_same = same_document(seg, seg)  # [b, 1, R, C, C]
-            col_same = same_document(seg.transpose(2, 3), seg.transpose(2, 3)).transpose(2, 3)  # [b, 1, R, C, R']
-            row_scores = row_scores.masked_fill(~row_same, float("-inf"))
+            row_scores = row_scores.masked_fill(~same_document(seg, seg), float("-inf"))  # [b, 1, R, C, C]
 
         # 1. Row summaries over whole rows.
         summary = torch.matmul(self._dropout(torch.softmax(row_scores, dim=-1)).to(v.dtype), V)
+        K_cols, U_cols, seg_cols, first = (K, summary, seg, 0) if columns is None else columns(K, summary, seg)
 
         # 2. Joint softmax over the row prefix and the column above.
-        Qt, Kt = Q.transpose(2, 3), K.transpose(2, 3)  # [b, h, C, R, d]
+        Qt, Kt = Q.transpose(2, 3), K_cols.transpose(2, 3)  # [b, h, C, R, d], [b, h, C, R', d]
         col_scores = torch.matmul(Qt, Kt.transpose(-1, -2)).to(dtype) * self.scale  # [b, h, C, R, R']
-        row = torch.arange(R, device=device)
-        col_gap = row.view(R, 1) - row  # r - r'
+        col_gap = (first + torch.arange(R, device=device)).view(R, 1) - torch.arange(K_cols.shape[2], device=device)
         if self.alibi:
             col_scores = col_scores - slopes * (col_gap * C).to(dtype)
         col_scores = col_scores.masked_fill(col_gap <= 0, float("-inf")).transpose(2, 3)  # [b, h, R, C, R']
-        if col_same is not None:
+        if seg is not None and seg_cols is not None:
+            col_same = same_document(seg.transpose(2, 3), seg_cols.transpose(2, 3)).transpose(2, 3)  # [b, 1, R, C, R']
             col_scores = col_scores.masked_fill(~col_same, float("-inf"))
         scores = torch.cat([row_scores.masked_fill(row_gap < 0, float("-inf")), col_scores], dim=-1)
         probs = self._dropout(torch.softmax(scores, dim=-1)).to(v.dtype)
-        p_row, p_col = probs.split([C, R], dim=-1)
-        out = torch.matmul(p_row, V) + torch.matmul(p_col.transpose(2, 3), summary.transpose(2, 3)).transpose(2, 3)
+        p_row, p_col = probs.split([C, K_cols.shape[2]], dim=-1)
+        out = torch.matmul(p_row, V) + torch.matmul(p_col.transpose(2, 3), U_cols.transpose(2, 3)).transpose(2, 3)
         return out.reshape(b, h, R * C, d)[:, :, :L]
 
     attend_documents = attend  # one implementation serves packed documents too
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """This rank's whole rows, the keys and row summaries of the earlier rows all-gathered
+        (context_axial.py)."""
+        return context_axial.axial_context(self, q, k, v, segment_ids)
 
     def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
         return F.dropout(probs, self.active_dropout) if self.active_dropout > 0 else probs

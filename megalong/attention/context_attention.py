@@ -1,78 +1,171 @@
 """Attention across context-parallel ranks (megalong/parallel/context.py): each rank holds the
-queries, keys and values of its contiguous chunk [start, start + C) of the sequence and
-computes the outputs of its own queries, exactly as one process would. Per kind, what crosses
-ranks (N ranks, chunk C, h heads of width d):
+queries, keys and values of its chunk of the sequence (contiguous [start, start + C), or the two
+zig-zag pieces for global-only models) and computes the outputs of its own queries, exactly as one
+process would. Per kind, what crosses ranks per layer (N ranks, chunk C, h heads of width d;
+every message counted in megalong/parallel/comm_bytes.py):
 
-- `global`: every rank's keys and values (and segment ids) all-gathered, 2 x (N - 1) x C x h x d
-  values received per layer; the backward reduce-scatters their gradients. An all-gather, not yet
-  a ring (the L x C scores of a rank are computed at once). Causal masks and ALiBi use the true
-  positions (the chunk's start added to the queries').
-- `local`: a halo: the last min(halo, C) keys and values of every rank all-gathered, halo =
-  (window - 1) x the largest dilation; a rank keeps the `halo` positions before its chunk (those of
-  several earlier ranks when the window is longer than a chunk) and runs the kind's own attention
-  on halo + chunk. Independent of L. Global tokens are refused.
+- `global`: ring attention (ring_attention.py): the keys and values (and segment ids) passed
+  around the ring point-to-point, (N - 1) x 2 x C x h x d values received in the forward, 2N - 1
+  such blocks in the backward (the blocks again, with their gradients); never more than two
+  blocks in memory. Either layout; zig-zag balances the causal work. Causal masks and ALiBi use
+  the true positions. No attention dropout.
+- `local`: a halo, point-to-point: the `halo` = (window - 1) x the largest dilation positions
+  before a chunk, from the previous rank (or ranks, when the window is longer than a chunk),
+  2 x halo x h x d values received, its gradient sent back in the backward; the kind's own
+  attention then runs on halo + chunk. Independent of L and N. Global tokens (G of them): their
+  ordinary keys and values and their queries gathered (zeros from the ranks not holding them,
+  N x G x h x d each), their rows attended by every rank to its own chunk and the partial outputs
+  and log-sum-exps gathered (N x G x h x (d + 1)) and merged.
 - `linear` (elu): an exclusive scan of the per-chunk states S = sum phi(k) v^T [h, d, d] and
   z = sum phi(k) [h, d]: all-gathered (N x h x d x (d + 1) values), a rank adds those of the ranks
-  before it. Independent of L. `efficient` is refused.
+  before it. With packed documents, each rank's state of its last document and its
+  last segment id, likewise. Independent of L. `efficient`: the chunk states (with their
+  per-feature maxima) likewise, N x h x d x (d + 2) values; not with packed documents.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.segments import same_document
+from megalong.attention.linear_documents import segmented_linear_attention
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
-from megalong.parallel.context import context_group, context_rank, gather_chunks, all_gather
+from megalong.attention.ring_attention import ring_attention
+from megalong.parallel.context import context_rank, gather_chunks, layout
+from megalong.parallel.context_p2p import halo_before
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      slopes: Optional[torch.Tensor], dropout: float,
                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal attention of this rank's queries [b, h, C, d] over the keys of every rank."""
-    C = q.shape[2]
-    start = context_rank() * C
-    k_all, v_all = gather_chunks(k, 2), gather_chunks(v, 2)
-    L = k_all.shape[2]
-    distance = (start + torch.arange(C, device=q.device))[:, None] - torch.arange(L, device=q.device)[None, :]
-    visible = distance >= 0
-    if segment_ids is not None:
-        seg_all = all_gather(segment_ids, 1, context_group())
-        visible = (visible & same_document(segment_ids, seg_all)).unsqueeze(1)  # [b, 1, C, L]
-    mask: torch.Tensor = visible
-    if slopes is not None:
-        bias = alibi_bias(slopes, distance)
-        mask = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
-        if mask.dim() == 3:
-            mask = mask[None]
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout, scale=scale)
+    """Causal attention of this rank's queries [b, h, C, d] over the keys of every rank: ring
+    attention (ring_attention.py), in either context layout."""
+    if dropout > 0:
+        raise NotImplementedError("global attention with parallel.context > 1: ring attention has no "
+                                  "attention dropout (model.attention_dropout must be 0)")
+    return ring_attention(q, k, v, scale, slopes, segment_ids)
+
+
+def contiguous_only(kind: str) -> None:
+    if layout() != "contiguous":
+        raise NotImplementedError(f"{kind} attention with parallel.context > 1 needs parallel.context_layout: "
+                                  "contiguous")
 
 
 def with_halo(x: torch.Tensor, halo: int, dim: int, differentiable: bool = True) -> tuple[torch.Tensor, int]:
     """(`x` with the `halo` positions before this rank's chunk prepended along `dim` (fewer near
-    the sequence start), how many were prepended)."""
-    C = x.shape[dim]
-    r = context_rank()
-    need = min(halo, r * C)
-    tail = min(halo, C)
-    last = x.narrow(dim, C - tail, tail)
-    tails = gather_chunks(last, dim) if differentiable else all_gather(last, dim, context_group())
-    before = tails.narrow(dim, r * tail - need, need)
-    return torch.cat([before, x], dim=dim), need
+    the sequence start), received point-to-point from the previous rank(s); how many were
+    prepended)."""
+    contiguous_only("local")
+    before = halo_before(x if differentiable else x.detach(), halo, dim, "local halo")
+    return torch.cat([before, x], dim=dim), before.shape[dim]
+
+
+def gather_global_rows(x: torch.Tensor, positions: list[int], dim: int) -> torch.Tensor:
+    """`x` at the sequence positions `positions` (all of them, whichever rank holds them),
+    differentiable: each rank contributes its own rows, the others are zeros, summed over the
+    ranks ([N, ...] gathered, |positions| rows each)."""
+    C, r = x.shape[dim], context_rank()
+    index = torch.tensor([p - r * C if r * C <= p < (r + 1) * C else 0 for p in positions], device=x.device)
+    owned = torch.tensor([r * C <= p < (r + 1) * C for p in positions], device=x.device)
+    rows = x.index_select(dim, index)
+    shape = [1] * rows.dim()
+    shape[dim] = len(positions)
+    rows = rows * owned.view(shape).to(rows.dtype)
+    return gather_chunks(rows.unsqueeze(0), 0, "local global tokens").sum(dim=0)
+
+
+def global_token_rows(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, positions: list[int],
+                      scale: float, slopes: Optional[torch.Tensor],
+                      segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The outputs [b, h, |G|, d] of the global tokens at `positions` (every rank gets all of them):
+    their queries all-gathered, attended by each rank to its own chunk's global-projection keys
+    (partial outputs and log-sum-exps), those gathered and merged by log-sum-exp."""
+    C, r = kg.shape[2], context_rank()
+    q_rows = gather_global_rows(qg, positions, 2)  # [b, h, G, d]
+    g = torch.tensor(positions, device=qg.device)
+    distance = g[:, None] - (r * C + torch.arange(C, device=qg.device))[None, :]  # [G, C]
+    s = torch.matmul(q_rows, kg.transpose(-1, -2)) * scale
+    if slopes is not None:
+        s = s + alibi_bias(slopes.to(s.dtype), distance)
+    visible = distance >= 0
+    if segment_ids is not None:
+        seg_g = gather_global_rows(segment_ids, positions, 1)
+        visible = (visible & same_document(seg_g, segment_ids)).unsqueeze(1)
+    s = s.masked_fill(~visible, float("-inf"))
+    top = s.detach().amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    e = torch.exp(s - top)
+    total = e.sum(dim=-1, keepdim=True)
+    tiny = torch.finfo(total.dtype).tiny
+    out = torch.matmul(e, vg) / total.clamp_min(tiny)
+    lse = torch.where(total > 0, torch.log(total.clamp_min(tiny)) + top, torch.full_like(top, float("-inf")))
+    parts = gather_chunks(torch.cat([out, lse], dim=-1).unsqueeze(0), 0, "local global tokens")
+    outs, lses = parts[..., :-1], parts[..., -1:]
+    weights = torch.softmax(lses, dim=0)  # every global token sees itself: some part is finite
+    return (weights * outs).sum(dim=0)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
                      chunk_size: int) -> torch.Tensor:
     """Katharopoulos's causal linear attention on this rank's chunk, starting from the summed
     states of the ranks before it (an exclusive scan over the all-gathered chunk states)."""
+    contiguous_only("linear")
     fq, fk = elu_feature_map(q), elu_feature_map(k)
     S = torch.matmul(fk.transpose(-1, -2), v)  # [b, h, d, e]
     z = fk.sum(dim=2)  # [b, h, d]
     d = fk.shape[-1]
     state = torch.cat([S, z.unsqueeze(-1)], dim=-1).unsqueeze(2)  # [b, h, 1, d, e + 1]
-    states = gather_chunks(state, 2)
+    states = gather_chunks(state, 2, "linear states")
     before = states[:, :, :context_rank()].sum(dim=2)
     initial = (before[..., :-1], before[..., -1].reshape(*before.shape[:2], d))
     return causal_linear_attention(fq, fk, v, eps, chunk_size, initial)
+
+
+def linear_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                               eps: float, chunk_size: int) -> torch.Tensor:
+    """Causal linear attention (elu) with packed documents on this rank's chunk. Each rank's
+    state of its last document (S, z over the positions of the chunk's last segment id) and its
+    first and last segment ids are all-gathered; the state entering rank r is the sum of those
+    ranks j < r whose last document is the one rank r - 1 ends with (segment ids increase along
+    the sequence, so every rank between them lies wholly inside it), and it carries on to the
+    tokens of that document only."""
+    contiguous_only("linear")
+    fq, fk = elu_feature_map(q), elu_feature_map(k)
+    b, h, _, d = fk.shape
+    last = segment_ids[:, -1]  # [b]
+    in_last = (segment_ids == last[:, None]).to(fk.dtype)[:, None, :, None]  # [b, 1, C, 1]
+    tail_k = fk * in_last
+    state = torch.cat([torch.matmul(tail_k.transpose(-1, -2), v), tail_k.sum(dim=2).unsqueeze(-1)], dim=-1)
+    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, h, N, d, e + 1]
+    lasts = gather_chunks(last[:, None].contiguous(), 1, "linear states")  # [b, N]
+    r = context_rank()
+    # Rank 0 too takes the (empty) sum, so that every rank's backward runs the same collectives.
+    before = lasts[:, r - 1] if r else torch.full_like(last, -1)  # [b]; -1: no document before
+    joins = (lasts[:, :r] == before[:, None]).to(fk.dtype)[:, None, :, None, None]  # [b, 1, r, 1, 1]
+    summed = (states[:, :, :r] * joins).sum(dim=2)
+    initial = (summed[..., :-1], summed[..., -1].reshape(b, h, d), before)
+    return segmented_linear_attention(fq, fk, v, segment_ids, eps, chunk_size, initial)
+
+
+def efficient_state_before(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shen et al.'s efficient attention: the state (N [b, h, d, e], D [b, h, d], m [b, h, d]) of
+    the positions before this rank's chunk, as linear.efficient_chunk carries it. Each rank's
+    chunk state (sums of exp(k - m) v^T and exp(k - m) with m its own per-feature maximum) is
+    all-gathered (N x h x d x (e + 2) values); the earlier ranks' are rescaled to their largest m
+    and summed (every rank takes the same steps, rank 0 an empty sum)."""
+    contiguous_only("linear")
+    m = k.detach().amax(dim=2)  # [b, h, d]
+    w = torch.exp(k - m.unsqueeze(2))
+    state = torch.cat([torch.matmul(w.transpose(-1, -2), v), w.sum(dim=2).unsqueeze(-1), m.unsqueeze(-1)], dim=-1)
+    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, h, N, d, e + 2]
+    r = context_rank()
+    earlier = (torch.arange(states.shape[2], device=k.device) < r).view(1, 1, -1, 1)
+    ms = torch.where(earlier, states[..., -1].detach(), torch.full_like(states[..., -1], float("-inf")))
+    top = ms.amax(dim=2)  # [b, h, d]; -inf on rank 0
+    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    scale = torch.where(earlier, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, h, N, d]
+    summed = (states[..., :-1] * scale.unsqueeze(-1)).sum(dim=2)
+    return summed[..., :-1], summed[..., -1], top

@@ -26,6 +26,9 @@ documents (megalong/kernels/fam_attention.py); the FAM chain stays in torch.
 
 Grouped-query attention: keys and values stay one head per group ([b, groups, ...]); the block
 kernel indexes the groups, the torch paths copy them per query head.
+
+Context parallelism (`parallel.context`): the memory by a halo from the earlier ranks, the FAM
+state handed from rank to rank, serially (context_fam.py, which states the cost).
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megalong.attention import context_fam
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import FamOptions
 from megalong.attention.segments import document_positions, same_document, segments_of
 from megalong.kernels import select as kernels
+from megalong.parallel.context import context_size
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -237,6 +242,18 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
     def tokens_first(t: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [s, b, h * d]
         return t.permute(2, 0, 1, 3).flatten(2)
 
+    if context_size() > 1:  # this rank's chunk of blocks, the FAM state from the rank before (context_fam.py)
+        if segment_ids is not None:
+            raise NotImplementedError("fam attention: data.document_mask with parallel.context > 1 is not supported")
+
+        def project(h: torch.Tensor):  # context_fam takes one key/value head per query head
+            q_h, k_h, v_h = (heads_first(t) for t in qkv(h))
+            return q_h, _per_query_head(k_h, q_h.shape[1]), _per_query_head(v_h, q_h.shape[1])
+
+        def advance(context: torch.Tensor, fam: torch.Tensor) -> torch.Tensor:
+            return mlp_residual(attention_residual(tokens_first(context), fam))
+
+        return tokens_first(context_fam.fam_context(x, fam_init, attention, project, advance))
     q, k, v = (heads_first(t) for t in qkv(x))  # k, v: key/value groups (blocks and fam_step share them)
     k_fam = v_fam = None
     documents = None

@@ -37,6 +37,7 @@ from megalong.attention.linear_documents import segmented_efficient_attention, s
 from megalong.attention.options import LinearOptions
 from megalong.kernels import select as kernels
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
+from megalong.kernels.tuning import linear_kernel_covers
 
 State = tuple[torch.Tensor, ...]
 
@@ -89,7 +90,8 @@ class LinearAttention(CoreAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # `elu` has a kernel (Triton on CUDA, megalong/kernels); `efficient` always runs in torch.
-        fused = self.normalization == "elu" and kernels.use_kernels(q)
+        fused = (self.normalization == "elu" and kernels.use_kernels(q)
+                 and linear_kernel_covers(q.dtype, q.shape[-1], v.shape[-1]))
         if fused:  # 16-bit operands go in as they are (the kernel accumulates in float32)
             return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size).to(v.dtype)
         k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
@@ -110,7 +112,8 @@ class LinearAttention(CoreAttention):
 
     def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          segment_ids: torch.Tensor) -> torch.Tensor:
-        if self.normalization == "elu" and kernels.use_kernels(q):
+        if (self.normalization == "elu" and kernels.use_kernels(q)
+                and linear_kernel_covers(q.dtype, q.shape[-1], v.shape[-1])):
             return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size, segment_ids).to(v.dtype)
         k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
         dtype = _compute_dtype(q.dtype)
@@ -126,11 +129,23 @@ class LinearAttention(CoreAttention):
     def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """This rank's chunk from the summed states of the earlier ranks (context_attention.py)."""
-        if self.normalization != "elu" or segment_ids is not None:
-            raise NotImplementedError("linear attention with parallel.context > 1: normalization elu "
-                                      "without data.document_mask only")
         dtype = _compute_dtype(q.dtype)
-        out = context_attention.linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), self.eps, self.chunk_size)
+        q, k, v_in = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.normalization == "efficient":
+            if segment_ids is not None:
+                raise NotImplementedError("linear attention with parallel.context > 1: normalization "
+                                          "efficient without data.document_mask only")
+            state: State = context_attention.efficient_state_before(k, v_in)
+            outs = []
+            for start in range(0, q.shape[2], self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                out, state = efficient_chunk(q[:, :, part], k[:, :, part], v_in[:, :, part], state)
+                outs.append(out)
+            out = torch.cat(outs, dim=2)
+        elif segment_ids is None:
+            out = context_attention.linear_attention(q, k, v_in, self.eps, self.chunk_size)
+        else:
+            out = context_attention.linear_documents_attention(q, k, v_in, segment_ids, self.eps, self.chunk_size)
         return out.to(v.dtype)
 
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device,

@@ -25,14 +25,20 @@ def _chunks(L: int, chunk_size: int) -> list[slice]:
 
 
 def segmented_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
-                               eps: float, chunk_size: int) -> torch.Tensor:
+                               eps: float, chunk_size: int,
+                               initial: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                               ) -> torch.Tensor:
     """Katharopoulos's causal form on features fq, fk [b, h, L, d], v [b, h, L, e], restarting at
-    every document of segment_ids [b, L]."""
+    every document of segment_ids [b, L]. `initial`: (S [b, h, d, e], z [b, h, d], the segment id
+    [b] of the position before these) of the tokens before them (context parallelism), which
+    tokens of that document continue."""
     b, h, L, d = fq.shape
     seg = heads_first(segment_ids)  # [b, 1, L]
     S = fq.new_zeros(b, h, d, v.shape[-1])
     z = fq.new_zeros(b, h, d)
     last_prev: Optional[torch.Tensor] = None
+    if initial is not None:
+        S, z, last_prev = initial[0], initial[1], initial[2].view(b, 1)
     outs = []
     for part in _chunks(L, chunk_size):
         Q, K, V, sc = fq[:, :, part], fk[:, :, part], v[:, :, part], seg[..., part]

@@ -34,6 +34,7 @@ from megatron.core.transformer.attention import SelfAttention
 
 from megalong.attention.alibi import alibi_bias
 from megalong.attention import context_attention
+from megalong.parallel.context import context_rank, context_size
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import LocalOptions
 from megalong.attention.segments import same_document
@@ -111,19 +112,45 @@ class LocalAttention(CoreAttention):
 
     def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        """This rank's chunk with the halo of (window - 1) x dilation keys and values before it
-        (context_attention.py): `attend` on halo + chunk, the chunk's outputs kept (the halo's
-        queries are zeros, their outputs dropped). Distances are relative, so the dilation phase
-        and ALiBi follow."""
-        if self.global_positions:
-            raise NotImplementedError("local attention: global_tokens with parallel.context > 1 are not supported")
+        """This rank's chunk with the halo of (window - 1) x dilation keys and values before it,
+        received from the previous rank(s) (context_attention.py): `attend` on halo + chunk, the
+        chunk's outputs kept (the halo's queries are zeros, their outputs dropped). Distances are
+        relative, so the dilation phase and ALiBi follow. Global tokens: their ordinary keys and
+        values all-gathered (every later query sees them), their own rows attended over every
+        rank's chunk and merged by log-sum-exp (context_attention.global_token_rows)."""
         halo = (self.window - 1) * max(self.dilations)
-        k, need = context_attention.with_halo(k, halo, 2)
-        v, _ = context_attention.with_halo(v, halo, 2)
-        q = torch.cat([q.new_zeros(*q.shape[:2], need, q.shape[3]), q], dim=2)
+        (q, k, v), (qg, kg, vg), _ = self.split_global_heads(q, k, v)
+        kvh, need = context_attention.with_halo(torch.stack([k, v]), halo, 3)  # one message for both
+        kh, vh = kvh.unbind(0)
+        qh = torch.cat([q.new_zeros(*q.shape[:2], need, q.shape[3]), q], dim=2)
+        seg_h = None
         if segment_ids is not None:
-            segment_ids, _ = context_attention.with_halo(segment_ids, halo, 1, differentiable=False)
-        return self.attend(q, k, v, segment_ids)[:, :, need:]
+            seg_h, _ = context_attention.with_halo(segment_ids, halo, 1, differentiable=False)
+        if not self.global_positions:
+            return self.attend(qh, kh, vh, seg_h)[:, :, need:]
+        if self.active_dropout:
+            raise NotImplementedError("local attention: global_tokens with parallel.context > 1 need "
+                                      "model.attention_dropout: 0")
+        C, r = q.shape[2], context_rank()
+        positions = [p for p in self.global_positions if p < C * context_size()]
+        k_glob = context_attention.gather_global_rows(k, positions, 2)  # their ordinary keys
+        v_glob = context_attention.gather_global_rows(v, positions, 2)
+        seg_glob = None if segment_ids is None else context_attention.gather_global_rows(segment_ids, positions, 1)
+        g = torch.tensor(positions, dtype=torch.long, device=q.device)
+        slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
+        out = torch.empty_like(qh)
+        for d, heads in self.dilation_groups.items():
+            idx = torch.tensor(heads, device=q.device)
+            part = self._window(qh[:, idx], kh[:, idx], vh[:, idx], d, None if slopes is None else slopes[idx], g,
+                                seg_h, (k_glob[:, idx], v_glob[:, idx], seg_glob), r * C - need)
+            out = out.index_copy(1, idx, part)
+        out = out[:, :, need:]
+        rows = context_attention.global_token_rows(qg, kg, vg, positions, self.scale, slopes, segment_ids)
+        # The same operations on every rank (an empty index where it holds no global token), so
+        # that every rank's backward runs its collectives in the same order.
+        own = torch.tensor([i for i, p in enumerate(positions) if r * C <= p < (r + 1) * C],
+                           dtype=torch.long, device=q.device)
+        return out.index_copy(2, g[own] - r * C, rows.index_select(2, own))
 
     def _window_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
                           slopes: Optional[torch.Tensor], g: torch.Tensor,
@@ -155,9 +182,13 @@ class LocalAttention(CoreAttention):
 
     def _window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int,
                 slopes: Optional[torch.Tensor], g: torch.Tensor,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None,
+                global_kv: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+                offset: int = 0) -> torch.Tensor:
         """Dilated sliding window (plus the global tokens' keys) for heads of one dilation d; with
-        segment_ids [b, L], pairs of one document only."""
+        segment_ids [b, L], pairs of one document only. `global_kv`: the global tokens' keys,
+        values and segment ids given (at the true positions g) instead of taken from k and v, the
+        queries standing at `offset` + their index (context parallelism)."""
         b, h, L, e = q.shape
         device = q.device
         sub = -(-L // d)  # length of each of the d interleaved sub-sequences
@@ -181,20 +212,22 @@ class LocalAttention(CoreAttention):
         distance = (steps * d).expand(d, n, block, 2 * block)
         if len(g):
             # Global tokens' ordinary keys and values, seen by every later query outside its window.
-            pos = torch.arange(d, device=device).view(d, 1, 1, 1) + d * t_q  # true query position
+            pos = offset + torch.arange(d, device=device).view(d, 1, 1, 1) + d * t_q  # true query position
             gap = pos - g  # [d, n, block, |G|]
             in_window = (gap % d == 0) & (gap < self.window * d)
             visible = torch.cat([(gap >= 0) & ~in_window, visible], dim=-1)
             distance = torch.cat([gap, distance], dim=-1)
-            kg = k[:, :, g].view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
-            vg = v[:, :, g].view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
+            k_glob, v_glob = (k[:, :, g], v[:, :, g]) if global_kv is None else global_kv[:2]
+            kg = k_glob.view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
+            vg = v_glob.view(b, h, 1, 1, len(g), e).expand(-1, -1, d, n, -1, -1)
             kb, vb = torch.cat([kg, kb], dim=4), torch.cat([vg, vb], dim=4)
         if segment_ids is not None:  # folded like the queries and keys; padding is never visible
             seg = segment_ids.view(b, 1, L, 1)
             seg_q, seg_k = fold(seg)[..., 0], with_previous(fold(seg))[..., 0]  # [b, 1, d, n, block (x2)]
             same = same_document(seg_q, seg_k)
             if len(g):
-                same = torch.cat([same_document(seg_q, segment_ids[:, g].view(b, 1, 1, 1, -1)), same], dim=-1)
+                seg_g = segment_ids[:, g] if global_kv is None or global_kv[2] is None else global_kv[2]
+                same = torch.cat([same_document(seg_q, seg_g.view(b, 1, 1, 1, -1)), same], dim=-1)
             visible = visible & same  # [b, 1, d, n, block, keys]
         if slopes is None:
             mask = visible

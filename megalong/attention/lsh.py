@@ -19,6 +19,9 @@ Packed documents (`attend_documents`): hashing, sorting and chunks are those of 
 every round a pair is visible only when both tokens lie in one document (the torch chunk path runs;
 the chunk kernel takes no segment ids). A token alone in its document's part of its chunks sees
 itself, as any token with nothing else visible.
+
+Context parallelism (`parallel.context`): every rank's queries and values all-gathered, this rank's
+chunk of the one-process result kept (context_lsh.py).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.attention import Attention, SelfAttention
 
+from megalong.attention import context_lsh
 from megalong.attention.base import CoreAttention
 from megalong.attention.options import LshOptions
 from megalong.attention.segments import same_document
@@ -134,6 +138,12 @@ class LshAttention(CoreAttention):
         return (out * weights).sum(dim=2)[:, :, :L]
 
     attend_documents = attend  # one implementation serves packed documents too
+
+    def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every rank's queries and values all-gathered, `attend` on the whole sequence, this
+        rank's chunk kept (context_lsh.py). Keys are the queries: k is not sent."""
+        return context_lsh.gathered_attention(self.attend, q, q, v, segment_ids)
 
     def chunk_attention(self, sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
                         chunk_of: torch.Tensor, segment_ids: Optional[torch.Tensor] = None

@@ -6,7 +6,12 @@ from megalong.config.check_model import positive
 from megalong.config.errors import ConfigError
 from megalong.config.schema import Config
 
-CONTEXT_KINDS = ("global", "local", "linear")  # attention kinds with an attend_context
+CONTEXT_KINDS = ("global", "local", "linear", "lsh", "axial", "fam")  # kinds with an attend_context
+
+
+def axial_cols(options: object) -> int:
+    shape = getattr(options, "axial_shape", None)
+    return shape[1] if isinstance(shape, list) and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0 else 1
 
 
 def validate_context(cfg: Config, world_size: int) -> None:
@@ -17,12 +22,19 @@ def validate_context(cfg: Config, world_size: int) -> None:
         return
     if cfg.seq_length % n:
         raise ConfigError(f"parallel.context: {n} does not divide the sequence length {cfg.seq_length}")
+    if p.context_layout == "zigzag":
+        others = sorted(set(cfg.layer_kinds()) - {"global"})
+        if others:
+            raise ConfigError(f"parallel.context_layout: zigzag needs every attention layer global "
+                              f"(model.attention_layers has {', '.join(others)})")
+        if cfg.seq_length % (2 * n):
+            raise ConfigError(f"parallel.context_layout: zigzag cuts the sequence into 2 x {n} pieces, "
+                              f"which do not divide the sequence length {cfg.seq_length}")
     if world_size % (p.tensor * p.pipeline * n):
         raise ConfigError(f"parallel.context: parallel.tensor x parallel.pipeline x parallel.context = "
                           f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
+    chunk = cfg.seq_length // n
     refused = [
-        (p.tensor > 1, "parallel.tensor > 1"),
-        (p.pipeline > 1, "parallel.pipeline > 1"),
         (p.expert > 1 or "moe" in cfg.mlp_kinds(), "MoE layers (model.mlp_layers)"),
         (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
         (m.position_embedding in ("rope", "axial"), f"model.position_embedding: {m.position_embedding}"),
@@ -34,10 +46,17 @@ def validate_context(cfg: Config, world_size: int) -> None:
         options = cfg.attention_options(kind)
         refused += [
             (kind not in CONTEXT_KINDS, f"{kind} attention (model.attention_layers)"),
-            (kind == "local" and bool(getattr(options, "global_tokens", 0)), "model.attention.local.global_tokens"),
-            (kind == "linear" and getattr(options, "normalization", "elu") != "elu",
-             "model.attention.linear.normalization other than elu"),
-            (kind == "linear" and cfg.data.document_mask, "data.document_mask with linear attention"),
+            (kind == "global" and m.attention_dropout > 0, "model.attention_dropout with global attention "
+             "(ring attention)"),
+            (kind == "local" and bool(getattr(options, "global_tokens", 0)) and m.attention_dropout > 0,
+             "model.attention_dropout with model.attention.local.global_tokens"),
+            (kind == "linear" and getattr(options, "normalization", "elu") != "elu" and cfg.data.document_mask,
+             "model.attention.linear.normalization: efficient with data.document_mask"),
+            (kind == "fam" and cfg.data.document_mask, "data.document_mask with fam attention"),
+            (kind == "fam" and chunk % getattr(options, "block_size", 1) != 0,
+             f"a chunk of {chunk} tokens that is not whole blocks of model.attention.fam.block_size"),
+            (kind == "axial" and chunk % axial_cols(options) != 0,
+             f"a chunk of {chunk} tokens that is not whole rows of model.attention.axial.axial_shape"),
         ]
     for bad, what in refused:
         if bad:

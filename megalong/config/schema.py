@@ -216,6 +216,9 @@ class ParallelConfig:
     expert: int = 1  # expert-parallel ranks: each holds model.moe.num_experts / expert experts
     pipeline: int = 1  # pipeline stages (megatron-core's 1F1B schedule)
     context: int = 1  # context-parallel ranks: each holds 1/context of every sequence (parallel/context.py)
+    # How a sequence is cut over them: contiguous chunks, or zigzag (pieces r and 2N-1-r of 2N,
+    # balancing causal ring attention; every attention layer global)
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous"
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: interleaved 1F1B)
     # Optional uneven split: [layers on the first stage, layers on the last stage]; the others are
     # shared evenly by the middle stages (megatron's num_layers_in_first/last_pipeline_stage).

@@ -32,7 +32,8 @@ Interface. `preprocess(PreprocessOptions(...), on_event)`: the options are one f
 (megalong/data/preprocess_events.py) to `on_event`, by default `log_event` (one log line each).
 The modules: preprocess_options.py (what to do), preprocess_worker.py (one block -> tokens),
 preprocess_shards.py (output names, the temporary folder, done records), preprocess_events.py
-(events, stats), this one (reading, the pool, the order of results).
+(events, stats), this one (reading, the pool, the order of results). A worker that dies (killed,
+out of memory) ends the run with a CorpusError naming the file, not a hang.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ import collections
 import hashlib
 import multiprocessing
 import os
-import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -55,9 +57,18 @@ from megalong.data.preprocess_events import (BlockWritten, EmptyInputSkipped, Ev
                                              StreamDamaged, log_event)
 from megalong.data.preprocess_options import PreprocessOptions, Settings
 from megalong.data.preprocess_shards import Shard, shard_bases, verified_record
-from megalong.data.preprocess_worker import encode_block, init_worker
+from megalong.data.preprocess_worker import encode_block, init_pool_worker, init_worker
 
 __all__ = ["preprocess", "PreprocessOptions", "PreprocessStats"]
+
+
+def _start_pool(workers: int, init: tuple) -> ProcessPoolExecutor:
+    """`workers` fresh processes (spawned, never forked: a fork copies this process's threads'
+    locks, torch's and the tokenizer's own pool, in whatever state they are in, and a worker forked
+    from a process that had encoded with threads segfaulted in sentencepiece) running
+    `init_pool_worker(*init)`."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=init_pool_worker, initargs=init)
 
 
 def _ordered(pool, jobs: Iterator, in_flight: int) -> Iterator[tuple]:
@@ -66,7 +77,7 @@ def _ordered(pool, jobs: Iterator, in_flight: int) -> Iterator[tuple]:
     pending: collections.deque = collections.deque()
     for tag, work in jobs:
         pending.append((tag, None if work is None else
-                        pool.apply_async(encode_block, (work,)) if pool is not None else work))
+                        pool.submit(encode_block, work) if pool is not None else work))
         if len(pending) >= in_flight:
             yield _resolve(*pending.popleft(), pool)
     while pending:
@@ -76,7 +87,7 @@ def _ordered(pool, jobs: Iterator, in_flight: int) -> Iterator[tuple]:
 def _resolve(tag, result, pool) -> tuple:
     if result is None:
         return tag, None
-    return tag, (result.get() if pool is not None else encode_block(result))
+    return tag, (result.result() if pool is not None else encode_block(result))
 
 
 def _blocks(todo: list[tuple[str, str]], block_bytes: int, on_bad: str) -> Iterator[tuple]:
@@ -223,21 +234,25 @@ def preprocess(options: PreprocessOptions, on_event: EventHandler = log_event) -
     pool = None
     try:
         if workers > 1 and todo:
-            # fork where it is safe (Linux): workers start at once, without re-importing megalong.
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = context.Pool(workers, init_worker, init)
+            pool = _start_pool(workers, init)
         else:
             init_worker(*init)
         for tag, result in _ordered(pool, _blocks(todo, options.chunk_bytes, options.on_bad), 4 * workers):
             run.handle(tag, result)
+    except BrokenProcessPool:
+        where = run.shard.path if run.shard is not None else "the input"
+        if run.shard is not None:
+            run.shard.abort()
+        raise CorpusError(f"{where}: a preprocess worker process died (killed, or out of memory) while "
+                          "tokenizing it; the shards finished before are kept: run the same command "
+                          "again to resume") from None
     except BaseException:
         if run.shard is not None:
             run.shard.abort()
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     stats.seconds = time.perf_counter() - run.started
     if stats.documents == 0 and kept_documents == 0:
         raise CorpusError(f"{', '.join(files)}: no documents under {'/'.join(options.json_keys)} "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 import unicodedata
 
 import numpy as np
@@ -70,6 +72,17 @@ def init_worker(settings: Settings, max_doc_chars: int, threads: int, word_cache
                    threads=threads, dtype=np.dtype(settings.dtype),
                    eod=tokenizer.eod if settings.append_eod else None,
                    subsets=set(settings.subsets) if settings.subsets else None)
+
+
+def init_pool_worker(settings: Settings, max_doc_chars: int, threads: int, word_cache: bool = True) -> None:
+    """`init_worker` in a pool process that ends with the main process: on Linux it asks for
+    SIGKILL when its parent exits, so a killed `megalong preprocess` leaves no workers behind
+    (they would wait forever to hand back their blocks)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    init_worker(settings, max_doc_chars, threads, word_cache)
 
 
 class _Skip(Exception):

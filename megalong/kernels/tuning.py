@@ -44,7 +44,8 @@ def window_tiles(arch: int, head_dim: int, dtype: torch.dtype, backward: bool) -
     """Tiles of the windowed and FAM kernels (forward or backward); arch 0 (the interpreter) takes
     sm_90's. Forward and backward share block_m (the query blocks of `q_positions` are cut once)."""
     if dtype.itemsize > 2:  # tf32x3 splits every float32 operand in two: half the rows and keys
-        if 0 < arch < 90 and head_dim > 64:  # 32 query rows spill 8 B/thread in the forward here
+        if arch > 0 and head_dim > 64:  # 32 query rows spill: sm_80 8 B/thread in the forward, sm_90
+            # 148 with global tokens + ALiBi and 44 in the FAM forward
             return AttentionTiles(16, 16, 4, 1) if backward else AttentionTiles(16, 32, 4, 2)
         return AttentionTiles(32, 16, 8, 1) if backward else AttentionTiles(32, 32, 8, 2)
     wide = head_dim > 64
@@ -70,6 +71,14 @@ class LinearTiles:
     block_e: int  # value columns per program (the [D, block_e] state lives in its registers)
     block_d: int  # feature columns per program of the dq and dk kernels ([block_d, E] state)
     num_warps: int
+
+
+def linear_kernel_covers(dtype: torch.dtype, d: int, e: int) -> bool:
+    """Whether `linear` runs its kernel for operands of `dtype` with features of width d and values
+    of width e. float32 past 64 is left to the torch chunked path (cuBLAS): the kernels keep a
+    [d, block_e] float32 state as a tf32x3 `tl.dot` operand, and every tile tried there spills
+    (sm_90 104-2108 B/thread; bench/RESULTS.md, compile gate)."""
+    return dtype.itemsize <= 2 or max(d, e) <= 64
 
 
 def linear_tiles(arch: int, d: int, e: int, dtype: torch.dtype) -> LinearTiles:

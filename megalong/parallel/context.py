@@ -1,8 +1,12 @@
 """Context parallelism (`parallel.context: N`): one sample's sequence spread over the N ranks of
 megatron-core's context-parallel group.
 
-Rank r of the group holds the contiguous chunk [r * L / N, (r + 1) * L / N) of every sample of
-its micro-batch (`split_batch`), with position ids offset by the chunk's start. Attention kinds
+Rank r of the group holds, of every sample of its micro-batch (`split_batch`), with their true
+position ids:
+- `parallel.context_layout: contiguous` (the default): the chunk [r * L / N, (r + 1) * L / N);
+- `zigzag` (every attention layer global): the pieces r and 2N - 1 - r of the sequence cut into 2N,
+  so that every rank has the same share of the causal scores (ring attention's load balance).
+The layout is process-wide (`set_layout`, from the config when the groups start). Attention kinds
 exchange what they need of the other chunks (megalong/attention/context_attention.py); the loss is
 the masked mean over the whole sequence (`context_loss`); megatron-core's DDP reduces gradients
 over the data x context ranks (its `dp_cp` group) and divides by their number, which is why each
@@ -19,6 +23,38 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from megalong.parallel import comm_bytes
+
+LAYOUTS = ("contiguous", "zigzag")
+_layout = "contiguous"
+
+
+def set_layout(name: str) -> None:
+    """How sequences are cut over the context ranks from now on (one of LAYOUTS)."""
+    global _layout
+    if name not in LAYOUTS:
+        raise ValueError(f"parallel.context_layout: {name!r} is not one of {', '.join(LAYOUTS)}")
+    _layout = name
+
+
+def layout() -> str:
+    return _layout
+
+
+def rank_pieces(rank: int, n: int, length: int) -> list[tuple[int, int]]:
+    """(start, length) of the contiguous pieces of a `length`-token sequence that context rank
+    `rank` of `n` holds, in the order they are stored."""
+    if _layout == "zigzag":
+        piece = length // (2 * n)
+        return [(rank * piece, piece), ((2 * n - 1 - rank) * piece, piece)]
+    chunk = length // n
+    return [(rank * chunk, chunk)]
+
+
+def rank_positions(rank: int, n: int, length: int, device: torch.device | None = None) -> torch.Tensor:
+    """The sequence positions context rank `rank` holds, in storage order."""
+    return torch.cat([torch.arange(s, s + c, device=device) for s, c in rank_pieces(rank, n, length)])
 
 
 def context_size() -> int:
@@ -46,19 +82,25 @@ def split_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch
     tokens = batch["tokens"]
     s = tokens.shape[1]
-    if s % n:
-        raise ValueError(f"parallel.context: {n} does not divide the sequence length {s}")
+    parts = 2 * n if _layout == "zigzag" else n
+    if s % parts:
+        raise ValueError(f"parallel.context: {parts} pieces ({_layout}) do not divide the sequence length {s}")
     out = dict(batch)
     if "position_ids" not in out:
         out["position_ids"] = torch.arange(s, device=tokens.device).unsqueeze(0).expand_as(tokens)
-    chunk = s // n
-    start = context_rank() * chunk
-    return {k: v[:, start:start + chunk] if v.dim() >= 2 and v.shape[1] == s else v for k, v in out.items()}
+    pieces = rank_pieces(context_rank(), n, s)
+
+    def cut(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v[:, a:a + c] for a, c in pieces], dim=1) if len(pieces) > 1 else v[:, pieces[0][0]:sum(pieces[0])]
+
+    return {k: cut(v) if v.dim() >= 2 and v.shape[1] == s else v for k, v in out.items()}
 
 
-def all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int, group: Any, label: str = "all-gather") -> torch.Tensor:
     """Every rank's `x` of `group` concatenated along `dim` in rank order (no gradient)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    n = dist.get_world_size(group)
+    comm_bytes.count(label, x, n - 1)
+    parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
@@ -68,31 +110,32 @@ class _GatherChunks(torch.autograd.Function):
     over the group."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return all_gather(x, dim, group)
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, label: str) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.label = dim, group, label
+        return all_gather(x, dim, group, label)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
         group, dim = ctx.group, ctx.dim
         n, r = dist.get_world_size(group), dist.get_rank(group)
         grad = grad.contiguous()
+        parts = [p.contiguous() for p in grad.chunk(n, dim=dim)]
+        comm_bytes.count(ctx.label + " (backward)", parts[r], n - 1)  # a reduce-scatter's share
         if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
             dist.all_reduce(grad, group=group)
-            return grad.chunk(n, dim=dim)[r].contiguous(), None, None
-        parts = [p.contiguous() for p in grad.chunk(n, dim=dim)]
+            return grad.chunk(n, dim=dim)[r].contiguous(), None, None, None
         out = torch.empty_like(parts[r])
         dist.reduce_scatter(out, parts, group=group)
-        return out, None, None
+        return out, None, None, None
 
 
-def gather_chunks(x: torch.Tensor, dim: int) -> torch.Tensor:
+def gather_chunks(x: torch.Tensor, dim: int, label: str = "all-gather") -> torch.Tensor:
     """Every context rank's `x` concatenated along `dim` in rank order (differentiable)."""
     if context_size() == 1:
         return x
     if not x.requires_grad:
-        return all_gather(x, dim, context_group())
-    out = _GatherChunks.apply(x, dim, context_group())
+        return all_gather(x, dim, context_group(), label)
+    out = _GatherChunks.apply(x, dim, context_group(), label)
     assert isinstance(out, torch.Tensor)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from megalong.config import Config
+from megalong.parallel.context import set_layout as set_context_layout
 from megalong.parallel.distributed import ParallelLayout, initialize
 from megalong.train.engine import Engine
 
@@ -12,6 +13,7 @@ def initialize_for(cfg: Config) -> ParallelLayout:
     """megatron-core's process groups for the run (DeepSpeed: tensor x data only; the config
     validator refuses pipeline stages and expert parallelism with it)."""
     p = cfg.parallel
+    set_context_layout(p.context_layout)
     if cfg.train.engine == "deepspeed":
         return initialize(p.tensor, p.backend)
     return initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,

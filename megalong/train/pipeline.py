@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megalong.parallel.context import context_loss, context_size
 from megalong.moe.layer import AttachAuxLoss, RoutingStats, moe_aux_loss, moe_stats
 from megalong.train.documents import model_inputs
 from megalong.train.losses import masked_mean
@@ -55,6 +56,9 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
             output = output.float()
 
         def loss_func(per_token: torch.Tensor):
+            if context_size() > 1:  # the whole sequence's mean; the schedule multiplies by the CP size
+                loss = context_loss(per_token, batch["loss_mask"])
+                return loss / context_size(), {"lm": loss.detach().clone()}
             loss = masked_mean(per_token, batch["loss_mask"])
             return loss, {"lm": loss.detach().clone()}  # the schedule divides `loss` in place
 
@@ -66,7 +70,8 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=n_micro,
-        seq_length=batches[0]["tokens"].shape[1] * (2 if reversible_chunks(chunks) else 1),
+        # megatron divides the sequence length by the context-parallel size: this rank's chunk x N
+        seq_length=batches[0]["tokens"].shape[1] * context_size() * (2 if reversible_chunks(chunks) else 1),
         micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
