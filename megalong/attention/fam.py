@@ -21,8 +21,11 @@ belongs to its document; a document that starts inside block t sees the initial 
 keys from the learned embeddings, standing at the document's first position - 1). F_t belongs to
 the document of block t's last token: it continues F_{t-1} when that document did, else restarts
 from the initial FAM, and reads only that document's tokens of block t. A document that starts at
-a block boundary is thus computed exactly as if alone (tested). The torch path runs (the block
-kernel takes no segment ids).
+a block boundary is thus computed exactly as if alone (tested). The block kernel takes the same
+documents (megalong/kernels/fam_attention.py); the FAM chain stays in torch.
+
+Grouped-query attention: keys and values stay one head per group ([b, groups, ...]); the block
+kernel indexes the groups, the torch paths copy them per query head.
 
 Context parallelism (`parallel.context`): the memory by a halo from the earlier ranks, the FAM
 state handed from rank to rank, serially (context_fam.py, which states the cost).
@@ -49,17 +52,6 @@ from megalong.parallel.context import context_size
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-@kernels.eager
-def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: Optional[torch.Tensor],
-                      v_fam: Optional[torch.Tensor], scale: float, block_size: int, memory_segments: int,
-                      slopes: Optional[torch.Tensor]) -> torch.Tensor:
-    """`FamAttention.blocks` on the FAM block kernel (megalong/kernels/fam_attention.py); the FAM
-    chain's `fam_step` stays in torch."""
-    from megalong.kernels.fam_attention import fam_block_attention
-
-    return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes)
-
-
 @dataclass
 class FamDocuments:
     """What `FamAttention.blocks` needs of packed documents: segment_ids [b, L]; fam_docs [b, blocks],
@@ -70,6 +62,22 @@ class FamDocuments:
     fam_docs: torch.Tensor
     k_init: Optional[torch.Tensor] = None
     v_init: Optional[torch.Tensor] = None
+
+
+@kernels.eager
+def fam_blocks_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_fam: Optional[torch.Tensor],
+                      v_fam: Optional[torch.Tensor], scale: float, block_size: int, memory_segments: int,
+                      slopes: Optional[torch.Tensor], documents: Optional[FamDocuments] = None) -> torch.Tensor:
+    """`FamAttention.blocks` on the FAM block kernel (megalong/kernels/fam_attention.py), packed
+    documents included; k, v, k_fam, v_fam may hold key/value groups (the kernel indexes them). The
+    FAM chain's `fam_step` stays in torch."""
+    from megalong.kernels.fam_attention import fam_block_attention
+
+    if documents is None:
+        return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes)
+    return fam_block_attention(q, k, v, k_fam, v_fam, scale, block_size, memory_segments, slopes,
+                               segment_ids=documents.segment_ids, fam_docs=documents.fam_docs,
+                               k_init=documents.k_init, v_init=documents.v_init)
 
 
 class FamAttention(CoreAttention):
@@ -131,13 +139,14 @@ class FamAttention(CoreAttention):
                documents: Optional[FamDocuments] = None) -> torch.Tensor:
         """Every block's tokens over [memory blocks; FAM before the block; own block, causally].
 
-        q: [b, h, L, d]; k, v: [b, g, L, d] (g key/value groups dividing h); k_fam, v_fam:
-        [b, g, blocks, fam_length, d] (F_{t-1} for block t) or None without FAM; `documents`: packed documents (the module docstring). Returns [b, h, L, d].
+        q: [b, h, L, d]; k, v: [b, g, L, d] (g key/value groups dividing h, indexed by group on
+        both paths); k_fam, v_fam: [b, g, blocks, fam_length, d] (F_{t-1} for block t) or None
+        without FAM; `documents`: packed documents (the module docstring). Returns [b, h, L, d].
         """
-        if documents is None and kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
+        if kernels.use_kernels(q, dropout=self.active_dropout):  # Triton on CUDA (megalong/kernels)
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
             return fam_blocks_kernel(q, k, v, k_fam, v_fam, self.scale, self.block_size, self.memory_segments,
-                                     slopes)
+                                     slopes, documents)
         b, h, L, d = q.shape
         B, m = self.block_size, self.memory_segments
         n = -(-L // B)

@@ -69,18 +69,21 @@ def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: St
 
 
 @kernels.eager
-def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int) -> torch.Tensor:
-    """`causal_linear_attention` with phi = elu + 1 on the chunked kernel (megalong/kernels/linear_attention.py)."""
+def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int,
+               segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`causal_linear_attention` (or, with segment_ids, `segmented_linear_attention`) with
+    phi = elu + 1 on the chunked kernel (megalong/kernels/linear_attention.py); k and v may hold
+    key/value groups (the kernel indexes them)."""
     from megalong.kernels.linear_attention import linear_attention
 
-    return linear_attention(q, k, v, eps, chunk_size)
+    return linear_attention(q, k, v, eps, chunk_size, segment_ids)
 
 
 class LinearAttention(CoreAttention):
     options_class = LinearOptions
     options: LinearOptions
     # Every torch path keeps one state per key/value group (the query heads of a group stacked
-    # along the rows, grouped.py); the elu kernel takes the groups as they are.
+    # along the rows, grouped.py); the elu kernel indexes the groups itself.
     grouped_kv = True
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -115,6 +118,9 @@ class LinearAttention(CoreAttention):
 
     def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          segment_ids: torch.Tensor) -> torch.Tensor:
+        if (self.normalization == "elu" and kernels.use_kernels(q)
+                and linear_kernel_covers(q.dtype, q.shape[-1], v.shape[-1])):
+            return elu_kernel(q, k.to(q.dtype), v.to(q.dtype), self.eps, self.chunk_size, segment_ids).to(v.dtype)
         dtype = _compute_dtype(q.dtype)
         out_dtype = v.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -102,9 +102,8 @@ class LshAttention(CoreAttention):
                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.bucket_size
         # Triton on CUDA (megalong/kernels) for the chunk attention, when bucket_size is a power of
-        # two >= 16 and there are no segment ids.
-        fused = (segment_ids is None and kernels.use_kernels(q, dropout=self.active_dropout)
-                 and c >= 16 and not c & (c - 1))
+        # two >= 16 (with or without segment ids).
+        fused = kernels.use_kernels(q, dropout=self.active_dropout) and c >= 16 and not c & (c - 1)
         b, h, L, d = q.shape
         Lp = -(-L // c) * c
         nb = self.buckets_for(L)
@@ -124,12 +123,12 @@ class LshAttention(CoreAttention):
             idx = order.unsqueeze(-1).expand(-1, -1, -1, -1, x.shape[-1])
             return x.unsqueeze(2).expand(-1, -1, n, -1, -1).gather(3, idx)
 
+        padded = None if segment_ids is None else F.pad(segment_ids, (0, Lp - L), value=-1)
         if fused:
             slopes = self.alibi_slopes(q.device, torch.float32) if self.alibi else None
-            out, lse = chunk_kernel(sort(q), sort(keys), sort(v), order, chunk_of, c, self.scale, slopes)
+            out, lse = chunk_kernel(sort(q), sort(keys), sort(v), order, chunk_of, c, self.scale, slopes, padded)
         else:
-            out, lse = self.chunk_attention(sort(q), sort(keys), sort(v), order, chunk_of,
-                                            None if segment_ids is None else F.pad(segment_ids, (0, Lp - L), value=-1))
+            out, lse = self.chunk_attention(sort(q), sort(keys), sort(v), order, chunk_of, padded)
 
         # Back to the original order, then rounds weighted by exp(lse_r - logsumexp_r lse_r).
         undo = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
@@ -204,11 +203,12 @@ class LshAttention(CoreAttention):
 @kernels.eager
 def chunk_kernel(sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
                  chunk_of: torch.Tensor, bucket_size: int, scale: float,
-                 slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                 slopes: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`LshAttention.chunk_attention` on the LSH chunk kernel (megalong/kernels/lsh_attention.py)."""
     from megalong.kernels.lsh_attention import lsh_chunk_attention
 
-    return lsh_chunk_attention(sq, sk, sv, order, chunk_of, bucket_size, scale, slopes)
+    return lsh_chunk_attention(sq, sk, sv, order, chunk_of, bucket_size, scale, slopes, segment_ids)
 
 
 class LshSelfAttention(SelfAttention):

@@ -32,9 +32,11 @@ SELF_SCORE = -1e5  # as megalong.attention.lsh.SELF_SCORE
 
 def reference_lsh_chunk_attention(sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor,
                                   positions: torch.Tensor, chunk_of: torch.Tensor, chunk: int,
-                                  scale: float, slopes: Optional[torch.Tensor] = None
+                                  scale: float, slopes: Optional[torch.Tensor] = None,
+                                  segment_ids: Optional[torch.Tensor] = None
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit per-pair scores over all Lp keys of the round (O(Lp^2)): (out, lse)."""
+    """Explicit per-pair scores over all Lp keys of the round (O(Lp^2)): (out, lse); segment_ids
+    [b, Lp] (the document of every original position): pairs of one document only."""
     b, h, n, Lp, d = sq.shape
     scores = torch.matmul(sq, sk.transpose(-1, -2)) * scale  # [b, h, n, Lp, Lp]
     distance = positions.unsqueeze(-1) - positions.unsqueeze(-2)
@@ -51,15 +53,20 @@ def reference_lsh_chunk_attention(sq: torch.Tensor, sk: torch.Tensor, sv: torch.
             times += ((cq - ck == 0) | (cq - ck == 1)).to(scores.dtype)
         scores = scores - torch.log(times.clamp(min=1))
     scores = scores.masked_fill(distance == 0, SELF_SCORE)
-    scores = scores.masked_fill(~((distance >= 0) & in_window), float("-inf"))
+    visible = (distance >= 0) & in_window
+    if segment_ids is not None:
+        doc = segment_ids.view(b, 1, 1, Lp).expand(b, h, n, Lp).gather(-1, positions)
+        visible = visible & (doc.unsqueeze(-1) == doc.unsqueeze(-2))
+    scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), sv), lse
 
 
 @triton.jit
-def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope, qk_scale,
+def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, visible, CHUNK_OF, g_rounds, Lp, slope, qk_scale,
                 N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scores in the log2 domain; -inf where not visible; also returns where the score is constant."""
+    """Scores in the log2 domain; -inf where not causal or not `visible` (different documents);
+    also returns where the score is constant."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     distance = pos_q[:, None] - pos_k[None, :]
     if HAS_ALIBI:
@@ -74,12 +81,24 @@ def _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slo
         s -= tl.log2(tl.maximum(times, 1.0))
     is_self = distance == 0
     s = tl.where(is_self, -1e5 * 1.4426950408889634, s)
-    return tl.where((distance >= 0) & valid_k[None, :], s, float("-inf")), is_self
+    return tl.where((distance >= 0) & valid_k[None, :] & visible, s, float("-inf")), is_self
 
 
 @triton.jit
-def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
-             N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _same_document(SEG, seg_q, pos_k, HAS_SEG: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: query and key in one document (everywhere without segments)."""
+    seg_k = seg_q
+    if HAS_SEG:
+        seg_k = tl.load(SEG + pos_k)
+    else:
+        seg_k = tl.zeros_like(pos_k)
+        seg_q = tl.zeros_like(seg_q)
+    return seg_q[:, None] == seg_k[None, :]
+
+
+@triton.jit
+def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, SEG, Lp, qk_scale, H,
+             N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """BLOCK_M query rows of one chunk (program_id(0)) against its own chunk's and the chunk
@@ -98,6 +117,10 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
     c = (qb * BLOCK_M) // CHUNK
     q = tl.load(Q + (base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=d_mask[None, :], other=0.0)
     pos_q = tl.load(POS + base + rows)
+    SEG += offset64(bh // H, Lp)  # [b, Lp]: the document of every original position
+    seg_q = pos_q
+    if HAS_SEG:
+        seg_q = tl.load(SEG + pos_q)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
@@ -111,7 +134,8 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
         k = tl.load(K + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + (base + rows_k)[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         pos_k = tl.load(POS + base + rows_k)
-        s, _ = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope,
+        visible = _same_document(SEG, seg_q, pos_k, HAS_SEG)
+        s, _ = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, visible, CHUNK_OF, g_rounds, Lp, slope,
                            qk_scale, N_ROUNDS, HAS_ALIBI, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -126,8 +150,8 @@ def _lsh_fwd(Q, K, V, POS, CHUNK_OF, O, LSE, SLOPES, Lp, qk_scale, H,
 
 
 @triton.jit
-def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_scale, sm_scale, H,
-             N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, SEG, Lp, qk_scale, sm_scale, H,
+             N_ROUNDS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
     """dq of BLOCK_M query rows written here; their dk, dv contributions added atomically."""
@@ -149,6 +173,10 @@ def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_
     lse2 = tl.load(LSE + base + rows) * 1.4426950408889634
     delta = tl.load(DELTA + base + rows)
     pos_q = tl.load(POS + base + rows)
+    SEG += offset64(bh // H, Lp)  # [b, Lp]: the document of every original position
+    seg_q = pos_q
+    if HAS_SEG:
+        seg_q = tl.load(SEG + pos_q)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
@@ -161,7 +189,8 @@ def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_
         k = tl.load(K + k_ptr, mask=kv_mask, other=0.0)
         v = tl.load(V + k_ptr, mask=kv_mask, other=0.0)
         pos_k = tl.load(POS + base + rows_k)
-        s, is_self = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, CHUNK_OF, g_rounds, Lp, slope,
+        visible = _same_document(SEG, seg_q, pos_k, HAS_SEG)
+        s, is_self = _lsh_scores(q, k, pos_q, pos_k, rows_k, valid_k, visible, CHUNK_OF, g_rounds, Lp, slope,
                                  qk_scale, N_ROUNDS, HAS_ALIBI, DOT_PRECISION)
         p = tl.exp2(s - lse2[:, None])
         tl.atomic_add(DV + k_ptr, tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION),
@@ -176,7 +205,7 @@ def _lsh_bwd(Q, K, V, POS, CHUNK_OF, DO, LSE, DELTA, DQ, DK, DV, SLOPES, Lp, qk_
 
 class _LshChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sq, sk, sv, positions, chunk_of, chunk, scale, slopes):
+    def forward(ctx, sq, sk, sv, positions, chunk_of, chunk, scale, slopes, segments):
         b, h, n, Lp, d = sq.shape
         sq, sk, sv = sq.contiguous(), sk.contiguous(), sv.contiguous()
         positions = positions.to(torch.int32).contiguous()
@@ -188,17 +217,19 @@ class _LshChunk(torch.autograd.Function):
         block_m, block_n = min(tiles.block_m, chunk), min(tiles.block_n, chunk)
         _lsh_fwd[(Lp // block_m, b * h * n)](
             sq, sk, sv, positions, chunk_of, out, lse, slopes if slopes is not None else lse,
+            segments if segments is not None else positions,
             Lp, scale * 1.4426950408889634, h, N_ROUNDS=n, HAS_ALIBI=slopes is not None,
+            HAS_SEG=segments is not None,
             HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION=dot_input_precision(sq.dtype), num_warps=tiles.num_warps,
             num_stages=tiles.num_stages)
-        ctx.save_for_backward(sq, sk, sv, positions, chunk_of, out, lse, slopes)
+        ctx.save_for_backward(sq, sk, sv, positions, chunk_of, out, lse, slopes, segments)
         ctx.args = (chunk, scale)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        sq, sk, sv, positions, chunk_of, out, lse, slopes = ctx.saved_tensors
+        sq, sk, sv, positions, chunk_of, out, lse, slopes, segments = ctx.saved_tensors
         chunk, scale = ctx.args
         b, h, n, Lp, d = sq.shape
         do = do.contiguous()
@@ -213,22 +244,31 @@ class _LshChunk(torch.autograd.Function):
         block_m, block_n = min(tiles.block_m, chunk), min(tiles.block_n, chunk)
         _lsh_bwd[(Lp // block_m, b * h * n)](
             sq, sk, sv, positions, chunk_of, do, lse, delta, dq, dk, dv,
-            slopes if slopes is not None else lse, Lp, scale * 1.4426950408889634, scale, h,
-            N_ROUNDS=n, HAS_ALIBI=slopes is not None, HEAD_DIM=d,
+            slopes if slopes is not None else lse, segments if segments is not None else positions,
+            Lp, scale * 1.4426950408889634, scale, h,
+            N_ROUNDS=n, HAS_ALIBI=slopes is not None, HAS_SEG=segments is not None, HEAD_DIM=d,
             BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION=dot_input_precision(sq.dtype), num_warps=tiles.num_warps,
             num_stages=tiles.num_stages)
-        return dq.to(sq.dtype), dk.to(sk.dtype), dv.to(sv.dtype), None, None, None, None, None
+        return dq.to(sq.dtype), dk.to(sk.dtype), dv.to(sv.dtype), None, None, None, None, None, None
 
 
 def lsh_chunk_attention(sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, positions: torch.Tensor,
                         chunk_of: torch.Tensor, chunk: int, scale: float,
-                        slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        slopes: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LSH chunk attention; see the module docstring and `reference_lsh_chunk_attention`.
-    `chunk` must be a power of two >= 16 dividing Lp."""
+    `chunk` must be a power of two >= 16 dividing Lp; segment_ids [b, Lp]: the document of every
+    original position (packed documents; padding any id of its own), pairs of one document only."""
     Lp = sq.shape[3]
     if chunk < 16 or chunk & (chunk - 1) or Lp % chunk:
         raise ValueError(f"lsh_chunk_attention: chunk {chunk} must be a power of two >= 16 dividing {Lp}")
     if slopes is not None:
         slopes = slopes.to(device=sq.device, dtype=torch.float32).contiguous()
-    return _LshChunk.apply(sq, sk, sv, positions, chunk_of, int(chunk), float(scale), slopes)
+    segments = None
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (sq.shape[0], Lp):
+            raise ValueError(f"lsh_chunk_attention: segment_ids {tuple(segment_ids.shape)} must be "
+                             f"[{sq.shape[0]}, {Lp}]")
+        segments = segment_ids.to(device=sq.device, dtype=torch.int32).contiguous()
+    return _LshChunk.apply(sq, sk, sv, positions, chunk_of, int(chunk), float(scale), slopes, segments)

@@ -15,6 +15,7 @@ from megalong.attention.fam import FamAttention
 from megalong.attention.reference import explicit_mask, reference_attention
 
 TOL = 1e-9
+KERNEL_TOL = 1e-5  # the FAM block kernel's float32 gradient accumulators
 
 
 def _fam_layer_parts(layer):
@@ -210,12 +211,13 @@ def test_fam_packed_documents_equal_per_block_loop(one_process, monkeypatch, L, 
         params.append(layer.fam_init)
     assert_close_with_grads(out, ref, params, TOL)
     assert (layer(x)[0] - ref).abs().max() > 1e-3  # the documents meet without the segments
-    # Where the block kernel would run, segments still take the torch path (never ignored).
+    # Forced onto the block kernel (interpreted here), the documents give the same, gradients too
+    # (within float32: the kernel accumulates key/value gradients in float32).
     from megalong.kernels import select
 
     monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
     forced, _ = layer(x, packed_seq_params=DocumentSegments(segment_ids=segments))
-    assert (forced - ref).abs().max() < TOL
+    assert_close_with_grads(forced, ref, params, KERNEL_TOL)
 
 
 @pytest.mark.parametrize("alibi", [False, True])

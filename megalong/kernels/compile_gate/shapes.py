@@ -117,33 +117,52 @@ def window_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[
 
 
 def fam_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Plain, ALiBi, no FAM; packed documents (segment ids, the initial FAM); grouped key/value heads."""
     from megalong.kernels.fam_attention import fam_block_attention
 
     block, fam_len = 256, 64
-    for name, with_fam, alibi in (("fam", True, False), ("fam-alibi", True, True), ("fam-nofam", False, False)):
-        def case(with_fam=with_fam, alibi=alibi) -> None:
-            q, k, v = _qkv(s, dtype)
+    variants = {  # name: (FAM, ALiBi, documents, key/value groups)
+        "fam": (True, False, False, s.heads), "fam-alibi": (True, True, False, s.heads),
+        "fam-nofam": (False, False, False, s.heads), "fam-alibi-documents": (True, True, True, s.heads),
+        "fam-gqa": (True, False, False, _groups(s)),
+    }
+    for name, (with_fam, alibi, documents, groups) in variants.items():
+        def case(with_fam=with_fam, alibi=alibi, documents=documents, groups=groups) -> None:
+            q = _t(1, s.heads, SEQ_LEN, s.head_dim, dtype=dtype, grad=True)
+            k, v = (_t(1, groups, SEQ_LEN, s.head_dim, dtype=dtype, grad=True) for _ in range(2))
             n_blocks = SEQ_LEN // block
-            kf = _t(1, s.heads, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
-            vf = _t(1, s.heads, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
+            kf = _t(1, groups, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
+            vf = _t(1, groups, n_blocks, fam_len, s.head_dim, dtype=dtype, grad=True) if with_fam else None
+            extra = {}
+            if documents:
+                extra = dict(segment_ids=torch.zeros(1, SEQ_LEN, device=META, dtype=torch.long),
+                             fam_docs=torch.zeros(1, n_blocks, device=META, dtype=torch.long),
+                             k_init=_t(1, groups, fam_len, s.head_dim, dtype=dtype, grad=True),
+                             v_init=_t(1, groups, fam_len, s.head_dim, dtype=dtype, grad=True))
             _backward(fam_block_attention(q, k, v, kf, vf, s.head_dim ** -0.5, block, 1,
-                                          _slopes(s.heads) if alibi else None))
+                                          _slopes(s.heads) if alibi else None, **extra))
         yield name, case
+
+
+def _groups(s: Shape) -> int:
+    """Key/value groups of the grouped-query cases: four query heads per group."""
+    return max(1, s.heads // 4)
 
 
 def lsh_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from megalong.kernels.lsh_attention import lsh_chunk_attention
 
     chunk = 64
-    for rounds, alibi in ((1, False), (4, False), (2, True)):
-        def case(rounds=rounds, alibi=alibi) -> None:
+    for rounds, alibi, documents in ((1, False, False), (4, False, False), (2, True, False), (2, True, True)):
+        def case(rounds=rounds, alibi=alibi, documents=documents) -> None:
             size = (1, s.heads, rounds, SEQ_LEN, s.head_dim)
             sq, sk, sv = (_t(*size, dtype=dtype, grad=True) for _ in range(3))
             positions = _t(1, s.heads, rounds, SEQ_LEN, dtype=torch.int64)
+            segments = torch.zeros(1, SEQ_LEN, device=META, dtype=torch.long) if documents else None
             out, lse = lsh_chunk_attention(sq, sk, sv, positions, positions, chunk, s.head_dim ** -0.5,
-                                           _slopes(s.heads) if alibi else None)
+                                           _slopes(s.heads) if alibi else None, segments)
             _backward(out, lse)
-        yield f"lsh-{rounds}rounds" + ("-alibi" if alibi else ""), case
+        yield f"lsh-{rounds}rounds" + ("-alibi" if alibi else "") + ("-documents" if documents else ""), case
 
 
 def linear_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -153,10 +172,14 @@ def linear_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[
     if not linear_kernel_covers(dtype, s.head_dim, s.head_dim):
         return  # LinearAttention runs its torch path there: nothing is launched
 
-    def case() -> None:
-        q, k, v = _qkv(s, dtype)  # LinearAttention hands 16-bit inputs to the kernel as they are
-        _backward(linear_attention(q, k, v, 1e-6, 64))
+    def case(documents: bool = False, groups: int = s.heads) -> None:
+        q = _t(1, s.heads, SEQ_LEN, s.head_dim, dtype=dtype, grad=True)  # 16-bit inputs go in as they are
+        k, v = (_t(1, groups, SEQ_LEN, s.head_dim, dtype=dtype, grad=True) for _ in range(2))
+        segments = torch.zeros(1, SEQ_LEN, device=META, dtype=torch.long) if documents else None
+        _backward(linear_attention(q, k, v, 1e-6, 64, segments))
     yield "linear", case
+    yield "linear-documents", lambda: case(documents=True)
+    yield "linear-gqa", lambda: case(groups=_groups(s))
 
 
 def moe_cases(s: Shape, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
