@@ -286,9 +286,13 @@ def test_linear_attention_matches_reference(b, h, L, D, E, chunk):
     assert (want - loop).abs().max().item() < 1e-10
 
 
-def test_linear_attend_equals_linear_attention():
+def test_linear_attend_equals_linear_attention(monkeypatch):
+    """The module's wiring to the kernel, in float32 (compared exactly enough); on a GPU float32
+    takes the torch path (tuning.linear_kernel_covers, tested below), which is lifted here."""
+    import megalong.attention.linear as linear
     from megalong.attention.linear import LinearAttention
 
+    monkeypatch.setattr(linear, "linear_kernel_covers", lambda *a: True)
     module = LinearAttention(attn_config(2), 1, chunk_size=16)
     q, k, v = rand(1, 2, 29, 16, seed=0), rand(1, 2, 29, 16, seed=1), rand(1, 2, 29, 16, seed=2)
     assert_match(*on_kernels_and_torch(lambda: [module.attend(q, k, v)]), (q, k, v))
@@ -343,11 +347,11 @@ def test_linear_attend_bf16_inputs_reach_the_kernel(monkeypatch, L, D, chunk):
         assert a.dtype == torch.bfloat16 and _rel(a, b) < LINEAR_BF16_REL
 
 
-@pytest.mark.parametrize("dtype,D,kernel", [(torch.float32, 128, False), (torch.float32, 64, True),
-                                            (torch.bfloat16, 128, True)])
-def test_linear_attend_leaves_float32_past_head_dim_64_to_torch(monkeypatch, dtype, D, kernel):
-    """float32 at head_dim 128 spills in every kernel tile (tuning.linear_kernel_covers): the
-    module runs its torch chunked path there, and the kernel elsewhere."""
+@pytest.mark.parametrize("dtype,D,kernel", [(torch.float32, 128, False), (torch.float32, 64, False),
+                                            (torch.bfloat16, 128, True), (torch.bfloat16, 64, True)])
+def test_linear_attend_leaves_float32_to_torch(monkeypatch, dtype, D, kernel):
+    """float32 spills in the linear kernels (tuning.linear_kernel_covers): the module runs its
+    torch chunked path for float32 and the kernel for 16-bit operands."""
     import megalong.attention.linear as linear
 
     calls = []
@@ -421,6 +425,9 @@ def test_modules_take_the_kernel_path_when_selected(monkeypatch):
     from megalong.attention.lsh import LshAttention
     from megalong.moe.layer import MoELayer
 
+    import megalong.attention.linear as linear
+
+    monkeypatch.setattr(linear, "linear_kernel_covers", lambda *a: True)  # float32 on the kernel here
     torch.manual_seed(0)
     q, k, v = rand(1, 2, 21, 16, seed=0), rand(1, 2, 21, 16, seed=1), rand(1, 2, 21, 16, seed=2)
     modules = [LocalAttention(attn_config(2), 1, window=5, alibi=True), GlobalAttention(attn_config(2), 1, alibi=True),

@@ -75,10 +75,11 @@ class LinearTiles:
 
 def linear_kernel_covers(dtype: torch.dtype, d: int, e: int) -> bool:
     """Whether `linear` runs its kernel for operands of `dtype` with features of width d and values
-    of width e. float32 past 64 is left to the torch chunked path (cuBLAS): the kernels keep a
-    [d, block_e] float32 state as a tf32x3 `tl.dot` operand, and every tile tried there spills
-    (sm_90 104-2108 B/thread; bench/RESULTS.md, compile gate)."""
-    return dtype.itemsize <= 2 or max(d, e) <= 64
+    of width e: 16-bit operands only. float32 is left to the torch chunked path (cuBLAS): the
+    kernels keep a [d, block_e] float32 state as a tf32x3 `tl.dot` operand, which spills on sm_90
+    at head_dim 64 (464-1164 B/thread) and 128 (every tile tried, 104-2108; bench/RESULTS.md,
+    compile gate)."""
+    return dtype.itemsize <= 2
 
 
 def linear_tiles(arch: int, d: int, e: int, dtype: torch.dtype) -> LinearTiles:

@@ -159,7 +159,8 @@ def test_linear_recurrent_form_restarts_at_document_starts(normalization):
 def test_segments_are_honoured_where_a_kernel_would_run(monkeypatch):
     """With the kernel selection forced on (kernels interpreted on the CPU), packed documents still
     equal the documents alone: global and local run the windowed kernel with the segment ids (it
-    is called with them); linear's and LSH's kernels take none and their torch paths run."""
+    is called with them); linear, LSH and FAM run their own kernels with the segment ids
+    (tests/test_kernels_documents.py)."""
     from megalong.kernels import select
     from megalong.kernels import window_attention as wa
 
@@ -194,5 +195,6 @@ def test_segments_are_honoured_where_a_kernel_would_run(monkeypatch):
     monkeypatch.setattr(select, "use_kernels", lambda *a, **k: True)
     forced = module.attend_documents(q, q, v, seg)
     monkeypatch.setattr(select, "use_kernels", lambda *a, **k: False)
-    assert (forced - module.attend_documents(q, q, v, seg)).abs().max() < TOL
+    # the kernel (with the segment ids) accumulates in float32: 1.1e-7 measured
+    assert (forced - module.attend_documents(q, q, v, seg)).abs().max() < 1e-5
     assert (forced - module.attend(q, q, v)).abs().max() > 1e-3
