@@ -87,3 +87,16 @@ def far_memory(monkeypatch):
 def addresses(base: torch.Tensor, element_size: int, rows, row_len: int, cols) -> set:
     """Byte addresses of [rows x cols] of a row-major tensor at `base` with rows of row_len."""
     return {base.data_ptr() + element_size * (r * row_len + c) for r in rows for c in cols}
+
+
+def sorted_rounds(b, h, n, L, c, seed=0, n_buckets=4):
+    """LSH rounds sorted by random buckets of `n_buckets` (padding last): (order, chunk of each
+    position, padded length)."""
+    g = torch.Generator().manual_seed(seed)
+    Lp = -(-L // c) * c
+    buckets = torch.randint(0, n_buckets, (b, h, n, Lp), generator=g)
+    buckets[..., L:] = n_buckets
+    pos = torch.arange(Lp)
+    order = torch.argsort(buckets * Lp + pos, -1)
+    chunk_of = torch.empty_like(order).scatter_(-1, order, (pos // c).expand_as(order))
+    return order.to(DEVICE), chunk_of.to(DEVICE), Lp

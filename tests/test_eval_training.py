@@ -34,23 +34,32 @@ def upper_case_dataset(tiny_data, root) -> str:
     return str(root / "upper")
 
 
+def held_out(checkpoint, prefixes: dict[str, str], samples: int):
+    """(the one-process model of `checkpoint`, its tokenizer, per prefix name the held-out
+    GPTDataset of that prefix alone, `samples` samples)."""
+    from megalong.data.datasets import build_gpt_datasets
+    from megalong.data.tokenizer import SentencePieceTokenizer
+    from megalong.generate import load_for_inference
+
+    model, cfg, _ = load_for_inference(checkpoint)
+    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    return model, tokenizer, {name: build_gpt_datasets([(1.0, prefix)], "90,10,0", SEQ, 1234, tokenizer,
+                                                       (0, samples, 0), None)[1]
+                              for name, prefix in prefixes.items()}
+
+
 def hand_losses(checkpoint, prefixes: dict[str, str], samples: int) -> dict[str, float]:
     """Per prefix: the one-process model's mean cross-entropy over the first `samples` samples of
     that prefix's own held-out GPTDataset."""
     import torch
     import torch.nn.functional as F
 
-    from megalong.data.datasets import build_gpt_datasets
-    from megalong.data.tokenizer import SentencePieceTokenizer
-    from megalong.generate import load_for_inference
     from megalong.parallel.distributed import shutdown
 
     out = {}
     try:
-        model, cfg, _ = load_for_inference(checkpoint)
-        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
-        for name, prefix in prefixes.items():
-            valid = build_gpt_datasets([(1.0, prefix)], "90,10,0", SEQ, 1234, tokenizer, (0, samples, 0), None)[1]
+        model, tokenizer, held_out_sets = held_out(checkpoint, prefixes, samples)
+        for name, valid in held_out_sets.items():
             tokens = torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(samples)])
             labels = torch.stack([torch.as_tensor(valid[i]["labels"]) for i in range(samples)])
             with torch.no_grad():
@@ -101,17 +110,12 @@ def document_losses(checkpoint, prefixes: dict[str, str], samples: int) -> dict[
     import torch
     import torch.nn.functional as F
 
-    from megalong.data.datasets import build_gpt_datasets
-    from megalong.data.tokenizer import SentencePieceTokenizer
-    from megalong.generate import load_for_inference
     from megalong.parallel.distributed import shutdown
 
     out = {}
     try:
-        model, cfg, _ = load_for_inference(checkpoint)
-        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
-        for name, prefix in prefixes.items():
-            valid = build_gpt_datasets([(1.0, prefix)], "90,10,0", SEQ, 1234, tokenizer, (0, samples, 0), None)[1]
+        model, tokenizer, held_out_sets = held_out(checkpoint, prefixes, samples)
+        for name, valid in held_out_sets.items():
             alone, whole, pieces = [], [], 0
             for i in range(samples):
                 tokens = torch.as_tensor(valid[i]["tokens"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_helpers import DEVICE, GRAD_TOL, OUT_TOL, SMALL, assert_match, attn_config, rand
+from kernel_helpers import DEVICE, GRAD_TOL, OUT_TOL, SMALL, assert_match, attn_config, rand, sorted_rounds
 from megalong.kernels import linear_attention as la
 from megalong.kernels import lsh_attention as lsh
 from megalong.kernels import select
@@ -368,23 +368,12 @@ def test_linear_attend_leaves_float32_to_torch(monkeypatch, dtype, D, kernel):
 
 # ---- LSH chunk attention -----------------------------------------------------------------------
 
-def _sorted_rounds(b, h, n, L, c, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Lp = -(-L // c) * c
-    buckets = torch.randint(0, 4, (b, h, n, Lp), generator=g)
-    buckets[..., L:] = 4
-    pos = torch.arange(Lp)
-    order = torch.argsort(buckets * Lp + pos, -1)
-    chunk_of = torch.empty_like(order).scatter_(-1, order, (pos // c).expand_as(order))
-    return order.to(DEVICE), chunk_of.to(DEVICE), Lp
-
-
 @pytest.mark.parametrize("b,h,n,L,D,alibi,c", [(1, 2, 1, 37, 16, False, 16), (2, 2, 2, 40, 24, True, 16),
                                                (1, 1, 3, 5, 16, False, 16), (1, 1, 2, 37, 128, True, 16),
                                                (1, 2, 2, 70, 24, True, 32)])
 def test_lsh_chunk_attention_matches_reference(b, h, n, L, D, alibi, c):
     """c = 32: two query blocks per chunk and four key steps per program (16 x 16 tiles)."""
-    order, chunk_of, Lp = _sorted_rounds(b, h, n, L, c)
+    order, chunk_of, Lp = sorted_rounds(b, h, n, L, c)
     sq, sk, sv = (rand(b, h, n, Lp, D, seed=s) for s in range(3))
     slopes = torch.tensor([0.5, 0.25][:h], device=DEVICE) if alibi else None
     got = lsh.lsh_chunk_attention(sq, sk, sv, order, chunk_of, c, 0.4, slopes)

@@ -14,7 +14,7 @@ import torch
 
 import torch.nn.functional as F
 
-from kernel_helpers import DEVICE, SMALL, assert_match, attn_config, rand
+from kernel_helpers import DEVICE, SMALL, assert_match, attn_config, rand, sorted_rounds
 from megalong.kernels import fam_attention as fa
 from megalong.kernels import linear_attention as la
 from megalong.kernels import lsh_attention as lsh
@@ -133,14 +133,7 @@ def test_linear_attend_documents_takes_the_kernel_with_groups(monkeypatch):
 # ---- LSH chunk attention -----------------------------------------------------------------------
 
 def _lsh_rounds(b, h, n, L, c, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Lp = -(-L // c) * c
-    buckets = torch.randint(0, 3, (b, h, n, Lp), generator=g)
-    buckets[..., L:] = 3
-    pos = torch.arange(Lp)
-    order = torch.argsort(buckets * Lp + pos, -1)
-    chunk_of = torch.empty_like(order).scatter_(-1, order, (pos // c).expand_as(order))
-    return order.to(DEVICE), chunk_of.to(DEVICE), Lp
+    return sorted_rounds(b, h, n, L, c, seed, n_buckets=3)
 
 
 @pytest.mark.parametrize("n,alibi", [(1, False), (2, True)])
