@@ -58,7 +58,7 @@ def test_window_kernel_addresses_batches_past_2_31_elements(far_memory):  # noqa
     far = far_memory(q, k, v, o, lse, dummy)
     strides = (batch_stride, 0, D)
     wa._window_fwd[(1, 3)](q, k, v, o, lse, dummy, dummy, dummy, dummy, dummy, dummy, *strides, *strides, *strides,
-                           *strides, 1, L, L, 0, L, 1, 1.0, HAS_ALIBI=False, HAS_QPOS=False,
+                           *strides, 1, 1, L, L, 0, L, 1, 1.0, HAS_ALIBI=False, HAS_QPOS=False,
                            HAS_GLOBAL=False, HAS_SEG=False, HEAD_DIM=D, BLOCK_D=D, BLOCK_M=16,
                            BLOCK_N=16, DOT_PRECISION="ieee")
 
