@@ -68,6 +68,17 @@ def efficient_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: St
     return out, (N + torch.matmul(w.transpose(-1, -2), v), D + w.sum(dim=2), m_new)
 
 
+def efficient_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State,
+                     chunk_size: int) -> torch.Tensor:
+    """`efficient_chunk` over the whole sequence, chunk after chunk, starting from `state`."""
+    outs = []
+    for start in range(0, q.shape[2], chunk_size):
+        part = slice(start, start + chunk_size)
+        out, state = efficient_chunk(q[:, :, part], k[:, :, part], v[:, :, part], state)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
 @kernels.eager
 def elu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, chunk_size: int,
                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -108,12 +119,7 @@ class LinearAttention(CoreAttention):
             out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.eps, self.chunk_size)
         else:
             state = self.init_state(q.shape[0], k.shape[1], q.shape[-1], q.device, dtype, v.shape[-1])
-            outs = []
-            for start in range(0, q.shape[2], self.chunk_size):
-                part = slice(start, start + self.chunk_size)
-                out, state = efficient_chunk(q[:, :, part], k[:, :, part], v[:, :, part], state)
-                outs.append(out)
-            out = torch.cat(outs, dim=2)
+            out = efficient_chunks(q, k, v, state, self.chunk_size)
         return out.to(v_in.dtype)
 
     def attend_documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -140,13 +146,7 @@ class LinearAttention(CoreAttention):
             if segment_ids is not None:
                 raise NotImplementedError("linear attention with parallel.context > 1: normalization "
                                           "efficient without data.document_mask only")
-            state: State = context_attention.efficient_state_before(k, v_in)
-            outs = []
-            for start in range(0, q.shape[2], self.chunk_size):
-                part = slice(start, start + self.chunk_size)
-                out, state = efficient_chunk(q[:, :, part], k[:, :, part], v_in[:, :, part], state)
-                outs.append(out)
-            out = torch.cat(outs, dim=2)
+            out = efficient_chunks(q, k, v_in, context_attention.efficient_state_before(k, v_in), self.chunk_size)
         elif segment_ids is None:
             out = context_attention.linear_attention(q, k, v_in, self.eps, self.chunk_size)
         else:
