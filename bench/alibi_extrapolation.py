@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -35,21 +34,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
 
-    from megalong.cli import quiet_megatron_warnings, setup_logging
+    from megalong.cli import quiet_bench_logging
 
-    quiet_megatron_warnings()
-    setup_logging()
-    logging.getLogger("megalong").setLevel(logging.WARNING)
+    quiet_bench_logging()
     from megalong.config import load_config
-    from megalong.demo import DEFAULT_CONFIG, demo_data_paths, prepare_demo_data
+    from megalong.demo import DEFAULT_CONFIG, demo_data
     from megalong.evaluate import evaluate_checkpoint
     from megalong.parallel.distributed import shutdown
     from megalong.train.loop import train
 
     work = Path(args.workdir).resolve()
-    _, tokenizer_prefix, data_prefix = demo_data_paths(work)
-    if not Path(f"{data_prefix}.idx").is_file():
-        prepare_demo_data(work)
+    _, tokenizer_prefix, data_prefix = demo_data(work)
     rows = {}
     for name in args.variants:
         started = time.perf_counter()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import random
 import re
 import time
@@ -102,23 +101,19 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="*", default=list(KINDS))
     args = parser.parse_args()
 
-    from megalong.cli import quiet_megatron_warnings, setup_logging
+    from megalong.cli import quiet_bench_logging
 
-    quiet_megatron_warnings()
-    setup_logging()
-    logging.getLogger("megalong").setLevel(logging.WARNING)
+    quiet_bench_logging()
     from megalong.config import load_config
     from megalong.data.preprocess import PreprocessOptions, preprocess
-    from megalong.demo import DEFAULT_CONFIG, demo_data_paths, prepare_demo_data
+    from megalong.demo import DEFAULT_CONFIG, demo_data
     from megalong.evaluate import held_out_tokens
     from megalong.generate import load_for_inference
     from megalong.parallel.distributed import shutdown
     from megalong.train.loop import train
 
     work = Path(args.workdir).resolve()
-    corpus, tokenizer_prefix, data_prefix = demo_data_paths(work)
-    if not Path(f"{data_prefix}.idx").is_file():
-        prepare_demo_data(work)
+    corpus, tokenizer_prefix, data_prefix = demo_data(work)
     sections = work / "corpus" / "sections.jsonl.zst"
     prefix = work / "data" / "docs"
     if not Path(f"{prefix}.idx").is_file():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 # Dense MLP width 1024 (4 x 256); each MoE variant activates the same 1024 expert units per token.
@@ -36,13 +35,11 @@ def load_band(save_dir: Path, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from megalong.cli import quiet_megatron_warnings, setup_logging
+    from megalong.cli import quiet_bench_logging
 
-    quiet_megatron_warnings()
-    setup_logging()
-    logging.getLogger("megalong").setLevel(logging.WARNING)
+    quiet_bench_logging()
     from megalong.config import load_config
-    from megalong.demo import DEFAULT_CONFIG, prepare_demo_data
+    from megalong.demo import DEFAULT_CONFIG, demo_data
     from megalong.parallel.distributed import shutdown
     from megalong.train.loop import train
 
@@ -55,7 +52,8 @@ def main() -> None:
                         help="variants whose name starts with one of these prefixes (default: all)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    tokenizer, prefix = prepare_demo_data(workdir)
+    _, tokenizer_prefix, data_prefix = demo_data(workdir)
+    tokenizer, prefix = f"{tokenizer_prefix}.model", str(data_prefix)
     variants = {name: extra for name, extra in VARIANTS.items()
                 if args.only is None or any(name.startswith(o) for o in args.only)}
     rows = []

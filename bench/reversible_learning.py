@@ -9,7 +9,6 @@ CPU is enough. Record the printed table in bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 VARIANTS = {
@@ -21,13 +20,11 @@ VARIANTS = {
 
 
 def main() -> None:
-    from megalong.cli import quiet_megatron_warnings, setup_logging
+    from megalong.cli import quiet_bench_logging
 
-    quiet_megatron_warnings()
-    setup_logging()
-    logging.getLogger("megalong").setLevel(logging.WARNING)
+    quiet_bench_logging()
     from megalong.config import load_config
-    from megalong.demo import DEFAULT_CONFIG, prepare_demo_data
+    from megalong.demo import DEFAULT_CONFIG, demo_data
     from megalong.parallel.distributed import shutdown
     from megalong.train.loop import train
 
@@ -38,7 +35,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="variants starting with these prefixes")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    tokenizer, prefix = prepare_demo_data(workdir)
+    _, tokenizer_prefix, data_prefix = demo_data(workdir)
+    tokenizer, prefix = f"{tokenizer_prefix}.model", str(data_prefix)
     rows = []
     for name, extra in VARIANTS.items():
         if args.only is not None and not any(name.startswith(o) for o in args.only):

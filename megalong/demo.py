@@ -50,6 +50,15 @@ def demo_data_paths(workdir: Path) -> tuple[Path, Path, Path]:
             workdir / "data" / "stdlib_docs")
 
 
+def demo_data(workdir: Path) -> tuple[Path, Path, Path]:
+    """`demo_data_paths`, with the corpus, tokenizer and .bin/.idx prepared under workdir unless a
+    previous run left them there."""
+    paths = demo_data_paths(workdir)
+    if not Path(f"{paths[2]}.idx").is_file():
+        prepare_demo_data(workdir)
+    return paths
+
+
 def prepare_demo_data(workdir: Path) -> tuple[str, str]:
     """Steps 1-3 of the demo: (tokenizer model, .bin/.idx prefix) under workdir."""
     from megalong.data.preprocess import PreprocessOptions, preprocess

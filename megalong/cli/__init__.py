@@ -10,10 +10,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megalong.cli.logs import quiet_megatron_warnings, setup_logging
+from megalong.cli.logs import quiet_bench_logging, quiet_megatron_warnings, setup_logging
 from megalong.cli.parser import build_parser
 
-__all__ = ["main", "build_parser", "parse_args", "quiet_megatron_warnings", "setup_logging"]
+__all__ = ["main", "build_parser", "parse_args", "quiet_bench_logging", "quiet_megatron_warnings", "setup_logging"]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -33,3 +33,11 @@ def quiet_megatron_warnings() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"megatron\.")
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
+
+
+def quiet_bench_logging() -> None:
+    """A bench's console: no megatron warnings, and megalong's warnings only, since the bench
+    prints its own table."""
+    quiet_megatron_warnings()
+    setup_logging()
+    logging.getLogger("megalong").setLevel(logging.WARNING)
