@@ -2,7 +2,9 @@
 queries, keys and values of its chunk of the sequence (contiguous [start, start + C), or the two
 zig-zag pieces for global-only models) and computes the outputs of its own queries, exactly as one
 process would. Per kind, what crosses ranks per layer (N ranks, chunk C, h heads of width d;
-every message counted in megalong/parallel/comm_bytes.py):
+every message counted in megalong/parallel/comm_bytes.py). With grouped-query attention the keys,
+values and states cross with one head per key/value group (`CoreAttention.grouped_context`):
+read h as the number of groups for them.
 
 - `global`: ring attention (ring_attention.py): the keys and values (and segment ids) passed
   around the ring point-to-point, (N - 1) x 2 x C x h x d values received in the forward, 2N - 1
