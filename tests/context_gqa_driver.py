@@ -7,7 +7,8 @@ obviously right reference). The bytes received through the context exchanges
 (megalong/parallel/comm_bytes.py) are then compared with the same chunk run with k and v copied
 per query head before the module (what crossed the ranks before): heads / groups times fewer
 where only keys and values cross (ring blocks, halos, linear states), fewer where queries or
-per-head summaries cross too. Exits non-zero at the first mismatch."""
+per-head summaries cross too (lsh has no key groups: it shares queries and keys). Exits non-zero
+at the first mismatch."""
 from __future__ import annotations
 
 import sys
@@ -19,7 +20,7 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention.helpers import attention_config  # noqa: E402
-from context_attention_driver import B, D, L, segments  # noqa: E402
+from context_attention_driver import B, D, L, FamLayer, one_process, segments  # noqa: E402
 from megalong.attention import ring_attention  # noqa: E402
 from megalong.attention.base import per_query_head  # noqa: E402
 from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
@@ -42,7 +43,6 @@ CASES = [  # (name, kind, alibi, options, documents, layout, exact: bytes shrink
     ("linear elu documents", "linear", False, {"chunk_size": 5}, True, "contiguous", False),
     ("linear efficient", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, False, "contiguous",
      True),
-    ("lsh alibi documents", "lsh", True, {"bucket_size": 6, "n_hashes": 3}, True, "contiguous", False),
     ("axial alibi documents", "axial", True, {"axial_shape": [12, 4]}, True, "contiguous", False),
 ]
 
@@ -92,9 +92,6 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, lay
     error = (out - ref[chunk]).abs().max().item()
     assert error < 1e-10, (name, "output", r, error)
     for label, a, b in zip("qkv", mine, ref_in):
-        if kind == "lsh" and label == "k":  # keys are the queries: k is not used
-            assert a.grad is None and b.grad is None, name
-            continue
         error = (a.grad - b.grad[chunk]).abs().max().item()
         assert error < 1e-10, (name, "grad " + label, r, error)
         assert b.grad[chunk].abs().max().item() > 0, (name, "grad " + label, "all zero")
@@ -105,6 +102,82 @@ def check(name: str, kind: str, alibi: bool, options: dict, documents: bool, lay
     return f"{name}: {per_head / grouped:.2f}x"
 
 
+class GroupedFamLayer(FamLayer):
+    """FamLayer (context_attention_driver.py) projecting G key/value groups; `copy`: k and v
+    copied per query head after the projection (the reference's multi-head attention)."""
+
+    def __init__(self, module, fam_length: int, seed: int):
+        super().__init__(module, fam_length, seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        w = H * D
+        self.weights["qkv"] = (torch.randn(w, w + 2 * G * D, dtype=torch.float64, generator=g) * 0.1).requires_grad_()
+        self.copy = False
+
+    def qkv(self, h: torch.Tensor):
+        s, b = h.shape[:2]
+        q, kv = (h @ self.weights["qkv"]).split([H * D, 2 * G * D], dim=-1)
+        k, v = kv.view(s, b, G, 2, D).unbind(3)
+        if self.copy:
+            k, v = k.repeat_interleave(H // G, dim=2), v.repeat_interleave(H // G, dim=2)
+        return q.view(s, b, H, D), k, v
+
+
+def check_fam(name: str, alibi: bool, options: dict) -> str:
+    """Two grouped FAM layers in a row at CP equal the same layers with k and v copied per query
+    head in one process (outputs, the input's and every weight's gradients, 1e-10 relative); the
+    bytes received drop (the memory halo carries the groups, the FAM state is hidden-sized)."""
+    n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    C = L // n
+    chunk = slice(r * C, (r + 1) * C)
+    layers = [GroupedFamLayer(CORE_ATTENTION["fam"](attention_config(H, D), layer_number=i + 1, alibi=alibi,
+                                                    **options), options["fam_length"], seed=3 + i) for i in range(2)]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(L, B, H * D, dtype=torch.float64, generator=gen)
+    weight = torch.randn(L, B, H * D, dtype=torch.float64, generator=gen)
+    params = [p for layer in layers for p in layer.parameters()]
+
+    def stack(h: torch.Tensor) -> torch.Tensor:
+        return layers[1](layers[0](h))
+
+    for layer in layers:
+        layer.copy = True
+    ref_in = x.clone().requires_grad_()
+    ref = one_process(stack, ref_in)
+    (ref * weight).sum().backward()
+    ref_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    comm_bytes.reset()
+    stack(x[chunk])
+    per_head = sum(comm_bytes.received().values())
+    for layer in layers:
+        layer.copy = False
+    mine = x[chunk].clone().requires_grad_()
+    comm_bytes.reset()
+    out = stack(mine)
+    grouped = sum(comm_bytes.received().values())
+    (out * weight[chunk]).sum().backward()
+    error = (out - ref[chunk]).abs().max().item()
+    assert error < 1e-10 * max(1.0, ref.abs().max().item()), (name, "output", r, error)
+    error = (mine.grad - ref_in.grad[chunk]).abs().max().item()
+    assert error < 1e-10 * max(1.0, ref_in.grad.abs().max().item()), (name, "grad x", r, error)
+    for i, (p, want) in enumerate(zip(params, ref_grads)):
+        got = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # fam_init: rank 0's only
+        dist.all_reduce(got, group=parallel_state.get_context_parallel_group())
+        error = (got - want).abs().max().item()
+        assert error < 1e-10 * max(1.0, want.abs().max().item()), (name, "grad weight", i, r, error)
+    totals = torch.tensor([per_head, grouped], dtype=torch.float64)
+    dist.all_reduce(totals)
+    assert 0 < totals[1] < totals[0], (name, totals)
+    return f"{name}: {(totals[0] / totals[1]).item():.2f}x"
+
+
+FAM_CASES = [  # (name, alibi, options): chunks of 24 (CP=2) and 12 (CP=4) tokens
+    ("fam", False, {"block_size": 4, "memory_segments": 1, "fam_length": 2}),
+    ("fam alibi, memory longer than a chunk", True, {"block_size": 6, "memory_segments": 3, "fam_length": 3}),
+]
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
@@ -112,8 +185,11 @@ def main() -> None:
     for case in CASES:
         print("case", case[0], file=sys.stderr, flush=True)
         ratios.append(check(*case))
+    for fam_case in FAM_CASES:
+        print("case", fam_case[0], file=sys.stderr, flush=True)
+        ratios.append(check_fam(*fam_case))
     if dist.get_rank() == 0:
-        print(f"grouped-query attention at CP={dist.get_world_size()}: {len(CASES)} cases equal one process "
+        print(f"grouped-query attention at CP={dist.get_world_size()}: {len(CASES) + len(FAM_CASES)} cases equal one process "
               f"with {G} key/value groups for {H} heads; forward bytes received, per query head / grouped: "
               f"{'; '.join(ratios)}")
     parallel_state.destroy_model_parallel()

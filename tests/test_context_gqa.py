@@ -20,5 +20,5 @@ def test_grouped_kv_at_context_parallel_equals_one_process(n):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    assert f"grouped-query attention at CP={n}: 12 cases equal one process" in proc.stdout
+    assert f"grouped-query attention at CP={n}: 13 cases equal one process" in proc.stdout
     assert "global: 2.00x" in proc.stdout and "local alibi dilations: 2.00x" in proc.stdout

@@ -1,9 +1,8 @@
 """`lsh` attention across context-parallel ranks (megalong/parallel/context.py): an all-gather.
 
 LSH buckets span the whole sequence (a token's chunk partners may sit on any rank), so every rank
-all-gathers the queries and values of every chunk ((N - 1) x C x (h + g) x d values received per
-layer, N ranks of chunk C, h heads of width d, the values in g key/value groups, g = h without
-grouped-query attention; the backward reduce-scatters their gradients) and
+all-gathers the queries and values of every chunk (2 x (N - 1) x C x h x d values received per
+layer, N ranks of chunk C, h heads of width d; the backward reduce-scatters their gradients) and
 the segment ids, runs the one-process attention on the whole sequence and keeps its chunk's
 outputs. Exact: the rotations are drawn from (seed, layer, global head, round, buckets) alone
 (lsh.py), the same on every rank, and the bucket count follows the whole length L. The cost is

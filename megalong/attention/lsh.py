@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.attention import Attention, SelfAttention
 
 from megalong.attention import context_lsh
-from megalong.attention.base import CoreAttention, per_query_head
+from megalong.attention.base import CoreAttention
 from megalong.attention.options import LshOptions
 from megalong.attention.segments import same_document
 from megalong.kernels import select as kernels
@@ -63,7 +63,6 @@ class LshAttention(CoreAttention):
     prefix_stable = False
 
     options_class = LshOptions
-    grouped_context = True  # attend_context gathers the values' groups (k is not used)
     options: LshOptions
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -143,15 +142,8 @@ class LshAttention(CoreAttention):
     def attend_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Every rank's queries and values all-gathered, `attend` on the whole sequence, this
-        rank's chunk kept (context_lsh.py). Keys are the queries: k is not sent. The values are
-        gathered per key/value group and copied per query head after the gather."""
-        heads = q.shape[1]
-
-        def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
-                   seg: Optional[torch.Tensor]) -> torch.Tensor:
-            return self.attend(q_all, k_all, per_query_head(v_all, heads), seg)
-
-        return context_lsh.gathered_attention(attend, q, q, v, segment_ids)
+        rank's chunk kept (context_lsh.py). Keys are the queries: k is not sent."""
+        return context_lsh.gathered_attention(self.attend, q, q, v, segment_ids)
 
     def chunk_attention(self, sq: torch.Tensor, sk: torch.Tensor, sv: torch.Tensor, order: torch.Tensor,
                         chunk_of: torch.Tensor, segment_ids: Optional[torch.Tensor] = None
