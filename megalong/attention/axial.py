@@ -46,6 +46,7 @@ class AxialAttention(CoreAttention):
     options_class = AxialOptions
     options: AxialOptions
     grouped_kv = True
+    grouped_context = True  # attend_context too: the context exchanges carry the groups
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -79,7 +79,7 @@ class CoreAttention(nn.Module):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if not self.grouped_kv or context_size() > 1:  # the context-parallel paths take one head per query head
+        if not (self.grouped_context if context_size() > 1 else self.grouped_kv):
             k, v = per_query_head(k, heads), per_query_head(v, heads)
         if context_size() > 1:  # this rank holds one chunk of the sequence (parallel.context)
             out = self.attend_context(q, k, v, segment_ids)
@@ -93,6 +93,10 @@ class CoreAttention(nn.Module):
     # per group ([b, groups, s, d], query head i reading group i // (heads / groups)) and never
     # copy them per query head; otherwise the base hands them per query head (a copy).
     grouped_kv: bool = False
+    # The same for `attend_context` (parallel.context > 1): True when it takes the groups, so that
+    # what crosses the context ranks (ring blocks, halos, gathered keys, states) has one head per
+    # group, heads / groups times fewer bytes than per query head.
+    grouped_context: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

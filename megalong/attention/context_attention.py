@@ -2,7 +2,9 @@
 queries, keys and values of its chunk of the sequence (contiguous [start, start + C), or the two
 zig-zag pieces for global-only models) and computes the outputs of its own queries, exactly as one
 process would. Per kind, what crosses ranks per layer (N ranks, chunk C, h heads of width d;
-every message counted in megalong/parallel/comm_bytes.py):
+every message counted in megalong/parallel/comm_bytes.py). With grouped-query attention the keys,
+values and states cross with one head per key/value group (`CoreAttention.grouped_context`):
+read h as the number of groups for them.
 
 - `global`: ring attention (ring_attention.py): the keys and values (and segment ids) passed
   around the ring point-to-point, (N - 1) x 2 x C x h x d values received in the forward, 2N - 1
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 
 from megalong.attention.alibi import alibi_bias
+from megalong.attention.grouped import stack_heads, stack_mask, unstack_heads
 from megalong.attention.segments import same_document
 from megalong.attention.linear_documents import segmented_linear_attention
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
@@ -82,26 +85,29 @@ def global_token_rows(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, posi
                       segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The outputs [b, h, |G|, d] of the global tokens at `positions` (every rank gets all of them):
     their queries all-gathered, attended by each rank to its own chunk's global-projection keys
-    (partial outputs and log-sum-exps), those gathered and merged by log-sum-exp."""
+    (partial outputs and log-sum-exps), those gathered and merged by log-sum-exp. kg, vg may hold
+    key/value groups (grouped.py: a group's query heads stacked along the rows)."""
     C, r = kg.shape[2], context_rank()
+    heads, groups = qg.shape[1], kg.shape[1]
     q_rows = gather_global_rows(qg, positions, 2)  # [b, h, G, d]
     g = torch.tensor(positions, device=qg.device)
     distance = g[:, None] - (r * C + torch.arange(C, device=qg.device))[None, :]  # [G, C]
-    s = torch.matmul(q_rows, kg.transpose(-1, -2)) * scale
+    s = torch.matmul(stack_heads(q_rows, groups), kg.transpose(-1, -2)) * scale  # [b, g, j * G, C]
     if slopes is not None:
-        s = s + alibi_bias(slopes.to(s.dtype), distance)
+        s = s + stack_mask(alibi_bias(slopes.to(s.dtype), distance), 4, heads, groups)
     visible = distance >= 0
     if segment_ids is not None:
         seg_g = gather_global_rows(segment_ids, positions, 1)
         visible = (visible & same_document(seg_g, segment_ids)).unsqueeze(1)
-    s = s.masked_fill(~visible, float("-inf"))
+    s = s.masked_fill(~stack_mask(visible, 4, heads, groups), float("-inf"))
     top = s.detach().amax(dim=-1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     e = torch.exp(s - top)
     total = e.sum(dim=-1, keepdim=True)
     tiny = torch.finfo(total.dtype).tiny
-    out = torch.matmul(e, vg) / total.clamp_min(tiny)
+    out = unstack_heads(torch.matmul(e, vg) / total.clamp_min(tiny), heads)
     lse = torch.where(total > 0, torch.log(total.clamp_min(tiny)) + top, torch.full_like(top, float("-inf")))
+    lse = unstack_heads(lse, heads)
     parts = gather_chunks(torch.cat([out, lse], dim=-1).unsqueeze(0), 0, "local global tokens")
     outs, lses = parts[..., :-1], parts[..., -1:]
     weights = torch.softmax(lses, dim=0)  # every global token sees itself: some part is finite

@@ -4,7 +4,8 @@ A rank's contiguous chunk of C tokens must hold whole rows (C a multiple of `col
 are refused: a row split over two ranks would need its summary from both). Then the row step and
 the row summaries are local, and the column step of a query needs the keys k(r', c) and the
 summaries u(r', c) of every earlier row r' (Ho et al.'s column context): both are all-gathered
-over the context ranks (2 x (N - 1) x C x h x d values received per layer, N ranks; the backward
+over the context ranks ((N - 1) x C x (g + h) x d values received per layer, N ranks, the keys in
+g key/value groups, the summaries per query head; the backward
 reduce-scatters their gradients), the segment ids too with packed documents. The later rows'
 keys arrive as well and are masked (an all-gather, not a prefix scan: the masked half costs the
 column scores' R x R / 2 per column, as at one process). Per rank the column step's scores are
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 def axial_context(module: "AxialAttention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """`module.attend` on this rank's chunk (q, k, v [b, h, C, d]), the columns over every row."""
+    """`module.attend` on this rank's chunk (q [b, h, C, d], k and v [b, g, C, d]), the columns over
+    every row."""
     C = q.shape[2]
     if C % module.cols:
         raise NotImplementedError(f"axial attention: parallel.context needs chunks of whole rows, "

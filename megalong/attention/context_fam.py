@@ -4,7 +4,8 @@ holds whole blocks (its chunk C a multiple of `block_size` B; other chunks are r
 What crosses ranks, per layer (N ranks, h heads of width d, F = fam_length, hidden width w):
 - block memory: the keys and values of the `memory_segments` x B positions before the chunk, sent
   point to point by the earlier rank(s) that hold them (several when the memory is longer than a
-  chunk): 2 x min(m x B, r x C) x h x d values received by rank r, independent of L;
+  chunk): 2 x min(m x B, r x C) x g x d values received by rank r (g key/value groups, h
+  without grouped-query attention), independent of L;
 - the feedback memory: F_{t-1} of a rank's first block is the last F of the rank before it, so the
   FAM chain is handed from rank to rank: F x w values per rank and layer, and the backward hands
   its gradient back the other way.
@@ -31,7 +32,7 @@ from megalong.parallel.point_to_point import halo_before, receive_state, send_st
 if TYPE_CHECKING:
     from megalong.attention.fam import FamAttention
 
-# hidden [s, b, w] -> q, k, v [b, h, s, d] (the layer's norm and projection, groups expanded)
+# hidden [s, b, w] -> q [b, h, s, d], k, v [b, g, s, d] (the layer's norm and projection; g key/value groups)
 Project = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # (FAM queries' context [b, h, F, d], F_{t-1} [F, b, w]) -> F_t (attention residual, then MLP)
 Advance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

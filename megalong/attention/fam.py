@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention import context_fam
 from megalong.attention.alibi import alibi_bias
-from megalong.attention.base import CoreAttention, per_query_head
+from megalong.attention.base import CoreAttention
 from megalong.attention.grouped import grouped_sdpa
 from megalong.attention.options import FamOptions
 from megalong.attention.segments import document_positions, same_document, segments_of
@@ -238,9 +238,9 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
         if segment_ids is not None:
             raise NotImplementedError("fam attention: data.document_mask with parallel.context > 1 is not supported")
 
-        def project(h: torch.Tensor):  # context_fam takes one key/value head per query head
+        def project(h: torch.Tensor):  # k, v: the key/value groups (the halo carries groups too)
             q, k, v = (heads_first(t) for t in qkv(h))
-            return q, per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
+            return q, k, v
 
         def advance(context: torch.Tensor, fam: torch.Tensor) -> torch.Tensor:
             return mlp_residual(attention_residual(tokens_first(context), fam))

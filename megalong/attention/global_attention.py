@@ -28,6 +28,7 @@ class GlobalAttention(CoreAttention):
     # SDPA indexes key/value groups itself (enable_gqa), and so does the windowed Triton kernel
     # (ALiBi or documents on CUDA).
     grouped_kv = True
+    grouped_context = True  # attend_context too: the context exchanges carry the groups
 
     def cache_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return k_pos[None, :] <= q_pos[:, None]

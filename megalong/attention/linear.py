@@ -96,6 +96,7 @@ class LinearAttention(CoreAttention):
     # Every torch path keeps one state per key/value group (the query heads of a group stacked
     # along the rows, grouped.py); the elu kernel indexes the groups itself.
     grouped_kv = True
+    grouped_context = True  # attend_context too: the context exchanges carry the groups
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -59,6 +59,7 @@ class LocalAttention(CoreAttention):
     options_class = LocalOptions
     options: LocalOptions
     grouped_kv = True  # k, v of key/value groups, torch path and kernel alike
+    grouped_context = True  # attend_context too: the context exchanges carry the groups
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -160,10 +161,11 @@ class LocalAttention(CoreAttention):
         g = torch.tensor(positions, dtype=torch.long, device=q.device)
         slopes = self.alibi_slopes(q.device, q.dtype) if self.alibi else None
         out = torch.empty_like(qh)
-        for d, heads in self.dilation_groups.items():
+        for d, heads, groups in self.head_buckets(qh.shape[1], kh.shape[1]):
             idx = torch.tensor(heads, device=q.device)
-            part = self._window(qh[:, idx], kh[:, idx], vh[:, idx], d, None if slopes is None else slopes[idx], g,
-                                seg_h, (k_glob[:, idx], v_glob[:, idx], seg_glob), r * C - need)
+            kv = torch.tensor(groups, device=q.device)
+            part = self._window(qh[:, idx], kh[:, kv], vh[:, kv], d, None if slopes is None else slopes[idx], g,
+                                seg_h, (k_glob[:, kv], v_glob[:, kv], seg_glob), r * C - need)
             out = out.index_copy(1, idx, part)
         out = out[:, :, need:]
         rows = context_attention.global_token_rows(qg, kg, vg, positions, self.scale, slopes, segment_ids)

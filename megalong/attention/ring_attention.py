@@ -5,8 +5,9 @@ values.
 The N ranks form a ring. Each of the N steps attends this rank's queries to the key/value block
 it holds (its own first), merging the step's partial output into the running one by their
 log-sum-exps (online softmax), while the block is already on its way to the next rank and the
-previous rank's is arriving: (N - 1) x C x h x d x 2 values received per layer, the same as an
-all-gather, but never the whole sequence in memory. Segment ids (packed documents) travel with
+previous rank's is arriving: (N - 1) x C x g x d x 2 values received per layer (g key/value
+groups: h without grouped-query attention), the same as an all-gather, but never the whole
+sequence in memory. Segment ids (packed documents) travel with
 the blocks. A block is cut into its contiguous pieces (one per rank in the contiguous layout,
 two in zig-zag, megalong/parallel/context.py), each cut into tiles of TILE positions; a pair
 of query and key tiles that no causal pair links is skipped, and no C x C scores exist at once. Masks and ALiBi use the true positions.
@@ -49,20 +50,35 @@ def _pairs(q_pieces: Pieces, k_pieces: Pieces):
                 yield qp, kp
 
 
+def _rows(x: torch.Tensor, piece: tuple[int, int, int]) -> torch.Tensor:
+    """A query-sized tensor [b, g, j, C, *e] (query head g * j + i at [:, g, i]) at a piece's
+    positions, the j heads of a group stacked along the rows: [b, g, j * m, *e] (grouped.py)."""
+    part = x.narrow(3, piece[1], piece[2])
+    return part.reshape(*part.shape[:2], part.shape[2] * part.shape[3], *part.shape[4:])
+
+
+def _unrows(x: torch.Tensor, j: int) -> torch.Tensor:
+    """The inverse of `_rows`: [b, g, j * m, *e] -> [b, g, j, m, *e]."""
+    return x.reshape(*x.shape[:2], j, x.shape[2] // j, *x.shape[3:])
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, qp: tuple[int, int, int], kp: tuple[int, int, int],
             seg_q: Optional[torch.Tensor], seg_k: Optional[torch.Tensor], slopes: Optional[torch.Tensor],
             scale: float) -> torch.Tensor:
-    """Masked (and ALiBi-biased) scores [b, h, m, n] of a query piece against a key piece."""
-    qs, ks = q.narrow(2, qp[1], qp[2]), k.narrow(2, kp[1], kp[2])
-    s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+    """Masked (and ALiBi-biased) scores [b, g, j * m, n] of a query piece (q [b, g, j, C, d], a
+    group's j query heads stacked along the rows) against a key piece (k [b, g, C, d])."""
+    j = q.shape[2]
+    ks = k.narrow(2, kp[1], kp[2])
+    s = torch.matmul(_rows(q, qp), ks.transpose(-1, -2)) * scale
     distance = (qp[0] + torch.arange(qp[2], device=q.device))[:, None] - \
         (kp[0] + torch.arange(kp[2], device=q.device))[None, :]
     visible = distance >= 0
-    if slopes is not None:
-        s = s + alibi_bias(slopes.to(s.dtype), distance)
+    if slopes is not None:  # [h, m, n] -> [g, j * m, n]
+        s = s + alibi_bias(slopes.to(s.dtype), distance).reshape(q.shape[1], j * qp[2], kp[2])
+    visible = visible.repeat(j, 1)
     if seg_q is not None and seg_k is not None:
         same = same_document(seg_q.narrow(1, qp[1], qp[2]), seg_k.narrow(1, kp[1], kp[2]))
-        visible = visible & same.unsqueeze(1)
+        visible = visible & same.repeat(1, j, 1).unsqueeze(1)
     return s.masked_fill(~visible, float("-inf"))
 
 
@@ -83,28 +99,42 @@ def _blocks(kv: torch.Tensor, seg: Optional[torch.Tensor], label: str):
             seg = seg_pending.wait()[0] if seg_pending is not None else None
 
 
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, h, C, *e] -> [b, g, h / g, C, *e] (a view)."""
+    return x.view(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
+
+
 class RingAttention(torch.autograd.Function):
+    """q [b, h, C, d], k and v [b, g, C, d] (g key/value groups, query head i reading group
+    i // (h / g)): the ring carries g heads, and a group's query heads are stacked along the rows
+    of each tile's scores (no per-head copy of k or v)."""
+
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Optional[torch.Tensor],
                 slopes: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         n, r = context_size(), context_rank()
+        groups = k.shape[1]
+        j = q.shape[1] // groups
         length = q.shape[2] * n
         mine = _pieces(r, n, length)
-        out = torch.zeros_like(q)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)
+        q5 = _grouped(q, groups)
+        out = torch.zeros_like(q5)
+        lse = torch.full(q5.shape[:4], float("-inf"), dtype=q.dtype, device=q.device)
         for owner, kv, seg_k in _blocks(torch.stack([k, v]), seg, "global ring"):
             for qp, kp in _pairs(mine, _pieces(owner, n, length)):
-                s = _scores(q, kv[0], qp, kp, seg, seg_k, slopes, scale)
+                s = _scores(q5, kv[0], qp, kp, seg, seg_k, slopes, scale)
                 block_lse = torch.logsumexp(s, dim=-1)
                 p = torch.exp(s - _finite(block_lse).unsqueeze(-1))
-                block_out = torch.matmul(p, kv[1].narrow(2, kp[1], kp[2]))
+                block_out = _unrows(torch.matmul(p, kv[1].narrow(2, kp[1], kp[2])), j)
+                block_lse = _unrows(block_lse, j)
                 rows = slice(qp[1], qp[1] + qp[2])
-                old = lse[:, :, rows]
+                old = lse[..., rows]
                 new = torch.logaddexp(old, block_lse)
                 safe = _finite(new)
-                out[:, :, rows] = out[:, :, rows] * torch.exp(old - safe).unsqueeze(-1) + \
+                out[..., rows, :] = out[..., rows, :] * torch.exp(old - safe).unsqueeze(-1) + \
                     block_out * torch.exp(block_lse - safe).unsqueeze(-1)
-                lse[:, :, rows] = new
+                lse[..., rows] = new
+        out = out.view_as(q)
         ctx.save_for_backward(q, k, v, seg, slopes, out, lse)
         ctx.scale = scale
         return out
@@ -114,34 +144,38 @@ class RingAttention(torch.autograd.Function):
         q, k, v, seg, slopes, out, lse = ctx.saved_tensors
         scale = ctx.scale
         n, r = context_size(), context_rank()
+        groups = k.shape[1]
+        j = q.shape[1] // groups
         length = q.shape[2] * n
         mine = _pieces(r, n, length)
-        grad = grad.contiguous()
-        delta = (grad * out).sum(dim=-1, keepdim=True)  # [b, h, C, 1]
-        dq = torch.zeros_like(q)
+        grad = _grouped(grad.contiguous(), groups)
+        q5 = _grouped(q, groups)
+        delta = (grad * _grouped(out, groups)).sum(dim=-1, keepdim=True)  # [b, g, j, C, 1]
+        dq = torch.zeros_like(q5)
         dkv = torch.zeros_like(torch.stack([k, v]))  # the gradient of the block being visited
         for step, (owner, kv, seg_k) in enumerate(_blocks(torch.stack([k, v]), seg, "global ring (backward)")):
             if step:  # the gradient of this block from the ranks it visited before
                 dkv = ring_shift(dkv, "global ring (backward)").wait()[0]
             for qp, kp in _pairs(mine, _pieces(owner, n, length)):
                 rows, cols = slice(qp[1], qp[1] + qp[2]), slice(kp[1], kp[1] + kp[2])
-                s = _scores(q, kv[0], qp, kp, seg, seg_k, slopes, scale)
-                p = torch.exp(s - lse[:, :, rows].unsqueeze(-1))
-                g = grad[:, :, rows]
+                s = _scores(q5, kv[0], qp, kp, seg, seg_k, slopes, scale)
+                p = torch.exp(s - _rows(lse.unsqueeze(-1), qp))
+                g = _rows(grad, qp)
                 dkv[1][:, :, cols] += torch.matmul(p.transpose(-1, -2), g)
-                ds = p * (torch.matmul(g, kv[1][:, :, cols].transpose(-1, -2)) - delta[:, :, rows])
-                dq[:, :, rows] += torch.matmul(ds, kv[0][:, :, cols]) * scale
-                dkv[0][:, :, cols] += torch.matmul(ds.transpose(-1, -2), q[:, :, rows]) * scale
+                ds = p * (torch.matmul(g, kv[1][:, :, cols].transpose(-1, -2)) - _rows(delta, qp))
+                dq[..., rows, :] += _unrows(torch.matmul(ds, kv[0][:, :, cols]) * scale, j)
+                dkv[0][:, :, cols] += torch.matmul(ds.transpose(-1, -2), _rows(q5, qp)) * scale
         if n > 1:  # home: the gradient of this rank's own keys and values
             dkv = ring_shift(dkv, "global ring (backward)").wait()[0]
-        return dq, dkv[0], dkv[1], None, None, None
+        return dq.view_as(q), dkv[0], dkv[1], None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    slopes: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
                    ) -> torch.Tensor:
     """Causal attention of this rank's queries [b, h, C, d] (positions by the context layout) over
-    the keys and values [b, h, C, d] of every context rank; ALiBi slopes [h]; segment_ids [b, C]."""
+    the keys and values [b, g, C, d] of every context rank (g key/value groups dividing h, g = h
+    without grouped-query attention); ALiBi slopes [h]; segment_ids [b, C]."""
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     seg = None if segment_ids is None else segment_ids.contiguous()

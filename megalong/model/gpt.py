@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalong.checkpoint.names import tied_source
 from megalong.config import Config, padded_vocab_size
 from megalong.kernels import select as kernels
+from megalong.model.context_rope import rotate_by_true_positions
 from megalong.model.spec import decoder_spec
 from megalong import compat
 
@@ -98,6 +99,7 @@ def build_model(cfg: Config, tokenizer_vocab_size: int, vp_stage: Optional[int] 
     )
     if m.position_embedding == "rope":
         compat.keep_rotary_embedding_on_cpu(model.rotary_pos_emb)
+        rotate_by_true_positions(model.rotary_pos_emb)
     if m.reversible or e.ffn_chunks > 1:
         from megalong.model.reversible import apply_memory_options
 

@@ -1,5 +1,6 @@
 """Differentiable point-to-point exchanges between the ranks of the context-parallel group, for
-the kinds whose state runs from rank to rank (megalong/attention/context_fam.py).
+the kinds whose state runs from rank to rank (megalong/attention/context_fam.py). Every message
+received is counted (megalong/parallel/comm_bytes.py, labels `fam halo` and `fam state`).
 
 Every exchange here sends forward to later ranks and back (gradients) to earlier ones; a rank
 only ever waits on receives, from earlier ranks in the forward and from later ranks in the
@@ -20,10 +21,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megalong.parallel import comm_bytes
 from megalong.parallel.context import context_group, context_rank, context_size
 
 # Tags: one stream per purpose, so that messages between one pair of ranks match in order.
 HALO, HALO_GRAD, STATE, STATE_GRAD = 11, 12, 13, 14
+LABELS = {HALO: "fam halo", HALO_GRAD: "fam halo (backward)", STATE: "fam state", STATE_GRAD: "fam state (backward)"}
 _PENDING: list[tuple[Any, torch.Tensor]] = []
 
 
@@ -45,6 +48,7 @@ def _send(x: torch.Tensor, to: int, tag: int) -> None:
 def _receive(like: torch.Tensor, shape: tuple[int, ...], source: int, tag: int) -> torch.Tensor:
     out = like.new_empty(shape)
     dist.recv(out, src=_global(source), group=context_group(), tag=tag)
+    comm_bytes.count(LABELS[tag], out)
     return out
 
 
