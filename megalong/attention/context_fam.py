@@ -72,7 +72,8 @@ def fam_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attention: "F
         if documents is not None:
             start = (initial, project(initial))
             documents.k_init, documents.v_init = start[1][1], start[1][2]
-        fam = initial if r == 0 else receive_state(x, x, (fam_init.shape[0], b, w))
+        # anchored on q (the layer's weights): x needs no gradient (an input), the sender's state does
+        fam = initial if r == 0 else receive_state(q, x, (fam_init.shape[0], b, w))
         blocks = C // B
         # F after the last block of the sequence serves nothing
         k_fam, v_fam, fam = fam_chain(fam, attention, project, advance, k, v,
