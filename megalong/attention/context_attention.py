@@ -180,7 +180,6 @@ def efficient_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     the one rank r - 1 ends with (as `linear_documents_attention`), each rescaled to the largest
     of their maxima, and carries on to the tokens of that document only."""
     contiguous_only("linear")
-    b = k.shape[0]
     last = segment_ids[:, -1]  # [b]
     in_last = (segment_ids == last[:, None])[:, None, :, None]  # [b, 1, C, 1]
     m = k.detach().masked_fill(~in_last, float("-inf")).amax(dim=2)  # [b, g, d]: finite (the last token)

@@ -28,7 +28,8 @@ Grouped-query attention: keys and values stay one head per group ([b, groups, ..
 kernel indexes the groups, the torch paths copy them per query head.
 
 Context parallelism (`parallel.context`): the memory by a halo from the earlier ranks, the FAM
-state handed from rank to rank, serially (context_fam.py, which states the cost).
+state handed from rank to rank, serially (context_fam.py, which states the cost); packed documents
+too, the chain's restarts the same function as here (fam_chain.py).
 """
 from __future__ import annotations
 
