@@ -68,6 +68,8 @@ FAM_CASES = [  # (name, alibi, options[, documents]): chunks of 24 (CP=2) and 12
      {"block_size": 12, "memory_segments": 2, "fam_length": 2}, "long"),
     ("fam documents without feedback memory", False, {"block_size": 4, "memory_segments": 4, "fam_length": 0},
      "long"),
+    # no block memory: the halo is the previous rank's last segment id alone
+    ("fam documents without block memory", False, {"block_size": 4, "memory_segments": 0, "fam_length": 2}, "long"),
 ]
 REFUSED = [  # (kind, options, documents, words of the error)
     ("axial", {"axial_shape": [10, 5]}, False, "whole rows"),
