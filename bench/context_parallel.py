@@ -14,7 +14,8 @@ process.
    tracked allocations (every tensor an operator creates while it is alive: the allocator's peak
    without caching, tests/attention/helpers.py's MemoryTracker), the largest over the ranks. The
    longest L (a multiple of 64 x N) whose step stays within --budget-mib, by doubling then
-   bisection.
+   bisection. fam (memory only: its halo and state are point-to-point sends that comm_bytes does
+   not count) runs its whole layer, the FAM chain included, as fam.py's `run_fam_layer`.
 """
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ KINDS = {  # name: (kind, options)
     "local w=256, 16 global tokens": ("local", {"window": 256, "global_tokens": 16}),
     "local w=1024, dilation 4": ("local", {"window": 1024, "dilation": 4}),
     "linear elu": ("linear", {"chunk_size": 64}),
+    "fam B=64, m=1, F=8": ("fam", {"block_size": 64, "memory_segments": 1, "fam_length": 8}),
 }
-MEMORY_KINDS = ("local w=256", "linear elu", "global (ring)")
+COMM_KINDS = [name for name, (kind, _) in KINDS.items() if kind != "fam"]  # fam: memory only
+MEMORY_KINDS = ("local w=256", "linear elu", "global (ring)", "fam B=64, m=1, F=8")
 
 
 def module_for(name: str, heads: int, head_dim: int):
@@ -70,19 +73,34 @@ def communication(name: str, length: int, heads: int, head_dim: int) -> dict[str
 
 
 class Block(torch.nn.Module):
+    """qkv projection, the attention kind, output projection, 4x MLP; a `fam` block runs them as
+    fam's layer does (megalong/attention/fam.py `run_fam_layer`: the FAM tokens through the same
+    weights block by block, its learned initial FAM a parameter)."""
+
     def __init__(self, name: str, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.fam = KINDS[name][0] == "fam"
         self.global_heads = 2 if KINDS[name][1].get("global_tokens") else 1
         self.qkv = torch.nn.Linear(hidden, 3 * hidden * self.global_heads)
         self.attention = module_for(name, heads, hidden // heads)
         self.out = torch.nn.Linear(hidden, hidden)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(),
                                        torch.nn.Linear(4 * hidden, hidden))
+        fam_length = KINDS[name][1].get("fam_length", 0) if self.fam else 0
+        self.fam_init = torch.nn.Parameter(torch.randn(fam_length, hidden) * 0.02) if fam_length else None
+
+    def project(self, x: torch.Tensor):
+        s, b, _ = x.shape
+        return self.qkv(x).view(s, b, 3, self.heads * self.global_heads, -1).unbind(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x.shape
-        q, k, v = self.qkv(x).view(s, b, 3, self.heads * self.global_heads, -1).unbind(2)
+        if self.fam:
+            from megalong.attention.fam import run_fam_layer
+
+            return run_fam_layer(x, self.fam_init, self.attention, self.project,
+                                 lambda context, residual: residual + self.out(context), lambda h: h + self.mlp(h))
+        q, k, v = self.project(x)
         x = x + self.out(self.attention(q, k, v, attention_mask=None))
         return x + self.mlp(x)
 
@@ -136,7 +154,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(True)
     records = []
     if n > 1 and not args.memory_only:
-        for name in KINDS:
+        for name in COMM_KINDS:
             sizes = communication(name, args.comm_length, args.heads, args.head_dim)
             records.append({"part": "comm", "cp": n, "kind": name, **sizes})
     budget = args.budget_mib * 2 ** 20
@@ -156,7 +174,7 @@ def communication_table(records: list[dict], args: argparse.Namespace) -> None:
     sizes = [n for n in args.sizes if n > 1]
     print("| kind | " + " | ".join(f"CP={n}" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
-    for name in KINDS:
+    for name in COMM_KINDS:
         cells = [next(f"{r['forward'] / 1024:.0f} / {r['backward'] / 1024:.0f}" for r in records
                       if r["part"] == "comm" and r["kind"] == name and r["cp"] == n) for n in sizes]
         print(f"| {name} | " + " | ".join(cells) + " |")

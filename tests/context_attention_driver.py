@@ -44,6 +44,9 @@ CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("linear elu documents", "linear", False, {"chunk_size": 5}, True),
     ("linear elu one document over several ranks", "linear", False, {"chunk_size": 4}, "long"),
     ("linear efficient", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, False),
+    ("linear efficient documents", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, True),
+    ("linear efficient one document over several ranks", "linear", False,
+     {"chunk_size": 4, "normalization": "efficient"}, "long"),
     ("lsh", "lsh", False, {"bucket_size": 4, "n_hashes": 2}, False),
     ("lsh alibi documents", "lsh", True, {"bucket_size": 6, "n_hashes": 3}, True),
     ("lsh fixed buckets", "lsh", False, {"bucket_size": 4, "n_buckets": 6}, False),
@@ -51,19 +54,28 @@ CASES = [  # (name, kind, alibi, options, documents[, layout])
     ("axial alibi documents", "axial", True, {"axial_shape": [12, 4]}, True),
     ("axial one row per chunk", "axial", True, {"axial_shape": [4, 12]}, False),
 ]
-FAM_CASES = [  # (name, alibi, options): chunks of 24 (CP=2) and 12 (CP=4) tokens
+FAM_CASES = [  # (name, alibi, options[, documents]): chunks of 24 (CP=2) and 12 (CP=4) tokens
     ("fam", False, {"block_size": 4, "memory_segments": 1, "fam_length": 2}),
     ("fam alibi, memory longer than a chunk", True, {"block_size": 6, "memory_segments": 3, "fam_length": 3}),
     ("fam one block per chunk", True, {"block_size": 12, "memory_segments": 2, "fam_length": 1}),
     ("fam without feedback memory", False, {"block_size": 4, "memory_segments": 4, "fam_length": 0}),
+    # documents across chunk boundaries and over several ranks, starting inside blocks and at a block start
+    ("fam documents", False, {"block_size": 4, "memory_segments": 1, "fam_length": 2}, True),
+    ("fam alibi documents, memory longer than a chunk", True,
+     {"block_size": 6, "memory_segments": 3, "fam_length": 3}, True),
+    # documents starting exactly at a chunk start (24; 12 and 36 at CP=4), one over more than three chunks
+    ("fam alibi documents at chunk starts, one block per chunk", True,
+     {"block_size": 12, "memory_segments": 2, "fam_length": 2}, "long"),
+    ("fam documents without feedback memory", False, {"block_size": 4, "memory_segments": 4, "fam_length": 0},
+     "long"),
+    # no block memory: the halo is the previous rank's last segment id alone
+    ("fam documents without block memory", False, {"block_size": 4, "memory_segments": 0, "fam_length": 2}, "long"),
 ]
 REFUSED = [  # (kind, options, documents, words of the error)
-    ("linear", {"normalization": "efficient"}, True, "efficient without data.document_mask"),
     ("axial", {"axial_shape": [10, 5]}, False, "whole rows"),
 ]
 FAM_REFUSED = [  # (options, documents, words)
     ({"block_size": 5, "memory_segments": 1, "fam_length": 2}, False, "whole blocks"),
-    ({"block_size": 4, "memory_segments": 1, "fam_length": 2}, True, "document_mask"),
 ]
 
 
@@ -179,11 +191,11 @@ def one_process(function, *args):
         fam_module.context_size = original
 
 
-def check_fam(name: str, alibi: bool, options: dict) -> None:
+def check_fam(name: str, alibi: bool, options: dict, documents: object = False) -> None:
     """Two layers in a row (the second's memory and state come from the first's outputs): outputs,
     the gradients of the chunk's inputs and of every weight and the initial FAM (summed over the
     ranks) equal one process's, to 1e-10 of their largest magnitude (the FAM chain of L / B
-    steps grows the gradients to ~1e2)."""
+    steps grows the gradients to ~1e2); `documents`: packed documents (`segments`)."""
     n, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     C = L // n
     chunk = slice(r * C, (r + 1) * C)
@@ -195,14 +207,16 @@ def check_fam(name: str, alibi: bool, options: dict) -> None:
     params = [p for layer in layers for p in layer.parameters()]
 
     ref_in = x.clone().requires_grad_()
-    ref = one_process(lambda h: layers[1](layers[0](h)), ref_in)
+    seg = segments(documents) if documents else None
+    ref = one_process(lambda h: layers[1](layers[0](h, seg), seg), ref_in)
     (ref * weight).sum().backward()
     ref_grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
 
     mine = x[chunk].clone().requires_grad_()
-    out = layers[1](layers[0](mine))
+    mine_seg = None if seg is None else seg[:, chunk].contiguous()
+    out = layers[1](layers[0](mine, mine_seg), mine_seg)
     (out * weight[chunk]).sum().backward()
     error = (out - ref[chunk]).abs().max().item()
     assert error < 1e-10 * max(1.0, ref.abs().max().item()), (name, "output", r, error)

@@ -33,7 +33,7 @@ import torch
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.grouped import stack_heads, stack_mask, unstack_heads
 from megalong.attention.segments import same_document
-from megalong.attention.linear_documents import segmented_linear_attention
+from megalong.attention.linear_documents import segmented_efficient_attention, segmented_linear_attention
 from megalong.kernels.linear_reference import causal_linear_attention, elu_feature_map
 from megalong.attention.ring_attention import ring_attention
 from megalong.parallel.context import context_rank, gather_chunks, layout
@@ -175,3 +175,34 @@ def efficient_state_before(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     scale = torch.where(earlier, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, h, N, d]
     summed = (states[..., :-1] * scale.unsqueeze(-1)).sum(dim=2)
     return summed[..., :-1], summed[..., -1], top
+
+
+def efficient_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                                  chunk_size: int) -> torch.Tensor:
+    """Shen et al.'s efficient attention with packed documents on this rank's chunk. Each rank's
+    state of its last document (sums of exp(k - m) v^T and exp(k - m) over the positions of the
+    chunk's last segment id, m their per-feature maximum) and its last segment id are
+    all-gathered; the state entering rank r sums those of the ranks j < r whose last document is
+    the one rank r - 1 ends with (as `linear_documents_attention`), each rescaled to the largest
+    of their maxima, and carries on to the tokens of that document only."""
+    contiguous_only("linear")
+    last = segment_ids[:, -1]  # [b]
+    in_last = (segment_ids == last[:, None])[:, None, :, None]  # [b, 1, C, 1]
+    m = k.detach().masked_fill(~in_last, float("-inf")).amax(dim=2)  # [b, g, d]: finite (the last token)
+    w = torch.exp((k - m.unsqueeze(2)).masked_fill(~in_last, float("-inf")))  # 0 off the last document
+    state = torch.cat([torch.matmul(w.transpose(-1, -2), v), w.sum(dim=2).unsqueeze(-1), m.unsqueeze(-1)], dim=-1)
+    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, g, N, d, e + 2]
+    lasts = gather_chunks(last[:, None].contiguous(), 1, "linear states")  # [b, N]
+    r = context_rank()
+    # Rank 0 too takes the (empty) sum, so that every rank's backward runs the same collectives.
+    before = lasts[:, r - 1] if r else torch.full_like(last, -1)  # [b]; -1: no document before
+    joins = torch.zeros_like(lasts, dtype=torch.bool)
+    joins[:, :r] = lasts[:, :r] == before[:, None]
+    joins = joins[:, None, :, None]  # [b, 1, N, 1]
+    ms = torch.where(joins, states[..., -1].detach(), torch.full_like(states[..., -1], float("-inf")))
+    top = ms.amax(dim=2)  # [b, g, d]; -inf on rank 0
+    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    scale = torch.where(joins, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, g, N, d]
+    summed = (states[..., :-1] * scale.unsqueeze(-1)).sum(dim=2)
+    initial = (summed[..., :-1], summed[..., -1], top, before)
+    return segmented_efficient_attention(q, k, v, segment_ids, chunk_size, initial)

@@ -28,11 +28,11 @@ Grouped-query attention: keys and values stay one head per group ([b, groups, ..
 kernel indexes the groups, the torch paths copy them per query head.
 
 Context parallelism (`parallel.context`): the memory by a halo from the earlier ranks, the FAM
-state handed from rank to rank, serially (context_fam.py, which states the cost).
+state handed from rank to rank, serially (context_fam.py, which states the cost); packed documents
+too, the chain's restarts the same function as here (fam_chain.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,6 +41,7 @@ from torch import nn
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megalong.attention import context_fam
+from megalong.attention.fam_chain import FamDocuments, chain_documents, fam_chain
 from megalong.attention.alibi import alibi_bias
 from megalong.attention.base import CoreAttention
 from megalong.attention.grouped import grouped_sdpa
@@ -50,18 +51,6 @@ from megalong.kernels import select as kernels
 from megalong.parallel.context import context_size
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class FamDocuments:
-    """What `FamAttention.blocks` needs of packed documents: segment_ids [b, L]; fam_docs [b, blocks],
-    the document F_{t-1} belongs to for block t; k_init, v_init [b, groups, fam_length, d], the initial
-    FAM's keys and values (None without FAM)."""
-
-    segment_ids: torch.Tensor
-    fam_docs: torch.Tensor
-    k_init: Optional[torch.Tensor] = None
-    v_init: Optional[torch.Tensor] = None
 
 
 @kernels.eager
@@ -234,53 +223,30 @@ def fam_block_context(x: torch.Tensor, fam_init: Optional[torch.Tensor], attenti
     def tokens_first(t: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [s, b, h * d]
         return t.permute(2, 0, 1, 3).flatten(2)
 
-    if context_size() > 1:  # this rank's chunk of blocks, the FAM state from the rank before (context_fam.py)
-        if segment_ids is not None:
-            raise NotImplementedError("fam attention: data.document_mask with parallel.context > 1 is not supported")
+    def advance(context: torch.Tensor, fam: torch.Tensor) -> torch.Tensor:  # F_t from its queries' context
+        return mlp_residual(attention_residual(tokens_first(context), fam))
 
-        def project(h: torch.Tensor):  # k, v: the key/value groups (the halo carries groups too)
-            q, k, v = (heads_first(t) for t in qkv(h))
-            return q, k, v
+    def grouped(h: torch.Tensor):  # k, v: the key/value groups, never copied per query head
+        q, k, v = (heads_first(t) for t in qkv(h))
+        return q, k, v
 
-        def advance(context: torch.Tensor, fam: torch.Tensor) -> torch.Tensor:
-            return mlp_residual(attention_residual(tokens_first(context), fam))
-
-        return tokens_first(context_fam.fam_context(x, fam_init, attention, project, advance))
-    q, k, v = (heads_first(t) for t in qkv(x))  # k, v: the key/value groups, never copied per query head
+    if context_size() > 1:  # this rank's chunk of blocks, the FAM state from the rank before (context_fam.py);
+        # the halo carries the key/value groups too
+        return tokens_first(context_fam.fam_context(x, fam_init, attention, grouped, advance, segment_ids))
+    q, k, v = grouped(x)
     k_fam = v_fam = None
-    documents = None
+    documents = chain = None
     if segment_ids is not None:
-        ends = (torch.arange(1, n + 1, device=x.device) * B).clamp(max=s) - 1  # each block's last position
-        last = segment_ids[:, ends]  # [b, n]: F_t's document, that of block t's last token
-        starts = ends - document_positions(segment_ids)[:, ends]  # [b, n]: where that document starts
-        documents = FamDocuments(segment_ids, torch.cat([segment_ids[:, :1], last[:, :-1]], dim=1))
+        chain = chain_documents(segment_ids, B, segment_ids[:, 0])
+        documents = FamDocuments(segment_ids, chain.fam_docs)
     if fam_init is not None:
-        initial = fam = fam_init.unsqueeze(1).expand(-1, b, -1)
-        k_list, v_list = [], []
-        init_qkv: Optional[tuple[torch.Tensor, ...]] = None
+        initial = fam_init.unsqueeze(1).expand(-1, b, -1)
+        start = None
         if documents is not None:
-            init_qkv = tuple(heads_first(u) for u in qkv(initial))
-            documents.k_init, documents.v_init = init_qkv[1], init_qkv[2]
-        for t in range(n):
-            qf, kf, vf = (heads_first(u) for u in qkv(fam))
-            k_list.append(kf)
-            v_list.append(vf)
-            if t == n - 1:
-                break  # F_{n-1} would only serve a block after the sequence
-            block = slice(t * B, (t + 1) * B)
-            if documents is None or init_qkv is None:
-                context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block])
-            else:  # restart from the initial FAM where block t's last document started inside it
-                restart = last[:, t] != documents.fam_docs[:, t]  # [b]
-                qf, kf, vf = (torch.where(restart.view(b, 1, 1, 1), u0, u) for u0, u in zip(init_qkv, (qf, kf, vf)))
-                fam = torch.where(restart.view(1, b, 1), initial, fam)
-                distance = torch.where(restart, (t + 1) * B - starts[:, t], torch.full_like(starts[:, t], B))
-                context = attention.fam_step(qf, kf, vf, k[:, :, block], v[:, :, block],
-                                             documents.segment_ids[:, block] == last[:, t:t + 1], distance)
-            fam = mlp_residual(attention_residual(tokens_first(context), fam))
-        k_fam, v_fam = torch.stack(k_list, dim=2), torch.stack(v_list, dim=2)
+            start = (initial, grouped(initial))
+            documents.k_init, documents.v_init = start[1][1], start[1][2]
+        k_fam, v_fam, _ = fam_chain(initial, attention, grouped, advance, k, v, n - 1, chain, start)
     return tokens_first(attention.blocks(q, k, v, k_fam, v_fam, documents))
-
 
 
 class FamTransformerLayer(TransformerLayer):

@@ -143,10 +143,9 @@ class LinearAttention(CoreAttention):
         """This rank's chunk from the summed states of the earlier ranks (context_attention.py)."""
         dtype = _compute_dtype(q.dtype)
         q, k, v_in = q.to(dtype), k.to(dtype), v.to(dtype)
-        if self.normalization == "efficient":
-            if segment_ids is not None:
-                raise NotImplementedError("linear attention with parallel.context > 1: normalization "
-                                          "efficient without data.document_mask only")
+        if self.normalization == "efficient" and segment_ids is not None:
+            out = context_attention.efficient_documents_attention(q, k, v_in, segment_ids, self.chunk_size)
+        elif self.normalization == "efficient":
             out = efficient_chunks(q, k, v_in, context_attention.efficient_state_before(k, v_in), self.chunk_size)
         elif segment_ids is None:
             out = context_attention.linear_attention(q, k, v_in, self.eps, self.chunk_size)

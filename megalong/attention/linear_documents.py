@@ -67,12 +67,14 @@ def segmented_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tens
 
 
 def segmented_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
-                                  chunk_size: int) -> torch.Tensor:
+                                  chunk_size: int, initial: Optional[State] = None) -> torch.Tensor:
     """Shen et al.'s causal efficient attention (linear.efficient_chunk) restarting at every
     document of segment_ids [b, L]: q [b, h, L, d], k [b, g, L, d], v [b, g, L, e] (one state per
     key/value group, as in segmented_linear_attention). The running maximum is the document's own
     from its first chunk on (a large key of an earlier document cannot underflow a later
-    document's sums)."""
+    document's sums). `initial`: (N [b, g, d, e], D [b, g, d], m [b, g, d], the segment id [b] of
+    the position before these) of the tokens before them (context parallelism), which tokens of
+    that document continue."""
     b, h, L, d = q.shape
     g = k.shape[1]
     j = h // g
@@ -81,6 +83,8 @@ def segmented_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     D = q.new_zeros(b, g, d)
     m = torch.full_like(D, float("-inf"))
     last_prev: Optional[torch.Tensor] = None
+    if initial is not None:
+        N, D, m, last_prev = initial[0], initial[1], initial[2], initial[3].view(b, 1)
     outs = []
     for part in _chunks(L, chunk_size):
         qc, kc, vc, sc = q[:, :, part], k[:, :, part], v[:, :, part], seg[..., part]

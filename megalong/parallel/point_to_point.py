@@ -140,8 +140,9 @@ class _SendState(torch.autograd.Function):
 
 def receive_state(anchor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The state the previous context rank sent (`send_state`), of `shape` and `like`'s dtype.
-    Its gradient goes back to that rank in the backward. `anchor`, any tensor of this rank's
-    graph, is what ties the receive into autograd (it gets no gradient)."""
+    Its gradient goes back to that rank in the backward. `anchor`, a tensor of this rank's graph
+    that needs a gradient whenever the sent state does (the sender waits for that gradient), is
+    what ties the receive into autograd (it gets no gradient)."""
     out = _ReceiveState.apply(anchor, like, shape)
     assert isinstance(out, torch.Tensor)
     return out
