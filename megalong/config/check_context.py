@@ -35,7 +35,8 @@ def validate_context(cfg: Config, world_size: int) -> None:
                           f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
     chunk = cfg.seq_length // n
     refused = [
-        (p.expert > 1 or "moe" in cfg.mlp_kinds(), "MoE layers (model.mlp_layers)"),
+        ("moe" in cfg.mlp_kinds() and m.moe.router == "noisy_topk",  # its noise is drawn per chunk
+         "model.moe.router: noisy_topk"),
         (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
         (m.position_embedding in ("rope", "axial"), f"model.position_embedding: {m.position_embedding}"),
         (m.reversible, "model.reversible"),

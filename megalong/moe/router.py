@@ -14,6 +14,7 @@ from megalong.kernels import select as kernels
 from megalong.kernels.gating_reference import Gating, reference_topk_gating
 from megalong.moe.losses import cv_squared, load_balance_loss, router_z_loss
 from megalong.moe.options import MoEOptions
+from megalong.parallel.context import context_sum
 
 
 @dataclass
@@ -97,16 +98,18 @@ class TopKRouter(nn.Module):
             counts = load.double()
             self.step_load = counts if self.step_load is None else self.step_load + counts
         capacity = None if o.dropless else expert_capacity(x.shape[0], self.top_k, o.num_experts, o.capacity_factor)
-        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts, counts=load)
+        # Both losses are of the whole sequence: at context parallelism, sums over its chunks.
+        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts, counts=load, total=context_sum)
         if o.z_loss_coeff:
-            aux = aux + o.z_loss_coeff * router_z_loss(logits)
+            aux = aux + o.z_loss_coeff * router_z_loss(logits, total=context_sum)
         return Routing(expert_index, gates.to(x.dtype), apply_capacity(expert_index, o.num_experts, capacity),
                        aux, load)
 
     @torch.no_grad()
     def update_bias(self, data_parallel_group=None, applied=None) -> None:
         """After an optimizer step: b_i += rate * sign(mean load - load_i), with the loads of the
-        step summed over the data-parallel group so that every replica moves the same way;
+        step summed over the data-parallel group (data x context ranks at context parallelism: the
+        loads of whole sequences) so that every replica moves the same way;
         times `applied` (0.0: the step's update was dropped, the bias stays) when given."""
         load = self.step_load if self.step_load is not None else torch.zeros_like(self.expert_bias)
         if data_parallel_group is not None:
