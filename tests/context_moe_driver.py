@@ -2,10 +2,12 @@
 gloo processes (`python -m torch.distributed.run --nproc_per_node 2 tests/context_moe_driver.py`).
 The references run first, before megatron-core's context group exists (one process's code path).
 
-- Without drops: each rank's output on its chunk, the aux loss (load balance and z-loss) and, with
-  every rank back-propagating N times its share of the output term plus the aux loss (the scales a
-  training step uses), the gradients summed over the ranks / N equal one process on the whole
-  sequence; the routing statistics summed over the context group are the whole sequence's.
+- Without drops, top-2 and noisy top-2 (its noise drawn for the whole sequence, each rank keeping
+  its chunk's): each rank's output on its chunk, the aux loss (load balance and z-loss; importance
+  and load) and, with every rank back-propagating N times its share of the output term plus the
+  aux loss (the scales a training step uses), the gradients summed over the ranks / N equal one
+  process on the whole sequence; the routing statistics summed over the context group are the
+  whole sequence's.
 - With a capacity that drops, and with expert-choice routing: each rank's output is the one-process
   layer's on that chunk alone (capacity per chunk), not the whole sequence's (which differs here),
   and the drops summed over the ranks are the sum of the chunks'.
@@ -27,6 +29,7 @@ S, B, H, E, N = 16, 2, 8, 4, 2
 NO_DROPS = {"router": "topk", "top_k": 2, "capacity_factor": 2.0, "num_shared_experts": 1,
             "aux_loss_coeff": 0.3, "z_loss_coeff": 0.05}
 DROPS = {"router": "topk", "top_k": 2, "capacity_factor": 0.75, "aux_loss_coeff": 0.3}
+NOISY = {"router": "noisy_topk", "top_k": 2, "dropless": True, "capacity_factor": None, "aux_loss_coeff": 0.3}
 EXPERT_CHOICE = {"router": "expert_choice", "top_k": 2, "capacity_factor": 1.0}
 
 
@@ -62,9 +65,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-12) -> No
 
 def main() -> None:
     x, w = inputs()
-    m = layer(NO_DROPS)
-    m.train()
-    ref_out, ref_aux, ref_grads, ref_stats = step(m, x, w, 1.0)
+    references = {name: step(layer(options), x, w, 1.0) for name, options in (("top-2", NO_DROPS), ("noisy", NOISY))}
     chunked = {}
     for name, options in (("drops", DROPS), ("expert choice", EXPERT_CHOICE)):
         outs, drops = [], 0
@@ -78,20 +79,20 @@ def main() -> None:
     parallel_state.initialize_model_parallel(context_parallel_size=N)
     rank = parallel_state.get_context_parallel_rank()
     mine = rank_positions(rank, N, S)
-    m = layer(NO_DROPS)
-    m.train()
-    out, aux, grads, stats = step(m, x[mine], w[mine], float(N))
-    close(out, ref_out[mine], "output")
-    close(aux, ref_aux, "aux loss")
-    close(grads[0], N * ref_grads[0][mine], "gradient of this chunk's hidden states")
-    for i, (got, want) in enumerate(zip(grads[1:], ref_grads[1:])):
-        total = got.clone()
-        dist.all_reduce(total)
-        close(total / N, want, f"gradient of parameter {i}")
-    whole = whole_sequence_stats(stats)
-    if not (torch.equal(whole.load, ref_stats.load) and whole.assignments == ref_stats.assignments
-            and int(whole.dropped) == int(ref_stats.dropped) == 0):
-        raise SystemExit(f"MISMATCH routing statistics: {whole} vs {ref_stats}")
+    for name, options in (("top-2", NO_DROPS), ("noisy", NOISY)):
+        ref_out, ref_aux, ref_grads, ref_stats = references[name]
+        out, aux, grads, stats = step(layer(options), x[mine], w[mine], float(N))
+        close(out, ref_out[mine], f"{name}: output")
+        close(aux, ref_aux, f"{name}: aux loss")
+        close(grads[0], N * ref_grads[0][mine], f"{name}: gradient of this chunk's hidden states")
+        for i, (got, want) in enumerate(zip(grads[1:], ref_grads[1:])):
+            total = got.clone()
+            dist.all_reduce(total)
+            close(total / N, want, f"{name}: gradient of parameter {i}")
+        whole = whole_sequence_stats(stats)
+        if not (torch.equal(whole.load, ref_stats.load) and whole.assignments == ref_stats.assignments
+                and int(whole.dropped) == int(ref_stats.dropped) == 0):
+            raise SystemExit(f"MISMATCH {name}: routing statistics {whole} vs {ref_stats}")
 
     for name, options in (("drops", DROPS), ("expert choice", EXPERT_CHOICE)):
         outs, drops, whole_out = chunked[name]

@@ -35,8 +35,6 @@ def validate_context(cfg: Config, world_size: int) -> None:
                           f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
     chunk = cfg.seq_length // n
     refused = [
-        ("moe" in cfg.mlp_kinds() and m.moe.router == "noisy_topk",  # its noise is drawn per chunk
-         "model.moe.router: noisy_topk"),
         (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
         (m.position_embedding in ("rope", "axial"), f"model.position_embedding: {m.position_embedding}"),
         (m.reversible, "model.reversible"),

@@ -14,7 +14,7 @@ from megalong.kernels import select as kernels
 from megalong.kernels.gating_reference import Gating, reference_topk_gating
 from megalong.moe.losses import cv_squared, load_balance_loss, router_z_loss
 from megalong.moe.options import MoEOptions
-from megalong.parallel.context import context_sum
+from megalong.parallel.context import context_rank, context_size, context_sum, rank_positions
 
 
 @dataclass
@@ -155,7 +155,7 @@ class NoisyTopKRouter(nn.Module):
 
         importance = torch.zeros(x.shape[0], o.num_experts, dtype=self.dtype, device=x.device)
         importance = importance.scatter(1, expert_index, gates).sum(0)
-        aux = cv_squared(importance)
+        aux = cv_squared(context_sum(importance))  # of the whole sequence at context parallelism
         if self.training and k < o.num_experts:
             # P(x, i): probability that clean_i + noise beats the k-th best of the *other* experts:
             # the (k+1)-th value if i is in the top-k, else the k-th.
@@ -165,11 +165,20 @@ class NoisyTopKRouter(nn.Module):
             normal = torch.distributions.Normal(torch.zeros((), dtype=self.dtype, device=x.device),
                                                 torch.ones((), dtype=self.dtype, device=x.device))
             prob = normal.cdf((clean - threshold) / noise_std)
-            aux = aux + cv_squared(prob.sum(0))
+            aux = aux + cv_squared(context_sum(prob.sum(0)))
         aux = o.aux_loss_coeff * aux
         capacity = None if o.dropless else expert_capacity(x.shape[0], k, o.num_experts, o.capacity_factor)
         load = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
         return Routing(expert_index, gates, apply_capacity(expert_index, o.num_experts, capacity), aux, load)
+
+
+def chunk_noise(shape: tuple[int, ...], num_experts: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """NoisyTopKRouter's noise for this context rank's chunk of hidden states of `shape` [s, b, h]:
+    drawn for the whole sequence as one process draws it ([N s b, E], sequence-major; the context
+    ranks of a replica share their RNG state), this rank's positions kept, as [s b, E]."""
+    n, s, b = context_size(), shape[0], shape[1]
+    whole = torch.randn(n * s * b, num_experts, dtype=dtype, device=device).view(n * s, b, num_experts)
+    return whole[rank_positions(context_rank(), n, n * s, device)].reshape(s * b, num_experts)
 
 
 class ExpertChoiceRouter(nn.Module):
