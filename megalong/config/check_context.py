@@ -35,7 +35,6 @@ def validate_context(cfg: Config, world_size: int) -> None:
                           f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
     chunk = cfg.seq_length // n
     refused = [
-        (p.expert > 1 or "moe" in cfg.mlp_kinds(), "MoE layers (model.mlp_layers)"),
         (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
         (m.reversible, "model.reversible"),
         (e.compile, "execution.compile"),

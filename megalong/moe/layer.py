@@ -22,7 +22,8 @@ from megalong.moe.dispatch import permute, plan, unpermute
 from megalong.moe.expert_parallel import all_to_all, gather_rows, plan_exchange, slice_rows
 from megalong.moe.experts import Experts
 from megalong.moe.options import MoEOptions
-from megalong.moe.router import TopKRouter, build_router
+from megalong.moe.router import NoisyTopKRouter, TopKRouter, build_router, chunk_noise
+from megalong.parallel.context import context_size
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -90,7 +91,13 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         fused = kernels.use_kernels(x)  # Triton gating, permutation and grouped GEMM on CUDA
-        routing = self.router(x, fused=fused) if type(self.router) is TopKRouter else self.router(x)
+        if type(self.router) is TopKRouter:
+            routing = self.router(x, fused=fused)
+        elif isinstance(self.router, NoisyTopKRouter) and self.training and context_size() > 1:
+            # the noise one process draws for the whole sequence, this chunk's rows
+            routing = self.router(x, noise=chunk_noise(shape, self.options.num_experts, self.router.dtype, x.device))
+        else:
+            routing = self.router(x)
         dispatch = plan(routing.expert_index, routing.gates, routing.kept, self.options.num_experts)
         if fused and self.ep_size == 1:
             out = fused_experts(self.experts, x, dispatch, routing.expert_index.shape[1])
@@ -179,9 +186,10 @@ def update_router_biases(model: nn.Module, applied=None) -> None:
     `applied` (a 0-dim tensor, 0.0 for a step whose update was dropped) scales the move."""
     from megatron.core import parallel_state
 
-    group = None
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        group = parallel_state.get_data_parallel_group()
+    group = None  # data x context ranks: at context parallelism each holds one chunk of its sequences
+    if (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1):
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     for m in model.modules():
         if isinstance(m, MoELayer) and m.options.bias_update_rate and hasattr(m.router, "update_bias"):
             m.router.update_bias(group, applied)

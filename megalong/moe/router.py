@@ -14,6 +14,7 @@ from megalong.kernels import select as kernels
 from megalong.kernels.gating_reference import Gating, reference_topk_gating
 from megalong.moe.losses import cv_squared, load_balance_loss, router_z_loss
 from megalong.moe.options import MoEOptions
+from megalong.parallel.context import context_rank, context_size, context_sum, rank_positions
 
 
 @dataclass
@@ -97,16 +98,18 @@ class TopKRouter(nn.Module):
             counts = load.double()
             self.step_load = counts if self.step_load is None else self.step_load + counts
         capacity = None if o.dropless else expert_capacity(x.shape[0], self.top_k, o.num_experts, o.capacity_factor)
-        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts, counts=load)
+        # Both losses are of the whole sequence: at context parallelism, sums over its chunks.
+        aux = o.aux_loss_coeff * load_balance_loss(probs, expert_index, o.num_experts, counts=load, total=context_sum)
         if o.z_loss_coeff:
-            aux = aux + o.z_loss_coeff * router_z_loss(logits)
+            aux = aux + o.z_loss_coeff * router_z_loss(logits, total=context_sum)
         return Routing(expert_index, gates.to(x.dtype), apply_capacity(expert_index, o.num_experts, capacity),
                        aux, load)
 
     @torch.no_grad()
     def update_bias(self, data_parallel_group=None, applied=None) -> None:
         """After an optimizer step: b_i += rate * sign(mean load - load_i), with the loads of the
-        step summed over the data-parallel group so that every replica moves the same way;
+        step summed over the data-parallel group (data x context ranks at context parallelism: the
+        loads of whole sequences) so that every replica moves the same way;
         times `applied` (0.0: the step's update was dropped, the bias stays) when given."""
         load = self.step_load if self.step_load is not None else torch.zeros_like(self.expert_bias)
         if data_parallel_group is not None:
@@ -152,7 +155,7 @@ class NoisyTopKRouter(nn.Module):
 
         importance = torch.zeros(x.shape[0], o.num_experts, dtype=self.dtype, device=x.device)
         importance = importance.scatter(1, expert_index, gates).sum(0)
-        aux = cv_squared(importance)
+        aux = cv_squared(context_sum(importance))  # of the whole sequence at context parallelism
         if self.training and k < o.num_experts:
             # P(x, i): probability that clean_i + noise beats the k-th best of the *other* experts:
             # the (k+1)-th value if i is in the top-k, else the k-th.
@@ -162,11 +165,20 @@ class NoisyTopKRouter(nn.Module):
             normal = torch.distributions.Normal(torch.zeros((), dtype=self.dtype, device=x.device),
                                                 torch.ones((), dtype=self.dtype, device=x.device))
             prob = normal.cdf((clean - threshold) / noise_std)
-            aux = aux + cv_squared(prob.sum(0))
+            aux = aux + cv_squared(context_sum(prob.sum(0)))
         aux = o.aux_loss_coeff * aux
         capacity = None if o.dropless else expert_capacity(x.shape[0], k, o.num_experts, o.capacity_factor)
         load = torch.bincount(expert_index.reshape(-1), minlength=o.num_experts)
         return Routing(expert_index, gates, apply_capacity(expert_index, o.num_experts, capacity), aux, load)
+
+
+def chunk_noise(shape: tuple[int, ...], num_experts: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """NoisyTopKRouter's noise for this context rank's chunk of hidden states of `shape` [s, b, h]:
+    drawn for the whole sequence as one process draws it ([N s b, E], sequence-major; the context
+    ranks of a replica share their RNG state), this rank's positions kept, as [s b, E]."""
+    n, s, b = context_size(), shape[0], shape[1]
+    whole = torch.randn(n * s * b, num_experts, dtype=dtype, device=device).view(n * s, b, num_experts)
+    return whole[rank_positions(context_rank(), n, n * s, device)].reshape(s * b, num_experts)
 
 
 class ExpertChoiceRouter(nn.Module):

@@ -149,6 +149,37 @@ def sum_over_context(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _SumOverContext(torch.autograd.Function):
+    """All-reduce over the context group; backward: the all-reduce of the gradients (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def context_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the context ranks of each rank's `x` (a sum over its chunk), differentiable.
+    The backward sums the gradients of the N ranks: a replicated consumer of the sum (a router's
+    auxiliary loss of the whole sequence) gives each chunk N times its share of the gradient, the
+    scale megatron-core's DDP expects, as `context_loss` does."""
+    if context_size() == 1:
+        return x
+    if not x.requires_grad:
+        return sum_over_context(x)
+    out = _SumOverContext.apply(x, context_group())
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
 def context_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """The masked mean of the per-token loss over the whole sequence (all context ranks): its value
     is the CP=1 loss on every rank; its gradient is N times this rank's share, the scale

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megalong.parallel.context import context_loss, context_size
+from megalong.parallel.context import context_loss, context_size, sum_over_context
 from megalong.moe.layer import AttachAuxLoss, RoutingStats, moe_aux_loss, moe_stats
 from megalong.train.documents import model_inputs
 from megalong.train.losses import masked_mean
@@ -84,11 +84,22 @@ def pipeline_forward_backward(chunks: list[torch.nn.Module], micro_batches: Iter
     return both[0], both[1]
 
 
+def whole_sequence_stats(stats: RoutingStats) -> RoutingStats:
+    """The routing statistics of the whole sequences of a micro-batch: at context parallelism each
+    rank routed one chunk of them, its loads, drops and assignments summed over the context group."""
+    if context_size() == 1:
+        return stats
+    counts = torch.cat([stats.load.double(), stats.dropped.double().reshape(1),
+                        stats.load.new_tensor([stats.assignments], dtype=torch.float64)])
+    counts = sum_over_context(counts)
+    return RoutingStats(counts[:-2].round().long(), counts[-2].round().long(), int(counts[-1]))
+
+
 def pipeline_moe_stats(model: torch.nn.Module) -> list[tuple[int, RoutingStats]]:
     """`moe_stats` of the MoE layers of every stage of this rank's pipeline, by layer number (each
-    stage's own MoE layers only are on its model). A collective over the pipeline group: every rank
-    calls it."""
-    own = moe_stats(model)
+    stage's own MoE layers only are on its model), of whole sequences at context parallelism. A
+    collective over the pipeline and context groups: every rank calls it."""
+    own = [(layer, whole_sequence_stats(s)) for layer, s in moe_stats(model)]
     if (not parallel_state.model_parallel_is_initialized()
             or parallel_state.get_pipeline_model_parallel_world_size() == 1):
         return own

@@ -76,9 +76,10 @@ def report_interval(reporter: Reporter, throughput: Throughput, done: int, end_s
 
 
 def report_moe(reporter: Reporter, step: int, model: torch.nn.Module, aux: float) -> None:
-    """Per MoE layer (of every pipeline stage), of the last micro-batch on this rank: expert load
-    spread and dropped tokens (and each expert's share of the assignments in the metrics).
-    Collective over the pipeline stages: every rank calls it."""
+    """Per MoE layer (of every pipeline stage), of the last micro-batch on this rank (its whole
+    sequences at context parallelism): expert load spread and dropped tokens (and each expert's
+    share of the assignments in the metrics). Collective over the pipeline and context groups:
+    every rank calls it."""
     parts, scalars = [], {"moe/aux_loss": aux}
     for layer, stats in pipeline_moe_stats(model):
         load = stats.load.float() / max(1, stats.assignments)
