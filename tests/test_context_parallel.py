@@ -160,7 +160,6 @@ def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tm
      "data.document_mask with fam attention"),
     ({"parallel.context": 2, "model.mlp_layers": '[[["moe", "dense"], 1]]', "model.moe": "{num_experts: 4}"},
      "MoE layers"),
-    ({"parallel.context": 2, "model.reversible": "true"}, "model.reversible"),
     ({"parallel.context": 2, "model.position_embedding": "rope"}, "model.position_embedding: rope"),
     ({"parallel.context": 2, "parallel.context_layout": "zigzag"}, "zigzag needs every attention layer global"),
     ({"parallel.context": 2, "model.attention_dropout": 0.1}, "model.attention_dropout with global attention"),

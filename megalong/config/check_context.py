@@ -38,9 +38,6 @@ def validate_context(cfg: Config, world_size: int) -> None:
         (p.expert > 1 or "moe" in cfg.mlp_kinds(), "MoE layers (model.mlp_layers)"),
         (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
         (m.position_embedding in ("rope", "axial"), f"model.position_embedding: {m.position_embedding}"),
-        (m.reversible, "model.reversible"),
-        (e.compile, "execution.compile"),
-        (e.recompute_granularity is not None, "execution.recompute_granularity"),
     ]
     for kind in sorted(set(cfg.layer_kinds())):
         options = cfg.attention_options(kind)

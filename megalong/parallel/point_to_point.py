@@ -98,6 +98,7 @@ class _Halo(torch.autograd.Function):
         return out, None, None
 
 
+@torch.compiler.disable
 def halo_before(x: torch.Tensor, halo: int, dim: int) -> torch.Tensor:
     """The `halo` positions of the sequence just before this rank's chunk `x` along `dim` (fewer
     near the start; from several earlier ranks when `halo` is longer than a chunk), sent by each
@@ -134,6 +135,7 @@ class _SendState(torch.autograd.Function):
         return _receive(grad, tuple(ctx.shape), context_rank() + 1, STATE_GRAD)
 
 
+@torch.compiler.disable
 def receive_state(anchor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The state the previous context rank sent (`send_state`), of `shape` and `like`'s dtype.
     Its gradient goes back to that rank in the backward. `anchor`, any tensor of this rank's
@@ -143,6 +145,7 @@ def receive_state(anchor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ..
     return out
 
 
+@torch.compiler.disable
 def send_state(state: torch.Tensor) -> torch.Tensor:
     """Send `state` to the next context rank; returns a zero scalar to add to a tensor this
     rank's loss depends on: its backward waits for the gradient of `state` from the next rank,
