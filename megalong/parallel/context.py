@@ -15,6 +15,11 @@ rank back-propagates N times its share of the loss.
 The collectives here are autograd functions: an all-gather whose backward returns to every rank
 the sum of the gradients of its own chunk (a reduce-scatter; with gloo, which has none, an
 all-reduce and a slice).
+
+Every exchange here, in context_p2p.py and point_to_point.py (and ring attention) is
+`torch.compiler.disable`d: a layer compiled by `execution.compile` breaks its graph at it and runs
+it eagerly (traced, comm_bytes' counters would become guards that change on every call, so dynamo
+would recompile each call until its limit and then leave the layer eager).
 """
 from __future__ import annotations
 

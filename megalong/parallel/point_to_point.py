@@ -11,6 +11,12 @@ receiver has posted: a forward only waits on earlier ranks, which have sent, and
 starts a forward after every backward it took part in (the gradient all-reduce syncs the step).
 That is why fam has its own halo here: local attention's (context_p2p.halo_before) waits on its
 sends, which inside fam's backward could wait on a rank that waits for this one's state gradient.
+
+A forward recomputed inside the backward (model.reversible, activation recompute) does flush there,
+safely: what is pending then are the later layers' gradients to earlier ranks (received in those
+layers' backward) and their recomputed halos and states to later ranks (received in those layers'
+recomputation), and neither waits on the layer this rank is recomputing; every rank reruns the
+same layers in the same order (tests/test_context_recompute.py). Not traced by torch.compile.
 """
 from __future__ import annotations
 
