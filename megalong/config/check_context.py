@@ -36,7 +36,6 @@ def validate_context(cfg: Config, world_size: int) -> None:
     chunk = cfg.seq_length // n
     refused = [
         (p.expert > 1 or "moe" in cfg.mlp_kinds(), "MoE layers (model.mlp_layers)"),
-        (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
         (m.position_embedding in ("rope", "axial"), f"model.position_embedding: {m.position_embedding}"),
     ]
     for kind in sorted(set(cfg.layer_kinds())):
