@@ -15,7 +15,7 @@ def axial_cols(options: object) -> int:
 
 
 def validate_context(cfg: Config, world_size: int) -> None:
-    p, m, e = cfg.parallel, cfg.model, cfg.execution
+    p, m = cfg.parallel, cfg.model
     n = p.context
     positive(n, "parallel.context")
     if n == 1:

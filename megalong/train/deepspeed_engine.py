@@ -9,9 +9,9 @@ learning-rate schedule and the AdamW parameter groups are the megatron engine's,
 give the same losses (tests/test_deepspeed.py).
 
 Supported: any tensor-parallel size, data parallelism, context parallelism (ZeRO over the data x
-context ranks, the loss the whole sequence's: tests/test_context_recompute.py), MoE layers with parallel.expert: 1 at ZeRO-1
-and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights),
-train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer drops a step with a
+context ranks, the loss the whole sequence's: tests/test_context_recompute.py), MoE layers with
+parallel.expert: 1 at ZeRO-1 and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with
+fp32 master weights), train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer drops a step with a
 non-finite gradient norm itself; ZeRO-3 applies it, so skip is refused there). Refused by the
 config validator: pipeline stages, expert parallelism, ZeRO-3 with MoE layers (the backward
 pass met expert weights ZeRO-3 had not gathered). bf16 ran on the CPU at ZeRO-1 and ZeRO-2, DP=2
