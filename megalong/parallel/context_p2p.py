@@ -1,7 +1,8 @@
 """Point-to-point messages between the ranks of the context-parallel group: the ring of ring
 attention (each rank sends to the next and receives from the previous) and the halo of local
 attention (the tail of a chunk to the next rank or ranks). Every message is counted in
-megalong/parallel/comm_bytes.py. Plain isend/irecv (gloo and NCCL both have them); not traced by torch.compile (context.py)."""
+megalong/parallel/comm_bytes.py. Plain isend/irecv (gloo and NCCL both have them); not traced by
+torch.compile (context.py)."""
 from __future__ import annotations
 
 from typing import Any
