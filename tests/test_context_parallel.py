@@ -163,7 +163,6 @@ def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tm
       "model.attention": "{fam: {block_size: 32, fam_length: 2}}"}, "not whole blocks of model.attention.fam.block_size"),
     ({"parallel.context": 4, "model.attention_layers": '[[["global", "axial"], 1]]',
       "model.attention": "{axial: {axial_shape: [2, 32]}}"}, "not whole rows of model.attention.axial.axial_shape"),
-    ({"parallel.context": 2, "model.reversible": "true"}, "model.reversible"),
     ({"parallel.context": 2, "parallel.context_layout": "zigzag"}, "zigzag needs every attention layer global"),
     ({"parallel.context": 2, "model.attention_dropout": 0.1}, "model.attention_dropout with global attention"),
     ({"parallel.context": 8}, "does not divide the 4 processes"),

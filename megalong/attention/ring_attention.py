@@ -170,6 +170,7 @@ class RingAttention(torch.autograd.Function):
         return dq.view_as(q), dkv[0], dkv[1], None, None, None
 
 
+@torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    slopes: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
                    ) -> torch.Tensor:

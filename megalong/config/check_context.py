@@ -15,7 +15,7 @@ def axial_cols(options: object) -> int:
 
 
 def validate_context(cfg: Config, world_size: int) -> None:
-    p, m, e = cfg.parallel, cfg.model, cfg.execution
+    p, m = cfg.parallel, cfg.model
     n = p.context
     positive(n, "parallel.context")
     if n == 1:
@@ -34,12 +34,7 @@ def validate_context(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.context: parallel.tensor x parallel.pipeline x parallel.context = "
                           f"{p.tensor} x {p.pipeline} x {n} does not divide the {world_size} processes")
     chunk = cfg.seq_length // n
-    refused = [
-        (cfg.train.engine == "deepspeed", "train.engine: deepspeed"),
-        (m.reversible, "model.reversible"),
-        (e.compile, "execution.compile"),
-        (e.recompute_granularity is not None, "execution.recompute_granularity"),
-    ]
+    refused: list[tuple[bool, str]] = []
     for kind in sorted(set(cfg.layer_kinds())):
         options = cfg.attention_options(kind)
         refused += [

@@ -12,6 +12,9 @@ MLP branches inside their own autograd Function, so there those two sub-modules 
 megatron-core 0.16.1's RowParallelLinear passes `tp_group=None` to its linear function, which then
 warns (a DeprecationWarning) on every call; a warning inside a compiled region would split its
 graph, so dynamo is told to drop `warnings.warn` calls it traces.
+
+At context parallelism the exchanges between ranks are not traced (megalong/parallel/context.py):
+a compiled layer's graph breaks at each one.
 """
 from __future__ import annotations
 

@@ -15,6 +15,11 @@ rank back-propagates N times its share of the loss.
 The collectives here are autograd functions: an all-gather whose backward returns to every rank
 the sum of the gradients of its own chunk (a reduce-scatter; with gloo, which has none, an
 all-reduce and a slice).
+
+Every exchange here, in context_p2p.py and point_to_point.py (and ring attention) is
+`torch.compiler.disable`d: a layer compiled by `execution.compile` breaks its graph at it and runs
+it eagerly (traced, comm_bytes' counters would become guards that change on every call, so dynamo
+would recompile each call until its limit and then leave the layer eager).
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ def split_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: cut(v) if v.dim() >= 2 and v.shape[1] == s else v for k, v in out.items()}
 
 
+@torch.compiler.disable
 def all_gather(x: torch.Tensor, dim: int, group: Any, label: str = "all-gather") -> torch.Tensor:
     """Every rank's `x` of `group` concatenated along `dim` in rank order (no gradient)."""
     n = dist.get_world_size(group)
@@ -129,6 +135,7 @@ class _GatherChunks(torch.autograd.Function):
         return out, None, None, None
 
 
+@torch.compiler.disable
 def gather_chunks(x: torch.Tensor, dim: int, label: str = "all-gather") -> torch.Tensor:
     """Every context rank's `x` concatenated along `dim` in rank order (differentiable)."""
     if context_size() == 1:
@@ -140,6 +147,7 @@ def gather_chunks(x: torch.Tensor, dim: int, label: str = "all-gather") -> torch
     return out
 
 
+@torch.compiler.disable
 def sum_over_context(x: torch.Tensor) -> torch.Tensor:
     """The sum over the context ranks of a tensor that needs no gradient."""
     if context_size() == 1:

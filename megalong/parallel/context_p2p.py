@@ -1,7 +1,8 @@
 """Point-to-point messages between the ranks of the context-parallel group: the ring of ring
 attention (each rank sends to the next and receives from the previous) and the halo of local
 attention (the tail of a chunk to the next rank or ranks). Every message is counted in
-megalong/parallel/comm_bytes.py. Plain isend/irecv (gloo and NCCL both have them)."""
+megalong/parallel/comm_bytes.py. Plain isend/irecv (gloo and NCCL both have them); not traced by
+torch.compile (context.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -25,6 +26,7 @@ class Pending:
         return self.received
 
 
+@torch.compiler.disable
 def exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
              label: str) -> Pending:
     """Start sending each (context rank, tensor) of `sends` and receiving into each (context rank,
@@ -39,6 +41,7 @@ def exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch
     return Pending(works, [buffer for _, buffer in recvs])
 
 
+@torch.compiler.disable
 def ring_shift(x: torch.Tensor, label: str) -> Pending:
     """Send `x` to the next context rank and receive the previous rank's (same shape) around the ring."""
     n, r = context_size(), context_rank()
@@ -105,6 +108,7 @@ class _Halo(torch.autograd.Function):
         return out, None, None, None
 
 
+@torch.compiler.disable
 def halo_before(x: torch.Tensor, halo: int, dim: int, label: str) -> torch.Tensor:
     """The (up to) `halo` positions of the sequence just before this rank's chunk of `x` along
     `dim`, from the previous rank(s) by point-to-point (differentiable when `x` needs a gradient).

@@ -28,6 +28,19 @@ class ParallelLayout:
     context_rank: int = 0
 
 
+def data_context_rank() -> int:
+    """This process's rank among the data x context ranks (megatron-core's DDP and ZeRO reduce over them)."""
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
+def data_context_size() -> int:
+    return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+
+def data_context_group() -> dist.ProcessGroup:
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

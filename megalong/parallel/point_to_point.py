@@ -12,6 +12,12 @@ receiver has posted: a forward only waits on earlier ranks, which have sent, and
 starts a forward after every backward it took part in (the gradient all-reduce syncs the step).
 That is why fam has its own halo here: local attention's (context_p2p.halo_before) waits on its
 sends, which inside fam's backward could wait on a rank that waits for this one's state gradient.
+
+A forward recomputed inside the backward (model.reversible, activation recompute) does flush there,
+safely: what is pending then are the later layers' gradients to earlier ranks (received in those
+layers' backward) and their recomputed halos and states to later ranks (received in those layers'
+recomputation), and neither waits on the layer this rank is recomputing; every rank reruns the
+same layers in the same order (tests/test_context_recompute.py). Not traced by torch.compile.
 """
 from __future__ import annotations
 
@@ -102,6 +108,7 @@ class _Halo(torch.autograd.Function):
         return out, None, None
 
 
+@torch.compiler.disable
 def halo_before(x: torch.Tensor, halo: int, dim: int) -> torch.Tensor:
     """The `halo` positions of the sequence just before this rank's chunk `x` along `dim` (fewer
     near the start; from several earlier ranks when `halo` is longer than a chunk), sent by each
@@ -138,6 +145,7 @@ class _SendState(torch.autograd.Function):
         return _receive(grad, tuple(ctx.shape), context_rank() + 1, STATE_GRAD)
 
 
+@torch.compiler.disable
 def receive_state(anchor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The state the previous context rank sent (`send_state`), of `shape` and `like`'s dtype.
     Its gradient goes back to that rank in the backward. `anchor`, a tensor of this rank's graph
@@ -148,6 +156,7 @@ def receive_state(anchor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ..
     return out
 
 
+@torch.compiler.disable
 def send_state(state: torch.Tensor) -> torch.Tensor:
     """Send `state` to the next context rank; returns a zero scalar to add to a tensor this
     rank's loss depends on: its backward waits for the gradient of `state` from the next rank,

@@ -24,7 +24,7 @@ from megalong.checkpoint.step import CheckpointInfo
 from megalong.config import Config
 from megalong.errors import CheckpointError
 from megalong.model.tp_shard import partition_dims
-from megalong.parallel.distributed import ParallelLayout
+from megalong.parallel.distributed import ParallelLayout, data_context_rank, data_context_size
 
 DEEPSPEED_TAG = "deepspeed"  # the sub-directory of a step directory holding DeepSpeed's files
 
@@ -43,7 +43,7 @@ def save_files(step_dir: Path, cfg: Config, engine: Any, layout: ParallelLayout)
     with gathered_parameters(engine, module.parameters()):
         state = {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
         dims = partition_dims(module)
-    if layout.data_rank == 0:  # one copy per tensor-parallel rank
+    if layout.data_rank == 0 and layout.context_rank == 0:  # one copy per tensor-parallel rank
         write_tensors(step_dir / f"model_{part_suffix(layout.tensor_rank, 0, 1)}.safetensors", state)
     return {"format": "megalong", "engine": "deepspeed", "zero_stage": cfg.deepspeed.zero_stage,
             "partition_dims": dims}
@@ -51,11 +51,11 @@ def save_files(step_dir: Path, cfg: Config, engine: Any, layout: ParallelLayout)
 
 def _deepspeed_files(engine: Any, layout: ParallelLayout) -> list[str]:
     """The files (glob patterns) DeepSpeed 0.19.8 reads on this rank: its model states, and the
-    ZeRO optimizer states of every data-parallel rank (`bf16_` prefixed in its bf16 mode)."""
+    ZeRO optimizer states of every data x context rank (`bf16_` prefixed in its bf16 mode)."""
     tp = f"mp_rank_{layout.tensor_rank:02d}"
-    model = (f"zero_pp_rank_{layout.data_rank}_{tp}_model_states.pt" if engine.zero_optimization_stage() == 3
+    model = (f"zero_pp_rank_{data_context_rank()}_{tp}_model_states.pt" if engine.zero_optimization_stage() == 3
              else f"{tp}_model_states.pt")
-    return [model, *(f"*zero_pp_rank_{d}_{tp}_optim_states.pt" for d in range(layout.data_parallel))]
+    return [model, *(f"*zero_pp_rank_{d}_{tp}_optim_states.pt" for d in range(data_context_size()))]
 
 
 def _load_engine_files(engine: Any, step_dir: Path, layout: ParallelLayout) -> None:
@@ -95,7 +95,7 @@ def load_files(info: CheckpointInfo, cfg: Config, engine: Any, layout: ParallelL
     """Restore weights and ZeRO optimizer state (the step directory is checked already)."""
     meta = info.meta
     for key, now in (("zero_stage", cfg.deepspeed.zero_stage), ("data_parallel", layout.data_parallel),
-                     ("tensor_parallel", layout.tensor_parallel)):
+                     ("tensor_parallel", layout.tensor_parallel), ("world_size", layout.world_size)):
         if meta[key] != now:
             raise CheckpointError(f"checkpoint {info.path} has {key}={meta[key]} but this run has "
                                   f"{now}; DeepSpeed resumes only at the same ZeRO stage and layout")

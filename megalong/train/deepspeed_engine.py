@@ -8,9 +8,10 @@ the gradient norm is summed over them). The model, its initial weights, the data
 learning-rate schedule and the AdamW parameter groups are the megatron engine's, so both engines
 give the same losses (tests/test_deepspeed.py).
 
-Supported: any tensor-parallel size, data parallelism, MoE layers with parallel.expert: 1 at ZeRO-1
-and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with fp32 master weights),
-train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer drops a step with a
+Supported: any tensor-parallel size, data parallelism, context parallelism (ZeRO over the data x
+context ranks, the loss the whole sequence's: tests/test_context_recompute.py), MoE layers with
+parallel.expert: 1 at ZeRO-1 and ZeRO-2, fp32 and bf16 (DeepSpeed's bf16 mode: bf16 weights with
+fp32 master weights), train.nonfinite: stop, and skip at ZeRO-1 and ZeRO-2 (whose optimizer drops a step with a
 non-finite gradient norm itself; ZeRO-3 applies it, so skip is refused there). Refused by the
 config validator: pipeline stages, expert parallelism, ZeRO-3 with MoE layers (the backward
 pass met expert weights ZeRO-3 had not gathered). bf16 ran on the CPU at ZeRO-1 and ZeRO-2, DP=2
@@ -40,32 +41,37 @@ from megalong import compat
 from megalong.checkpoint.step import CheckpointInfo
 from megalong.config import Config, deep_merge
 from megalong.moe.layer import moe_aux_loss, update_router_biases
-from megalong.parallel.distributed import ParallelLayout
+from megalong.parallel.distributed import ParallelLayout, data_context_group, data_context_rank, data_context_size
 from megalong.train import deepspeed_checkpoint, losses
 from megalong.train.engine import StepResult
 from megalong.train.optim import build_optimizer
 
 
 class MegatronMpu:
-    """megatron-core's process groups under the names DeepSpeed asks an `mpu` for."""
+    """megatron-core's process groups under the names DeepSpeed asks an `mpu` for. Its data-parallel
+    group is the data x context ranks (megatron-core's DDP reduces over the same group): ZeRO shards
+    over them and averages their gradients, whose sum over a context group is N times the
+    sequence's gradient (megalong/parallel/context.py, context_loss)."""
 
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
     get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(data_context_rank)
+    get_data_parallel_world_size = staticmethod(data_context_size)
+    get_data_parallel_group = staticmethod(data_context_group)
 
 
-def deepspeed_config(cfg: Config, data_parallel: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, data_parallel: int, context_parallel: int = 1) -> dict[str, Any]:
     """The DeepSpeed JSON config of a run: derived from the train section and `deepspeed:`, plus
-    the extra keys of deepspeed.config (which may not override the derived ones)."""
+    the extra keys of deepspeed.config (which may not override the derived ones). DeepSpeed counts
+    the micro-batches of all its data-parallel ranks, the context ranks' chunks included, so its
+    train_batch_size is the global batch times the context size."""
     t, d = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     derived = {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.global_batch_size * context_parallel,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * data_parallel),
         "gradient_clipping": t.grad_clip,
@@ -89,13 +95,15 @@ class DeepSpeedEngine:
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
         optimizer = build_optimizer(model, cfg.train)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMpu(),
-                                                    config=deepspeed_config(cfg, layout.data_parallel))
+                                                    config=deepspeed_config(cfg, layout.data_parallel,
+                                                                            layout.context_parallel))
 
     def describe(self) -> list[str]:
         d, layout = self.cfg.deepspeed, self.layout
+        context = f" x context {layout.context_parallel}" if layout.context_parallel > 1 else ""
         return [f"DeepSpeed ZeRO-{d.zero_stage}{' with CPU optimizer offload' if d.offload_optimizer else ''}: "
                 f"{layout.world_size} processes (tensor {layout.tensor_parallel} x data "
-                f"{layout.data_parallel}) on {layout.device.type}"]
+                f"{layout.data_parallel}{context}) on {layout.device.type}"]
 
     def train(self) -> None:
         self.engine.train()

@@ -15,7 +15,7 @@ def initialize_for(cfg: Config) -> ParallelLayout:
     p = cfg.parallel
     set_context_layout(p.context_layout)
     if cfg.train.engine == "deepspeed":
-        return initialize(p.tensor, p.backend)
+        return initialize(p.tensor, p.backend, context_parallel=p.context)
     return initialize(p.tensor, p.backend, p.expert, pipeline_parallel=p.pipeline,
                       virtual_stages=p.virtual_stages, context_parallel=p.context)
 
