@@ -96,17 +96,17 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     return proc
 
 
-def run_driver(runs: list[list[str]], nproc: int, tmp_path: Path, env: dict | None = None) -> None:
+def run_driver(runs: list[list[str]], nproc: int, tmp_path: Path) -> None:
     """Several training configs (lists of `key=value` overrides) one after another in one torchrun
-    job of `nproc` gloo processes (tests/parallel_driver.py); `env`: more environment variables."""
+    job of `nproc` gloo processes (tests/parallel_driver.py)."""
     import json
 
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(REPO / "tests" / "parallel_driver.py"), str(spec)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=full_env, cwd=REPO)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
 
 

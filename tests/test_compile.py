@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli, run_driver, tiny_overrides, train_here
+from conftest import read_metrics, run_cli, tiny_overrides, train_here
 from megalong.attention.registry import ATTENTION_KINDS
 from megalong.config import config_from_dict, validate
 from megalong.model.compile import compile_layers
@@ -167,30 +167,19 @@ def eager_run(tiny_data, tmp_path_factory):
 AOT_EAGER = {"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"}
 
 
-def _assert_follows_eager(eager_run, save_dir) -> None:
+@pytest.mark.parametrize("layout,env", [
+    ({"parallel.tensor": 2}, None),
+    ({"parallel.pipeline": 2}, AOT_EAGER),
+    ({"parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true"}, AOT_EAGER)],
+    ids=["tp2_inductor", "pp2", "dp2_distributed_optimizer"])
+def test_compiled_training_on_two_processes_matches_eager_one_process(tiny_data, eager_run, tmp_path, layout, env):
+    """The training CLI with execution.compile on two gloo processes, tensor-parallel, pipelined
+    (megatron's schedule), or data-parallel through megatron-core's DDP and distributed optimizer,
+    follows the eager one-process run's losses and gradient norms."""
+    run_cli(["train", *tiny_overrides(tiny_data, tmp_path, **TRAIN_EXTRA, **layout,
+                                      **{"execution.compile": "true"})], nproc=2, env=env)
     for key, tol in (("train/loss", 2e-5), ("train/grad_norm", 1e-4)):
-        eager, compiled = read_metrics(eager_run, key), read_metrics(save_dir, key)
-        assert compiled.keys() == eager.keys() and len(eager) == 5, (save_dir.name, key)
+        eager, compiled = read_metrics(eager_run, key), read_metrics(tmp_path, key)
+        assert compiled.keys() == eager.keys() and len(eager) == 5
         for step, value in eager.items():
-            assert abs(compiled[step] - value) <= tol * max(1.0, value), (save_dir.name, key, step,
-                                                                          compiled[step], value)
-
-
-COMPILED = {**TRAIN_EXTRA, "execution.compile": "true"}
-
-
-def test_compiled_training_on_two_processes_matches_eager_one_process(tiny_data, eager_run, tmp_path):
-    """The training CLI with execution.compile on two gloo processes, tensor-parallel (inductor),
-    follows the eager one-process run's losses and gradient norms; so do, in one torchrun job
-    (tests/parallel_driver.py, through aot_autograd), the pipelined run (megatron's schedule) and
-    the data-parallel one through megatron-core's DDP and distributed optimizer."""
-    run_cli(["train", *tiny_overrides(tiny_data, tmp_path / "tp2_inductor", **COMPILED,
-                                      **{"parallel.tensor": 2})], nproc=2)
-    _assert_follows_eager(eager_run, tmp_path / "tp2_inductor")
-    layouts = {"pp2": {"parallel.pipeline": 2},
-               "dp2_distributed_optimizer": {"parallel.distributed_optimizer": "true",
-                                             "parallel.overlap_grad_reduce": "true"}}
-    run_driver([[a for a in tiny_overrides(tiny_data, tmp_path / name, **COMPILED, **layout) if a != "--set"]
-                for name, layout in layouts.items()], 2, tmp_path, env=AOT_EAGER)
-    for name in layouts:
-        _assert_follows_eager(eager_run, tmp_path / name)
+            assert abs(compiled[step] - value) <= tol * max(1.0, value), (key, step, compiled[step], value)
