@@ -110,6 +110,30 @@ def run_driver(runs: list[list[str]], nproc: int, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
 
 
+def train_here(args: list[str]):
+    """Train one process inside pytest (no spawn, megatron already imported): `args` are
+    `key=value` overrides. One thread, like the torchrun processes: with the default two on a busy
+    2-core machine, OpenMP's waiting threads made these tiny runs 20-40x slower."""
+    import torch
+
+    from megalong.config import load_config
+    from megalong.parallel.distributed import shutdown
+    from megalong.train.loop import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(load_config([], args))
+    finally:
+        shutdown()
+        torch.set_num_threads(threads)
+
+
+def overrides(data: TinyData, save_dir: Path, steps: int = 5, **extra) -> list[str]:
+    """tiny_overrides as `key=value` items (no "--set"), for train_here and run_driver."""
+    return [a for a in tiny_overrides(data, save_dir, steps, **extra) if a != "--set"]
+
+
 def read_metrics(save_dir: Path, key: str = "train/loss") -> dict[int, float]:
     import json
 

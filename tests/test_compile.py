@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import read_metrics, run_cli, tiny_overrides, train_here
 from megalong.attention.registry import ATTENTION_KINDS
 from megalong.config import config_from_dict, validate
 from megalong.model.compile import compile_layers
@@ -157,7 +157,7 @@ TRAIN_EXTRA = {"model.mlp_layers": '[[["dense", "moe"], 1]]',
 @pytest.fixture(scope="module")
 def eager_run(tiny_data, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("eager")
-    run_cli(["train", *tiny_overrides(tiny_data, save_dir, **TRAIN_EXTRA)])
+    train_here([a for a in tiny_overrides(tiny_data, save_dir, **TRAIN_EXTRA) if a != "--set"])  # no spawn
     return save_dir
 
 

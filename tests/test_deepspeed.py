@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO, free_port, read_metrics, run_cli, tiny_overrides
+from conftest import REPO, free_port, read_metrics, tiny_overrides, train_here
 from megalong.config import ConfigError, load_config
 from megalong.checkpoint.step import load_merged_state
 
@@ -83,7 +83,7 @@ def test_zero_stages_match_one_process(tiny_data, tmp_path):
 
     singles, references = {}, {}
     for ref, model in models.items():  # the megatron engine, one process
-        run_cli(["train", *tiny_overrides(tiny_data, tmp_path / ref, STEPS, **model)])
+        train_here(_overrides(tiny_data, tmp_path / ref, **model))  # in pytest's process: no spawn
         singles[ref] = read_metrics(tmp_path / ref)
         assert sorted(singles[ref]) == list(range(1, STEPS + 1)) and singles[ref][STEPS] < singles[ref][1]
         references[ref] = load_merged_state(tmp_path / ref)[1]

@@ -6,7 +6,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import overrides, read_metrics, run_cli, run_driver, train_here
 from megalong.checkpoint.step import load_merged_state
 
 # 12 heads (not a power of two) with ALiBi in global and local layers: TP=2 holds 6 heads per
@@ -31,19 +31,13 @@ LOSS_TOL = 2e-5
 WEIGHT_TOL = 1e-4
 
 
-LOGS: dict[str, str] = {}  # save directory -> what the run printed
-
-
-def _run(tiny_data, save_dir, nproc=1, launcher="python", **extra):
-    proc = run_cli(["train", *tiny_overrides(tiny_data, save_dir, STEPS, **ALIBI_12_HEADS, **extra)],
-                   nproc=nproc, launcher=launcher)
-    LOGS[str(save_dir)] = proc.stdout + proc.stderr
-    return read_metrics(save_dir)
+def _args(tiny_data, save_dir, **extra) -> list[str]:
+    return overrides(tiny_data, save_dir, STEPS, **ALIBI_12_HEADS, **extra)
 
 
 def _adam_share(save_dir) -> float:
     """The share of the weights whose Adam state rank 0 holds, from its log line."""
-    match = re.search(r"Adam state for ([\d,]+) of ([\d,]+) weights", LOGS[str(save_dir)])
+    match = re.search(r"Adam state for ([\d,]+) of ([\d,]+) weights", (save_dir / "train.log").read_text())
     held, total = (int(g.replace(",", "")) for g in match.groups())
     return held / total
 
@@ -83,13 +77,16 @@ def test_tp2_and_dp2_match_one_process(tiny_data, tmp_path):
     gradients reduce-scattered in overlapped buckets), and DP=2 with the distributed optimizer
     resumed from the one-process checkpoint at step 3: the one-process losses, weights and Adam
     state."""
-    single = _run(tiny_data, tmp_path / "single", **BATCH)
-    tp2 = _run(tiny_data, tmp_path / "tp2", nproc=2, launcher="torchrun.sh",
-               **{"parallel.tensor": 2}, **BATCH)
-    dp2 = _run(tiny_data, tmp_path / "dp2", nproc=2, **BATCH)
-    dist_opt = _run(tiny_data, tmp_path / "dist_opt", nproc=2, **BATCH, **DIST_OPT)
-    resumed = _run(tiny_data, tmp_path / "resumed", nproc=2, **BATCH, **DIST_OPT,
-                   **{"train.load": str(tmp_path / "single" / "step_00000003")})
+    train_here(_args(tiny_data, tmp_path / "single", **BATCH))  # in pytest's process: no spawn
+    # The four two-process runs in one torchrun job (tests/parallel_driver.py); the resumed run
+    # comes after the one-process run that saved its step-3 checkpoint.
+    run_driver([_args(tiny_data, tmp_path / "tp2", **{"parallel.tensor": 2}, **BATCH),
+                _args(tiny_data, tmp_path / "dp2", **BATCH),
+                _args(tiny_data, tmp_path / "dist_opt", **BATCH, **DIST_OPT),
+                _args(tiny_data, tmp_path / "resumed", **BATCH, **DIST_OPT,
+                      **{"train.load": str(tmp_path / "single" / "step_00000003")})], 2, tmp_path)
+    single, tp2, dp2, dist_opt, resumed = (read_metrics(tmp_path / name)
+                                           for name in ("single", "tp2", "dp2", "dist_opt", "resumed"))
     assert sorted(single) == sorted(tp2) == sorted(dp2) == sorted(dist_opt) == list(range(1, STEPS + 1))
     assert sorted(resumed) == [4, 5]
     assert single[STEPS] < single[1]  # it trains
@@ -130,13 +127,14 @@ MOE_ONLY = {
 def test_expert_parallel_matches_one_process(tiny_data, tmp_path):
     """EP=2 (2 processes), EP=2 x DP=2 and EP=2 x TP=2 (4 processes) against one process: same
     losses, and the gathered experts equal the one-process experts."""
-    def run(name, nproc, expert, tensor=1):
-        run_cli(["train", *tiny_overrides(tiny_data, tmp_path / name, STEPS, **MOE_ONLY,
-                                          **{"parallel.expert": expert, "parallel.tensor": tensor})], nproc=nproc)
-        return read_metrics(tmp_path / name)
+    def args(name, expert, tensor=1):
+        return overrides(tiny_data, tmp_path / name, STEPS, **MOE_ONLY,
+                         **{"parallel.expert": expert, "parallel.tensor": tensor})
 
-    runs = {"single": run("single", 1, 1), "ep2": run("ep2", 2, 2), "ep2dp2": run("ep2dp2", 4, 2),
-            "ep2tp2": run("ep2tp2", 4, 2, tensor=2)}
+    train_here(args("single", 1))  # in pytest's process: no spawn
+    run_driver([args("ep2", 2)], 2, tmp_path)
+    run_driver([args("ep2dp2", 2), args("ep2tp2", 2, tensor=2)], 4, tmp_path)  # one 4-process job
+    runs = {name: read_metrics(tmp_path / name) for name in ("single", "ep2", "ep2dp2", "ep2tp2")}
     single = runs["single"]
     for name, losses in runs.items():
         assert sorted(losses) == list(range(1, STEPS + 1))

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_driver, tiny_overrides
-from megalong.config import ConfigError, config_from_dict, load_config, validate
-from megalong.parallel.distributed import shutdown
+from conftest import REPO, read_metrics, run_driver, tiny_overrides, train_here
+from megalong.config import ConfigError, config_from_dict, validate
 from megalong.checkpoint.step import load_merged_state
-from megalong.train.loop import train
 
 STEPS = 5
 # Global and local attention, learned positions, tied embeddings; layers 2 and 4 are top-2 MoE
@@ -60,16 +58,7 @@ def _args(data, save_dir, **extra) -> list[str]:
     return [a for a in tiny_overrides(data, save_dir, STEPS, **MODEL, **extra) if a != "--set"]
 
 
-def _train_here(args: list[str]):
-    # One thread, like the torchrun processes: with the default two on a busy 2-core machine,
-    # OpenMP's waiting threads made these tiny runs 20-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(load_config([], args))
-    finally:
-        shutdown()
-        torch.set_num_threads(threads)
+_train_here = train_here  # tests/test_context_parallel.py and test_documents_parallel.py import it
 
 
 def _close(losses: dict[int, float], reference: dict[int, float], steps, name: str) -> None:
