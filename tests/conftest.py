@@ -96,6 +96,17 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     return proc
 
 
+def run_script(script: str, nproc: int, timeout: int = 600) -> str:
+    """tests/<script> as one torchrun job of `nproc` gloo processes; its stdout (the test fails
+    with the tail of both streams when the job does)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), str(REPO / "tests" / script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    return proc.stdout
+
+
 def run_driver(runs: list[list[str]], nproc: int, tmp_path: Path) -> None:
     """Several training configs (lists of `key=value` overrides) one after another in one torchrun
     job of `nproc` gloo processes (tests/parallel_driver.py)."""

@@ -191,6 +191,22 @@ def one_process(function, *args):
         fam_module.context_size = original
 
 
+def assert_chunk_equals(name: str, chunk: slice, out: torch.Tensor, ref: torch.Tensor, mine: torch.Tensor,
+                        ref_in: torch.Tensor, params: list, ref_grads: list) -> None:
+    """This rank's output and input gradient equal the one-process ones on its chunk, and the
+    weights' gradients summed over the context ranks equal the one-process ones (1e-10 relative)."""
+    r = parallel_state.get_context_parallel_rank()
+    error = (out - ref[chunk]).abs().max().item()
+    assert error < 1e-10 * max(1.0, ref.abs().max().item()), (name, "output", r, error)
+    error = (mine.grad - ref_in.grad[chunk]).abs().max().item()
+    assert error < 1e-10 * max(1.0, ref_in.grad.abs().max().item()), (name, "grad x", r, error)
+    for i, (p, want) in enumerate(zip(params, ref_grads)):
+        got = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # fam_init: rank 0's only
+        dist.all_reduce(got, group=parallel_state.get_context_parallel_group())
+        error = (got - want).abs().max().item()
+        assert error < 1e-10 * max(1.0, want.abs().max().item()), (name, "grad weight", i, r, error)
+
+
 def check_fam(name: str, alibi: bool, options: dict, documents: object = False) -> None:
     """Two layers in a row (the second's memory and state come from the first's outputs): outputs,
     the gradients of the chunk's inputs and of every weight and the initial FAM (summed over the
@@ -218,15 +234,7 @@ def check_fam(name: str, alibi: bool, options: dict, documents: object = False) 
     mine_seg = None if seg is None else seg[:, chunk].contiguous()
     out = layers[1](layers[0](mine, mine_seg), mine_seg)
     (out * weight[chunk]).sum().backward()
-    error = (out - ref[chunk]).abs().max().item()
-    assert error < 1e-10 * max(1.0, ref.abs().max().item()), (name, "output", r, error)
-    error = (mine.grad - ref_in.grad[chunk]).abs().max().item()
-    assert error < 1e-10 * max(1.0, ref_in.grad.abs().max().item()), (name, "grad x", r, error)
-    for i, (p, want) in enumerate(zip(params, ref_grads)):
-        got = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # fam_init: rank 0's only
-        dist.all_reduce(got, group=parallel_state.get_context_parallel_group())
-        error = (got - want).abs().max().item()
-        assert error < 1e-10 * max(1.0, want.abs().max().item()), (name, "grad weight", i, r, error)
+    assert_chunk_equals(name, chunk, out, ref, mine, ref_in, params, ref_grads)
 
 
 def fam_refused(options: dict, documents: bool, words: str) -> None:
@@ -257,9 +265,8 @@ def refused(kind: str, options: dict, documents: bool, words: str) -> None:
         raise AssertionError(f"{kind} {options} at parallel.context > 1 was not refused")
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
+def run_cases() -> str:
+    """Every case above on this job's context group; the summary line."""
     for case in CASES:
         print("case", case[0], file=sys.stderr, flush=True)
         check(*case)
@@ -274,10 +281,20 @@ def main() -> None:
     refused("local", {"window": 4}, False, "contiguous")
     refused("linear", {}, False, "contiguous")
     set_layout("contiguous")
+    return (f"context attention: {len(CASES) + len(FAM_CASES)} cases equal one process, "
+            f"{len(REFUSED) + len(FAM_REFUSED) + 2} refused, at CP={dist.get_world_size()}; "
+            f"activation memory per rank x N / one process: {', '.join(ratios)}")
+
+
+def main() -> None:
+    """This driver's cases, then grouped-query attention's (context_gqa_driver.py) in the same job."""
+    import context_gqa_driver
+
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
+    lines = [run_cases(), context_gqa_driver.run_cases()]
     if dist.get_rank() == 0:
-        print(f"context attention: {len(CASES) + len(FAM_CASES)} cases equal one process, "
-              f"{len(REFUSED) + len(FAM_REFUSED) + 2} refused, at CP={dist.get_world_size()}; "
-              f"activation memory per rank x N / one process: {', '.join(ratios)}")
+        print("\n".join(lines))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -1,5 +1,5 @@
 """Grouped-query attention at context parallelism on one torchrun job of N gloo processes
-(`python -m torch.distributed.run --nproc_per_node N tests/context_gqa_driver.py`): each kind's
+(run by tests/context_attention_driver.py, in the same job as its cases): each kind's
 context-parallel path takes the key/value groups (CoreAttention.grouped_context) and its outputs
 and the gradients of its chunk's q, k, v equal, in float64 within 1e-10, the one-process `attend`
 on the whole sequence with k and v copied per query head (plain multi-head attention, the
@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention.helpers import attention_config  # noqa: E402
-from context_attention_driver import B, D, L, FamLayer, one_process, segments  # noqa: E402
+from context_attention_driver import B, D, L, FamLayer, assert_chunk_equals, one_process, segments  # noqa: E402
 from megalong.attention import ring_attention  # noqa: E402
 from megalong.attention.base import per_query_head  # noqa: E402
 from megalong.attention.registry import CORE_ATTENTION  # noqa: E402
@@ -157,15 +157,7 @@ def check_fam(name: str, alibi: bool, options: dict) -> str:
     out = stack(mine)
     grouped = sum(comm_bytes.received().values())
     (out * weight[chunk]).sum().backward()
-    error = (out - ref[chunk]).abs().max().item()
-    assert error < 1e-10 * max(1.0, ref.abs().max().item()), (name, "output", r, error)
-    error = (mine.grad - ref_in.grad[chunk]).abs().max().item()
-    assert error < 1e-10 * max(1.0, ref_in.grad.abs().max().item()), (name, "grad x", r, error)
-    for i, (p, want) in enumerate(zip(params, ref_grads)):
-        got = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # fam_init: rank 0's only
-        dist.all_reduce(got, group=parallel_state.get_context_parallel_group())
-        error = (got - want).abs().max().item()
-        assert error < 1e-10 * max(1.0, want.abs().max().item()), (name, "grad weight", i, r, error)
+    assert_chunk_equals(name, chunk, out, ref, mine, ref_in, params, ref_grads)
     totals = torch.tensor([per_head, grouped], dtype=torch.float64)
     dist.all_reduce(totals)
     assert 0 < totals[1] < totals[0], (name, totals)
@@ -178,9 +170,8 @@ FAM_CASES = [  # (name, alibi, options): chunks of 24 (CP=2) and 12 (CP=4) token
 ]
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(context_parallel_size=dist.get_world_size())
+def run_cases() -> str:
+    """Every case above on this job's context group; the summary line."""
     ratios = []
     for case in CASES:
         print("case", case[0], file=sys.stderr, flush=True)
@@ -188,13 +179,6 @@ def main() -> None:
     for fam_case in FAM_CASES:
         print("case", fam_case[0], file=sys.stderr, flush=True)
         ratios.append(check_fam(*fam_case))
-    if dist.get_rank() == 0:
-        print(f"grouped-query attention at CP={dist.get_world_size()}: {len(CASES) + len(FAM_CASES)} cases equal one process "
-              f"with {G} key/value groups for {H} heads; forward bytes received, per query head / grouped: "
-              f"{'; '.join(ratios)}")
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    return (f"grouped-query attention at CP={dist.get_world_size()}: {len(CASES) + len(FAM_CASES)} cases equal "
+            f"one process with {G} key/value groups for {H} heads; forward bytes received, per query head / "
+            f"grouped: {'; '.join(ratios)}")

@@ -6,13 +6,9 @@ follows one process; capacity drops are per chunk (tests/context_moe_driver.py c
 whole-sequence aux loss's value and gradient)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
-from conftest import REPO, free_port, read_metrics, run_driver
-from test_context_parallel import _args, _same_weights
-from test_pipeline import _close, _close_norms, _train_here
+from conftest import overrides, read_metrics, run_driver, run_script, train_here
+from equality import close_losses, close_norms, same_weights
 
 STEPS = 5
 # Top-2 of 4 experts, one shared expert, the load-balance loss (coefficient large enough to
@@ -47,23 +43,23 @@ def test_moe_training_at_context_2_equals_one_process(tiny_data, tmp_path):
     relative, the final weights (router biases included) within 1e-4 of one process; the logged
     expert loads are the whole sequence's."""
     for name, model in REFERENCES.items():
-        _train_here(_args(tiny_data, tmp_path / name, **model))
+        train_here(overrides(tiny_data, tmp_path / name, **model))
     for procs in (2, 4):
-        run_driver([_args(tiny_data, tmp_path / name, **model, **layout)
+        run_driver([overrides(tiny_data, tmp_path / name, **model, **layout)
                     for name, (model, layout, p) in LAYOUTS.items() if p == procs], procs, tmp_path)
     for name, (model, _, _) in LAYOUTS.items():
         single = tmp_path / next(ref for ref, m in REFERENCES.items() if m is model)
         reference = read_metrics(single)
         assert reference[STEPS] < reference[1], name  # it trains
-        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        close_losses(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
         aux, want = read_metrics(tmp_path / name, "train/moe_aux_loss"), read_metrics(single, "train/moe_aux_loss")
         assert want[1] > 1e-3, (name, want[1])  # the aux loss is a real part of the loss
-        _close(aux, want, range(1, STEPS + 1), name + " aux")
-        _close_norms(tmp_path / name, single, name)
-        _same_weights(tmp_path / name, single, name)
+        close_losses(aux, want, range(1, STEPS + 1), name + " aux")
+        close_norms(tmp_path / name, single, name)
+        same_weights(tmp_path / name, single, name)
         held_out, want = read_metrics(tmp_path / name, "valid/loss"), read_metrics(single, "valid/loss")
         assert held_out.keys() == want.keys() == {STEPS}, name  # the final evaluation's loss too
-        _close(held_out, want, [STEPS], name + " held-out")
+        close_losses(held_out, want, [STEPS], name + " held-out")
         layer = 2 if model is SWITCH else 1
         for e in range(4):  # the last micro-batch's load of the whole sequence (the same micro-batch at DP=1)
             key = f"moe/layer{layer}/expert{e}_load"
@@ -73,10 +69,6 @@ def test_moe_training_at_context_2_equals_one_process(tiny_data, tmp_path):
 
 
 def test_capacity_is_per_chunk_and_aux_loss_is_the_whole_sequences():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(REPO / "tests" / "context_moe_driver.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    assert "MoE at CP=2: aux loss and gradients equal one process, drops per chunk" in proc.stdout
+    out = run_script("context_moe_driver.py", 2)
+    assert "MoE at CP=2: aux loss and gradients equal one process, drops per chunk" in out
 

@@ -4,20 +4,15 @@ float64, tests/context_attention_driver.py); training at CP=2 follows the one-pr
 combinations not supported are refused by name."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, free_port, read_metrics, run_driver, tiny_overrides
+from conftest import overrides, read_metrics, run_driver, run_script, train_here
 from test_documents_parallel import short_docs  # noqa: F401 (fixture)
-from test_pipeline import LOSS_TOL, _close, _close_norms, _train_here
-from megalong.checkpoint.step import load_merged_state
+from equality import LOSS_TOL, close_losses, close_norms, same_weights
 from megalong.config import ConfigError, load_config
 
 STEPS = 5
-WEIGHT_TOL = 1e-4
 # global, local with per-head dilations and global tokens, and linear layers (efficient normalisation;
 # elu is in LINEAR_DOCUMENTS), learned positions (offset per chunk)
 MIXED = {
@@ -74,24 +69,12 @@ EVERY_KIND_LAYOUTS = {  # name: layout, processes
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_context_attention_equals_one_process(n):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(free_port()), str(REPO / "tests" / "context_attention_driver.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    assert f"cases equal one process, 4 refused, at CP={n}" in proc.stdout
-
-
-def _args(data, save_dir, **extra) -> list[str]:
-    return [a for a in tiny_overrides(data, save_dir, STEPS, **extra) if a != "--set"]
-
-
-def _same_weights(run, reference, name: str) -> None:
-    _, want = load_merged_state(reference)
-    _, got = load_merged_state(run)
-    assert got.keys() == want.keys(), name
-    for key, tensor in want.items():
-        assert (got[key] - tensor).abs().max().item() < WEIGHT_TOL, (name, key)
+    """Every kind (tests/context_attention_driver.py), and with grouped keys and values
+    (tests/context_gqa_driver.py, in the same job): the messages carry the groups, not copies."""
+    out = run_script("context_attention_driver.py", n)
+    assert f"cases equal one process, 4 refused, at CP={n}" in out
+    assert f"grouped-query attention at CP={n}: 13 cases equal one process" in out
+    assert "global: 2.00x" in out and "local alibi dilations: 2.00x" in out
 
 
 def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_path):  # noqa: F811
@@ -105,27 +88,27 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
               "fam_linear_documents": (short_docs, FAM_LINEAR_DOCUMENTS, {})}
     save = {"train.save_interval": 3}
     for name, (data, model, _) in models.items():
-        _train_here(_args(data, tmp_path / f"{name}_single", **model, **save))
+        train_here(overrides(data, tmp_path / f"{name}_single", **model, **save))
     cp2 = {"parallel.context": 2}
-    runs = [_args(data, tmp_path / f"{name}_cp2", **model, **cp2, **layout, **save)
+    runs = [overrides(data, tmp_path / f"{name}_cp2", **model, **cp2, **layout, **save)
             for name, (data, model, layout) in models.items()]
-    runs.append(_args(tiny_data, tmp_path / "mixed_resumed_cp2", **MIXED, **cp2,
+    runs.append(overrides(tiny_data, tmp_path / "mixed_resumed_cp2", **MIXED, **cp2,
                       **{"train.load": str(tmp_path / "mixed_single" / "step_00000003")}))
     run_driver(runs, 2, tmp_path)
-    run_driver([_args(tiny_data, tmp_path / "mixed_dp2_cp2", **MIXED, **cp2, **{
+    run_driver([overrides(tiny_data, tmp_path / "mixed_dp2_cp2", **MIXED, **cp2, **{
         "parallel.distributed_optimizer": "true", "parallel.overlap_grad_reduce": "true",
         "parallel.ddp_bucket_size": 20000})], 4, tmp_path)
-    _train_here(_args(tiny_data, tmp_path / "mixed_from_cp2", **MIXED,
+    train_here(overrides(tiny_data, tmp_path / "mixed_from_cp2", **MIXED,
                       **{"train.load": str(tmp_path / "mixed_cp2" / "step_00000003")}))
-    _train_here(_args(short_docs, tmp_path / "zigzag_from_cp2", **ZIGZAG,  # saved in the zig-zag layout
+    train_here(overrides(short_docs, tmp_path / "zigzag_from_cp2", **ZIGZAG,  # saved in the zig-zag layout
                       **{"train.load": str(tmp_path / "zigzag_cp2" / "step_00000003")}))
     for name in models:
         single, run = tmp_path / f"{name}_single", tmp_path / f"{name}_cp2"
         reference = read_metrics(single)
         assert reference[STEPS] < reference[1], name  # it trains
-        _close(read_metrics(run), reference, range(1, STEPS + 1), name)
-        _close_norms(run, single, name)
-        _same_weights(run, single, name)
+        close_losses(read_metrics(run), reference, range(1, STEPS + 1), name)
+        close_norms(run, single, name)
+        same_weights(run, single, name)
         held_out, want = read_metrics(run, "valid/loss"), read_metrics(single, "valid/loss")
         assert held_out.keys() == want.keys() == {STEPS}, name  # the evaluation's loss too
         assert abs(held_out[STEPS] - want[STEPS]) < LOSS_TOL, name
@@ -133,11 +116,11 @@ def test_training_at_context_2_equals_one_process(tiny_data, short_docs, tmp_pat
                                 ("mixed_resumed_cp2", range(4, STEPS + 1), tmp_path / "mixed_single"),
                                 ("mixed_from_cp2", range(4, STEPS + 1), tmp_path / "mixed_single"),
                                 ("zigzag_from_cp2", range(4, STEPS + 1), tmp_path / "zigzag_single")):
-        _close(read_metrics(tmp_path / name), read_metrics(single), steps, name)
+        close_losses(read_metrics(tmp_path / name), read_metrics(single), steps, name)
         norms, reference = (read_metrics(d, "train/grad_norm") for d in (tmp_path / name, single))
         for step in steps:
             assert abs(norms[step] - reference[step]) < 1e-4 * reference[step], (name, step)
-        _same_weights(tmp_path / name, single, name)
+        same_weights(tmp_path / name, single, name)
     assert LOSS_TOL == 2e-5
 
 
@@ -145,16 +128,16 @@ def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tm
     """A model with one layer of each kind at CP=2, CP=2 x TP=2 and CP=2 x PP=2: losses within
     2e-5, gradient norms within 1e-4 relative and weights within 1e-4 of one process."""
     single = tmp_path / "every_single"
-    _train_here(_args(tiny_data, single, **EVERY_KIND))
+    train_here(overrides(tiny_data, single, **EVERY_KIND))
     for procs in (2, 4):
-        run_driver([_args(tiny_data, tmp_path / name, **EVERY_KIND, **layout)
+        run_driver([overrides(tiny_data, tmp_path / name, **EVERY_KIND, **layout)
                     for name, (layout, p) in EVERY_KIND_LAYOUTS.items() if p == procs], procs, tmp_path)
     reference = read_metrics(single)
     assert reference[STEPS] < reference[1]
     for name in EVERY_KIND_LAYOUTS:
-        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
-        _close_norms(tmp_path / name, single, name)
-        _same_weights(tmp_path / name, single, name)
+        close_losses(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        close_norms(tmp_path / name, single, name)
+        same_weights(tmp_path / name, single, name)
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -169,6 +152,6 @@ def test_every_kind_at_context_2_with_tensor_and_pipeline_parallel(tiny_data, tm
 ])
 def test_unsupported_context_layouts_are_refused_by_name(tiny_data, tmp_path, extra, words):
     with pytest.raises(ConfigError) as error:
-        load_config([], _args(tiny_data, tmp_path / "run", **extra), world_size=4)
+        load_config([], overrides(tiny_data, tmp_path / "run", **extra), world_size=4)
     message = str(error.value)
     assert words in message and message.startswith("parallel.context") and "\n" not in message

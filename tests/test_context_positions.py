@@ -5,10 +5,10 @@ every kind that has it at CP=2. 5 training steps whose losses (within 2e-5), gra
 and final weights (1e-4) follow one process."""
 from __future__ import annotations
 
-from conftest import read_metrics, run_driver
-from test_context_parallel import EVERY_KIND, STEPS, ZIGZAG, _args, _same_weights
+from conftest import overrides, read_metrics, run_driver, train_here
+from equality import close_losses, close_norms, same_weights
+from test_context_parallel import EVERY_KIND, STEPS, ZIGZAG
 from test_documents_parallel import short_docs  # noqa: F401 (fixture)
-from test_pipeline import _close, _close_norms, _train_here
 
 # RoPE with grouped-query attention (2 key/value groups for 4 heads), a local window longer than
 # a chunk's first tokens see, learned positions off
@@ -39,7 +39,7 @@ def test_positions_and_zigzag_at_context_2_follow_one_process(tiny_data, short_d
               "axial": (tiny_data, AXIAL), "zigzag": (short_docs, ZIGZAG),
               "every_gqa": (tiny_data, EVERY_KIND_GQA)}
     for name, (data, model) in models.items():
-        _train_here(_args(data, tmp_path / f"{name}_single", **model))
+        train_here(overrides(data, tmp_path / f"{name}_single", **model))
     runs = {  # name: model, parallel layout, processes
         "rope_cp2": ("rope", CP2, 2),
         "rope_zigzag_cp2": ("rope_zigzag", {**CP2, **ZIGZAG_LAYOUT}, 2),
@@ -52,12 +52,12 @@ def test_positions_and_zigzag_at_context_2_follow_one_process(tiny_data, short_d
         "axial_cp2_pp2": ("axial", {**CP2, "parallel.pipeline": 2}, 4),
     }
     for procs in (2, 4):
-        run_driver([_args(models[model][0], tmp_path / name, **models[model][1], **layout)
+        run_driver([overrides(models[model][0], tmp_path / name, **models[model][1], **layout)
                     for name, (model, layout, p) in runs.items() if p == procs], procs, tmp_path)
     for name, (model, _, _) in runs.items():
         single = tmp_path / f"{model}_single"
         reference = read_metrics(single)
         assert reference[STEPS] < reference[1], model  # it trains
-        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
-        _close_norms(tmp_path / name, single, name)
-        _same_weights(tmp_path / name, single, name)
+        close_losses(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        close_norms(tmp_path / name, single, name)
+        same_weights(tmp_path / name, single, name)

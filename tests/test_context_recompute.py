@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 
-from conftest import read_metrics, run_driver
-from test_context_parallel import EVERY_KIND, MIXED, STEPS, _args, _same_weights
-from test_pipeline import _close, _close_norms, _train_here
+from conftest import overrides, read_metrics, run_driver, train_here
+from equality import close_losses, close_norms, same_weights
+from test_context_parallel import EVERY_KIND, MIXED, STEPS
 
 REVERSIBLE = {"model.reversible": "true"}
 FULL = {"execution.recompute_granularity": "full", "execution.recompute_method": "uniform",
@@ -43,16 +43,16 @@ REFERENCES = {"every": EVERY_KIND, "every_reversible": {**EVERY_KIND, **REVERSIB
 
 def test_recompute_reversible_and_compile_at_context_2_equal_one_process(tiny_data, tmp_path, monkeypatch):
     for name, model in REFERENCES.items():
-        _train_here(_args(tiny_data, tmp_path / name, **model))
+        train_here(overrides(tiny_data, tmp_path / name, **model))
     monkeypatch.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")  # read by the spawned driver
     for procs in (2, 4):
-        run_driver([_args(tiny_data, tmp_path / SAVE_DIRS.get(name, name), **model, **layout)
+        run_driver([overrides(tiny_data, tmp_path / SAVE_DIRS.get(name, name), **model, **layout)
                     for name, (model, layout, p, _) in RUNS.items() if p == procs], procs, tmp_path)
     for name, (_, _, _, reference) in RUNS.items():
         if name in SAVE_DIRS:
             continue
         single = tmp_path / reference
         assert read_metrics(single)[STEPS] < read_metrics(single)[1], reference  # it trains
-        _close(read_metrics(tmp_path / name), read_metrics(single), range(1, STEPS + 1), name)
-        _close_norms(tmp_path / name, single, name)
-        _same_weights(tmp_path / name, single, name)
+        close_losses(read_metrics(tmp_path / name), read_metrics(single), range(1, STEPS + 1), name)
+        close_norms(tmp_path / name, single, name)
+        same_weights(tmp_path / name, single, name)

@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TinyData, read_metrics, run_driver, tiny_overrides
-from test_pipeline import LOSS_TOL, _close, _close_norms, _train_here
+from conftest import TinyData, read_metrics, run_driver, tiny_overrides, train_here
+from equality import LOSS_TOL, close_losses, close_norms
 
 STEPS = 3
 MODEL = {
@@ -73,9 +73,9 @@ def test_samples_hold_several_documents(short_docs):
 
 def test_document_mask_training_in_every_layout_equals_one_process(short_docs, tmp_path):
     single, single_rev, no_mask = tmp_path / "single", tmp_path / "single_rev", tmp_path / "no_mask"
-    _train_here(_args(short_docs, single))
-    _train_here(_args(short_docs, single_rev, **REVERSIBLE))
-    _train_here(_args(short_docs, no_mask, **{"data.document_mask": "false"}))
+    train_here(_args(short_docs, single))
+    train_here(_args(short_docs, single_rev, **REVERSIBLE))
+    train_here(_args(short_docs, no_mask, **{"data.document_mask": "false"}))
     reference = read_metrics(single)
     # The mask changes what is computed (the same data and weights give another loss without it).
     assert abs(read_metrics(no_mask)[1] - reference[1]) > 10 * LOSS_TOL
@@ -83,7 +83,7 @@ def test_document_mask_training_in_every_layout_equals_one_process(short_docs, t
     runs.append(_args(short_docs, tmp_path / "pp2_rev", **{"parallel.pipeline": 2}, **REVERSIBLE))
     run_driver(runs, 4, tmp_path)
     for name in LAYOUTS:
-        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
-        _close_norms(tmp_path / name, single, name)
-    _close(read_metrics(tmp_path / "pp2_rev"), read_metrics(single_rev), range(1, STEPS + 1), "pp2_rev")
-    _close_norms(tmp_path / "pp2_rev", single_rev, "pp2_rev")
+        close_losses(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        close_norms(tmp_path / name, single, name)
+    close_losses(read_metrics(tmp_path / "pp2_rev"), read_metrics(single_rev), range(1, STEPS + 1), "pp2_rev")
+    close_norms(tmp_path / "pp2_rev", single_rev, "pp2_rev")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_metrics, run_driver, tiny_overrides, train_here
+from equality import LOSS_TOL, WEIGHT_TOL, close_losses, close_norms
 from megalong.config import ConfigError, config_from_dict, validate
 from megalong.checkpoint.step import load_merged_state
 
@@ -50,21 +51,10 @@ REVERSIBLE_LAYOUTS = {"pp2_reversible": {"parallel.pipeline": 2},
 # Reductions run in another order across processes (TP splits matmuls, DP averages halves of the
 # batch, PP sums the grad norm per stage), so losses agree to float32 rounding, not bit for bit;
 # weights get a wider bound since Adam's 1/sqrt(v) magnifies rounding in tiny gradients.
-LOSS_TOL = 2e-5
-WEIGHT_TOL = 1e-4
 
 
 def _args(data, save_dir, **extra) -> list[str]:
     return [a for a in tiny_overrides(data, save_dir, STEPS, **MODEL, **extra) if a != "--set"]
-
-
-_train_here = train_here  # tests/test_context_parallel.py and test_documents_parallel.py import it
-
-
-def _close(losses: dict[int, float], reference: dict[int, float], steps, name: str) -> None:
-    assert sorted(losses) == list(steps), (name, sorted(losses))
-    for step in steps:
-        assert abs(losses[step] - reference[step]) < LOSS_TOL, (name, step, losses[step], reference[step])
 
 
 def _moe_keys(save_dir) -> set[str]:
@@ -72,18 +62,9 @@ def _moe_keys(save_dir) -> set[str]:
     return {k for line in lines for k in json.loads(line) if k.startswith("moe/layer")}
 
 
-def _close_norms(save_dir, reference_dir, name: str) -> None:
-    """Gradient norms before clipping, relative 1e-4: Adam is blind to a wrong gradient scale
-    (the losses would still agree), the norm is not."""
-    norms, reference = read_metrics(save_dir, "train/grad_norm"), read_metrics(reference_dir, "train/grad_norm")
-    assert sorted(norms) == sorted(reference), name
-    for step, value in reference.items():
-        assert abs(norms[step] - value) < 1e-4 * value, (name, step, norms[step], value)
-
-
 def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp_path):
     single = tmp_path / "single"
-    _train_here(_args(tiny_data, single, **{"train.save_interval": 3}))  # saves steps 3 and 5
+    train_here(_args(tiny_data, single, **{"train.save_interval": 3}))  # saves steps 3 and 5
     reference = read_metrics(single)
     assert reference[STEPS] < reference[1]  # it trains
     reference_aux = read_metrics(single, "train/moe_aux_loss")
@@ -98,13 +79,13 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
     run_driver(runs, 4, tmp_path)
 
     single_reversible = tmp_path / "single_reversible"
-    _train_here(_args(tiny_data, single_reversible, **REVERSIBLE))
+    train_here(_args(tiny_data, single_reversible, **REVERSIBLE))
     _, reversible_weights = load_merged_state(single_reversible)
     for name in REVERSIBLE_LAYOUTS:
-        _close(read_metrics(tmp_path / name), read_metrics(single_reversible), range(1, STEPS + 1), name)
-        _close(read_metrics(tmp_path / name, "train/moe_aux_loss"),
+        close_losses(read_metrics(tmp_path / name), read_metrics(single_reversible), range(1, STEPS + 1), name)
+        close_losses(read_metrics(tmp_path / name, "train/moe_aux_loss"),
                read_metrics(single_reversible, "train/moe_aux_loss"), range(1, STEPS + 1), name + " aux")
-        _close_norms(tmp_path / name, single_reversible, name)
+        close_norms(tmp_path / name, single_reversible, name)
         _, merged = load_merged_state(tmp_path / name)
         for key, tensor in reversible_weights.items():
             if isinstance(tensor, torch.Tensor):
@@ -112,10 +93,10 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
 
     _, weights = load_merged_state(single)
     for name in LAYOUTS:
-        _close(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
+        close_losses(read_metrics(tmp_path / name), reference, range(1, STEPS + 1), name)
         aux = read_metrics(tmp_path / name, "train/moe_aux_loss")
-        _close(aux, reference_aux, range(1, STEPS + 1), name + " aux")
-        _close_norms(tmp_path / name, single, name)
+        close_losses(aux, reference_aux, range(1, STEPS + 1), name + " aux")
+        close_norms(tmp_path / name, single, name)
         assert _moe_keys(tmp_path / name) == _moe_keys(single), name  # every stage's MoE layers logged
         info, merged = load_merged_state(tmp_path / name)
         assert merged.keys() == weights.keys(), name
@@ -137,9 +118,9 @@ def test_every_layout_matches_one_process_and_checkpoints_reshard(tiny_data, tmp
     for key, tensor in exported["single"].items():
         assert (exported["tp2_pp2"][key] - tensor).abs().max().item() < WEIGHT_TOL, key
 
-    _close(read_metrics(tmp_path / "from_single"), reference, [4, 5], "one process -> TP2 x PP2")
-    _close(read_metrics(tmp_path / "stop3"), reference, [1, 2, 3], "TP2 x PP2 stopped")
-    resumed = _train_here(_args(tiny_data, tmp_path / "stop3", **{"train.load": "auto"}))
+    close_losses(read_metrics(tmp_path / "from_single"), reference, [4, 5], "one process -> TP2 x PP2")
+    close_losses(read_metrics(tmp_path / "stop3"), reference, [1, 2, 3], "TP2 x PP2 stopped")
+    resumed = train_here(_args(tiny_data, tmp_path / "stop3", **{"train.load": "auto"}))
     assert sorted(resumed.losses) == [4, 5]
     for step in (4, 5):
         assert abs(resumed.losses[step] - reference[step]) < LOSS_TOL, ("TP2 x PP2 -> one process", step)
@@ -193,7 +174,7 @@ def test_every_attention_kind_and_moe_inside_pipeline_stages(tiny_data, tmp_path
         key = json.dumps(model, sort_keys=True)
         if key not in singles:
             singles[key] = tmp_path / f"single_{len(singles)}"
-            _train_here([a for a in tiny_overrides(tiny_data, singles[key], STEPS, **model) if a != "--set"])
+            train_here([a for a in tiny_overrides(tiny_data, singles[key], STEPS, **model) if a != "--set"])
         single = singles[key]
         for metric, tol, steps in (("train/loss", LOSS_TOL, range(1, STEPS + 1)),
                                    ("train/moe_aux_loss", LOSS_TOL, range(1, STEPS + 1)),
