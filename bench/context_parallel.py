@@ -14,8 +14,8 @@ process.
    tracked allocations (every tensor an operator creates while it is alive: the allocator's peak
    without caching, tests/attention/helpers.py's MemoryTracker), the largest over the ranks. The
    longest L (a multiple of 64 x N) whose step stays within --budget-mib, by doubling then
-   bisection. fam (memory only: its halo and state are point-to-point sends that comm_bytes does
-   not count) runs its whole layer, the FAM chain included, as fam.py's `run_fam_layer`.
+   bisection. fam runs its whole layer, the FAM chain included, as fam.py's `run_fam_layer` (in
+   the communication table too: its halo and state handoff are exchanged inside the layer).
 """
 from __future__ import annotations
 
@@ -37,17 +37,21 @@ KINDS = {  # name: (kind, options)
     "local w=256, 16 global tokens": ("local", {"window": 256, "global_tokens": 16}),
     "local w=1024, dilation 4": ("local", {"window": 1024, "dilation": 4}),
     "linear elu": ("linear", {"chunk_size": 64}),
+    "lsh bucket 64, 2 hashes": ("lsh", {"bucket_size": 64, "n_hashes": 2}),
+    "axial, rows of 64": ("axial", {}),  # axial_shape [L / 64, 64], set by the length
     "fam B=64, m=1, F=8": ("fam", {"block_size": 64, "memory_segments": 1, "fam_length": 8}),
 }
-COMM_KINDS = [name for name, (kind, _) in KINDS.items() if kind != "fam"]  # fam: memory only
+COMM_KINDS = list(KINDS)
 MEMORY_KINDS = ("local w=256", "linear elu", "global (ring)", "fam B=64, m=1, F=8")
 
 
-def module_for(name: str, heads: int, head_dim: int):
+def module_for(name: str, heads: int, head_dim: int, length: int):
     from attention.helpers import attention_config
     from megalong.attention.registry import CORE_ATTENTION
 
     kind, options = KINDS[name]
+    if kind == "axial":
+        options = {"axial_shape": [length // 64, 64]}
     return CORE_ATTENTION[kind](attention_config(heads, head_dim), layer_number=1, **options)
 
 
@@ -56,14 +60,21 @@ def communication(name: str, length: int, heads: int, head_dim: int) -> dict[str
     from megalong.parallel import comm_bytes
     from megalong.parallel.context import context_size
 
-    module = module_for(name, heads, head_dim)
     n = context_size()
-    h = 2 * heads if KINDS[name][1].get("global_tokens") else heads
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(length // n, 1, h, head_dim, generator=g, requires_grad=True) for _ in range(3))
-    dist.barrier()
-    comm_bytes.reset()
-    out = module(q, k, v, attention_mask=None)
+    if KINDS[name][0] == "fam":  # its exchanges happen in the layer (the FAM chain), not the core module
+        block = Block(name, heads * head_dim, heads, length)
+        x = torch.randn(length // n, 1, heads * head_dim, generator=g, requires_grad=True)
+        dist.barrier()
+        comm_bytes.reset()
+        out = block(x)
+    else:
+        module = module_for(name, heads, head_dim, length)
+        h = 2 * heads if KINDS[name][1].get("global_tokens") else heads
+        q, k, v = (torch.randn(length // n, 1, h, head_dim, generator=g, requires_grad=True) for _ in range(3))
+        dist.barrier()
+        comm_bytes.reset()
+        out = module(q, k, v, attention_mask=None)
     forward = sum(comm_bytes.received().values())
     out.backward(torch.randn_like(out))
     total = sum(comm_bytes.received().values())
@@ -77,13 +88,13 @@ class Block(torch.nn.Module):
     fam's layer does (megalong/attention/fam.py `run_fam_layer`: the FAM tokens through the same
     weights block by block, its learned initial FAM a parameter)."""
 
-    def __init__(self, name: str, hidden: int, heads: int):
+    def __init__(self, name: str, hidden: int, heads: int, length: int):
         super().__init__()
         self.heads = heads
         self.fam = KINDS[name][0] == "fam"
         self.global_heads = 2 if KINDS[name][1].get("global_tokens") else 1
         self.qkv = torch.nn.Linear(hidden, 3 * hidden * self.global_heads)
-        self.attention = module_for(name, heads, hidden // heads)
+        self.attention = module_for(name, heads, hidden // heads, length)
         self.out = torch.nn.Linear(hidden, hidden)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(),
                                        torch.nn.Linear(4 * hidden, hidden))
@@ -111,7 +122,7 @@ def step_memory(name: str, length: int, hidden: int, heads: int) -> int:
     from megalong.parallel.context import context_size
 
     torch.manual_seed(0)
-    block = Block(name, hidden, heads)
+    block = Block(name, hidden, heads, length)
     optimizer = torch.optim.SGD(block.parameters(), lr=1e-3)
     x = torch.randn(length // context_size(), 1, hidden)
     tracker = MemoryTracker()
@@ -158,7 +169,7 @@ def worker(args: argparse.Namespace) -> None:
             sizes = communication(name, args.comm_length, args.heads, args.head_dim)
             records.append({"part": "comm", "cp": n, "kind": name, **sizes})
     budget = args.budget_mib * 2 ** 20
-    for name in args.memory_kinds:
+    for name in [] if args.comm_only else args.memory_kinds:
         fits, peak = longest(name, budget, args.hidden, args.heads, 64 * n, args.max_length)
         records.append({"part": "memory", "cp": n, "kind": name, "length": fits, "peak": peak})
     if dist.get_rank() == 0:
@@ -192,6 +203,7 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=1 << 17)
     parser.add_argument("--memory-only", action="store_true", help="skip the communication table")
+    parser.add_argument("--comm-only", action="store_true", help="skip the memory table")
     parser.add_argument("--memory-kinds", nargs="+", default=list(MEMORY_KINDS), choices=list(KINDS))
     args = parser.parse_args()
     if args.quick:
@@ -209,6 +221,8 @@ def main() -> None:
         records += [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
     if not args.memory_only:
         communication_table(records, args)
+    if args.comm_only:
+        return
     print(f"\nLongest L of one training step of one block (hidden {args.hidden}, {args.heads} heads) within "
           f"{args.budget_mib} MiB of tracked allocations per process (its peak, MiB):\n")
     print("| kind | " + " | ".join(f"CP={n}" for n in args.sizes) + " |")
