@@ -138,7 +138,7 @@ def step_memory(name: str, length: int, hidden: int, heads: int) -> int:
 
 def longest(name: str, budget: int, hidden: int, heads: int, start: int, limit: int) -> tuple[int, int]:
     """(the longest L that fits, its peak bytes) by doubling then bisection on multiples of `start`."""
-    fits, fits_peak, length = 0, 0, 8 * start
+    fits, fits_peak, length = 0, 0, start
     while length <= limit:
         peak = step_memory(name, length, hidden, heads)
         if peak > budget:
