@@ -43,6 +43,8 @@ CASES = [  # (name, kind, alibi, options, documents, layout, exact: bytes shrink
     ("linear elu documents", "linear", False, {"chunk_size": 5}, True, "contiguous", False),
     ("linear efficient", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, False, "contiguous",
      True),
+    ("linear efficient documents", "linear", False, {"chunk_size": 5, "normalization": "efficient"}, True,
+     "contiguous", False),
     ("axial alibi documents", "axial", True, {"axial_shape": [12, 4]}, True, "contiguous", False),
 ]
 

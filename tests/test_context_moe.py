@@ -1,8 +1,8 @@
 """MoE layers at context parallelism (`parallel.context`): each rank routes its chunk of the
 sequence, the router's auxiliary losses and the aux-loss-free bias loads are those of the whole
 sequence (sums over the context group), expert parallelism exchanges every chunk's tokens. Training
-at CP=2 (top-2, switch in the zig-zag layout, noisy top-2), CP=2 x EP=2 (x DP=2) and CP=2 x PP=2
-follows one process; capacity drops are per chunk (tests/context_moe_driver.py checks them and the
+at CP=2 (top-2, switch in the zig-zag layout, noisy top-2), CP=2 x EP=2 (x DP=2), CP=2 x TP=2 x EP=2
+and CP=2 x PP=2 follows one process; capacity drops are per chunk (tests/context_moe_driver.py checks them and the
 whole-sequence aux loss's value and gradient)."""
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ LAYOUTS = {  # name: model, layout, processes
     "noisy_cp2": (NOISY, {"parallel.context": 2}, 2),
     "moe_cp2_ep2": (MOE, {"parallel.context": 2, "parallel.expert": 2}, 4),  # and DP=2 of the dense weights
     "moe_cp2_pp2": (MOE, {"parallel.context": 2, "parallel.pipeline": 2}, 4),
+    "moe_cp2_tp2_ep2": (MOE, {"parallel.context": 2, "parallel.tensor": 2, "parallel.expert": 2}, 4),
 }
 REFERENCES = {"moe_single": MOE, "switch_single": SWITCH, "noisy_single": NOISY}
 

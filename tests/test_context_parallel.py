@@ -73,7 +73,7 @@ def test_context_attention_equals_one_process(n):
     (tests/context_gqa_driver.py, in the same job): the messages carry the groups, not copies."""
     out = run_script("context_attention_driver.py", n)
     assert f"cases equal one process, 4 refused, at CP={n}" in out
-    assert f"grouped-query attention at CP={n}: 13 cases equal one process" in out
+    assert f"grouped-query attention at CP={n}: 14 cases equal one process" in out
     assert "global: 2.00x" in out and "local alibi dilations: 2.00x" in out
 
 

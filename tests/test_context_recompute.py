@@ -27,6 +27,7 @@ RUNS = {
     # dynamo's aot_eager backend (tests/test_compile.py): the graphs, their breaks at the exchanges
     # and aot_autograd's backward, without inductor's code generation (CI time)
     "compiled_cp2": ({**MIXED, "execution.compile": "true"}, CP2, 2, "mixed"),
+    "compiled_reversible_cp2": ({**MIXED, **REVERSIBLE, "execution.compile": "true"}, CP2, 2, "mixed_reversible"),
     # DeepSpeed: ZeRO over the data x context ranks; ZeRO-3 stopped at step 3 and resumed
     "zero1_cp2": (MIXED, {**DEEPSPEED, "deepspeed.zero_stage": 1}, 2, "mixed"),
     "zero3_cp2": (MIXED, {**DEEPSPEED, "deepspeed.zero_stage": 3, "train.stop_at_step": 3}, 2, "mixed"),
@@ -38,7 +39,8 @@ RUNS = {
 SAVE_DIRS = {"zero3_cp2": "zero3_cp2_resumed"}  # both runs write one directory
 if importlib.util.find_spec("deepspeed") is None:
     RUNS = {name: run for name, run in RUNS.items() if run[1].get("train.engine") != "deepspeed"}
-REFERENCES = {"every": EVERY_KIND, "every_reversible": {**EVERY_KIND, **REVERSIBLE}, "mixed": MIXED}
+REFERENCES = {"every": EVERY_KIND, "every_reversible": {**EVERY_KIND, **REVERSIBLE}, "mixed": MIXED,
+              "mixed_reversible": {**MIXED, **REVERSIBLE}}
 
 
 def test_recompute_reversible_and_compile_at_context_2_equal_one_process(tiny_data, tmp_path, monkeypatch):
