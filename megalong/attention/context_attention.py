@@ -130,79 +130,85 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     return causal_linear_attention(fq, fk, v, eps, chunk_size, initial)
 
 
+def continued_document(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(before [b]: the segment id of the position just before this rank's chunk, -1 on rank 0;
+    joins [b, N]: the ranks j < r whose chunk ends in that document). Segment ids increase along
+    the sequence, so every rank between such a j and this one lies wholly inside the document:
+    the state entering this rank is the sum of the joining ranks' last-document states. The last
+    segment ids are all-gathered (N values per sample)."""
+    last = segment_ids[:, -1]  # [b]
+    lasts = gather_chunks(last[:, None].contiguous(), 1, "linear states")  # [b, N]
+    r = context_rank()
+    before = lasts[:, r - 1] if r else torch.full_like(last, -1)  # [b]; -1: no document before
+    joins = torch.zeros_like(lasts, dtype=torch.bool)
+    joins[:, :r] = lasts[:, :r] == before[:, None]
+    return before, joins
+
+
 def linear_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                                eps: float, chunk_size: int) -> torch.Tensor:
     """Causal linear attention (elu) with packed documents on this rank's chunk. Each rank's
-    state of its last document (S, z over the positions of the chunk's last segment id) and its
-    first and last segment ids are all-gathered; the state entering rank r is the sum of those
-    ranks j < r whose last document is the one rank r - 1 ends with (segment ids increase along
-    the sequence, so every rank between them lies wholly inside it), and it carries on to the
-    tokens of that document only."""
+    state of its last document (S, z over the positions of the chunk's last segment id) is
+    all-gathered; the state entering rank r sums those of the ranks that continue the document
+    rank r - 1 ends with (`continued_document`), and it carries on to the tokens of that document
+    only."""
     contiguous_only("linear")
     fq, fk = elu_feature_map(q), elu_feature_map(k)
     b, h, _, d = fk.shape
-    last = segment_ids[:, -1]  # [b]
-    in_last = (segment_ids == last[:, None]).to(fk.dtype)[:, None, :, None]  # [b, 1, C, 1]
+    before, joins = continued_document(segment_ids)
+    in_last = (segment_ids == segment_ids[:, -1:]).to(fk.dtype)[:, None, :, None]  # [b, 1, C, 1]
     tail_k = fk * in_last
     state = torch.cat([torch.matmul(tail_k.transpose(-1, -2), v), tail_k.sum(dim=2).unsqueeze(-1)], dim=-1)
     states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, h, N, d, e + 1]
-    lasts = gather_chunks(last[:, None].contiguous(), 1, "linear states")  # [b, N]
-    r = context_rank()
     # Rank 0 too takes the (empty) sum, so that every rank's backward runs the same collectives.
-    before = lasts[:, r - 1] if r else torch.full_like(last, -1)  # [b]; -1: no document before
-    joins = (lasts[:, :r] == before[:, None]).to(fk.dtype)[:, None, :, None, None]  # [b, 1, r, 1, 1]
-    summed = (states[:, :, :r] * joins).sum(dim=2)
+    summed = (states * joins.to(fk.dtype)[:, None, :, None, None]).sum(dim=2)
     initial = (summed[..., :-1], summed[..., -1].reshape(b, h, d), before)
     return segmented_linear_attention(fq, fk, v, segment_ids, eps, chunk_size, initial)
 
 
-def efficient_state_before(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shen et al.'s efficient attention: the state (N [b, h, d, e], D [b, h, d], m [b, h, d]) of
-    the positions before this rank's chunk, as linear.efficient_chunk carries it. Each rank's
-    chunk state (sums of exp(k - m) v^T and exp(k - m) with m its own per-feature maximum) is
-    all-gathered (N x h x d x (e + 2) values); the earlier ranks' are rescaled to their largest m
-    and summed (every rank takes the same steps, rank 0 an empty sum)."""
-    contiguous_only("linear")
-    m = k.detach().amax(dim=2)  # [b, h, d]
-    w = torch.exp(k - m.unsqueeze(2))
+def efficient_chunk_states(k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Every rank's state of Shen et al.'s efficient attention over its chunk (or over the positions
+    `keep` [b, 1, C, 1] of it), all-gathered: [b, h, N, d, e + 2], the sums of exp(k - m) v^T and
+    exp(k - m), and m, the per-feature maximum of those keys (N x h x d x (e + 2) values)."""
+    kd = k.detach() if keep is None else k.detach().masked_fill(~keep, float("-inf"))
+    m = kd.amax(dim=2)  # [b, h, d]: finite (the chunk's last token is always kept)
+    e = k - m.unsqueeze(2)
+    w = torch.exp(e if keep is None else e.masked_fill(~keep, float("-inf")))  # 0 off `keep`
     state = torch.cat([torch.matmul(w.transpose(-1, -2), v), w.sum(dim=2).unsqueeze(-1), m.unsqueeze(-1)], dim=-1)
-    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, h, N, d, e + 2]
-    r = context_rank()
-    earlier = (torch.arange(states.shape[2], device=k.device) < r).view(1, 1, -1, 1)
-    ms = torch.where(earlier, states[..., -1].detach(), torch.full_like(states[..., -1], float("-inf")))
-    top = ms.amax(dim=2)  # [b, h, d]; -inf on rank 0
+    return gather_chunks(state.unsqueeze(2), 2, "linear states")
+
+
+def rescaled_sum(states: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N [b, h, d, e], D [b, h, d], m [b, h, d]) of the `ranks` (a mask broadcasting to [b, h, N, d])
+    of `efficient_chunk_states`, each rescaled to their largest m and summed (m -inf, sums 0, for
+    none: every rank takes the same steps, rank 0 an empty sum)."""
+    ms = torch.where(ranks, states[..., -1].detach(), torch.full_like(states[..., -1], float("-inf")))
+    top = ms.amax(dim=2)  # [b, h, d]
     safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    scale = torch.where(earlier, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, h, N, d]
+    scale = torch.where(ranks, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, h, N, d]
     summed = (states[..., :-1] * scale.unsqueeze(-1)).sum(dim=2)
     return summed[..., :-1], summed[..., -1], top
 
 
+def efficient_state_before(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shen et al.'s efficient attention: the state (N [b, h, d, e], D [b, h, d], m [b, h, d]) of
+    the positions before this rank's chunk, as linear.efficient_chunk carries it: the earlier
+    ranks' chunk states, rescaled to their largest m and summed."""
+    contiguous_only("linear")
+    states = efficient_chunk_states(k, v)
+    earlier = (torch.arange(states.shape[2], device=k.device) < context_rank()).view(1, 1, -1, 1)
+    return rescaled_sum(states, earlier)
+
+
 def efficient_documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                                   chunk_size: int) -> torch.Tensor:
-    """Shen et al.'s efficient attention with packed documents on this rank's chunk. Each rank's
-    state of its last document (sums of exp(k - m) v^T and exp(k - m) over the positions of the
-    chunk's last segment id, m their per-feature maximum) and its last segment id are
-    all-gathered; the state entering rank r sums those of the ranks j < r whose last document is
-    the one rank r - 1 ends with (as `linear_documents_attention`), each rescaled to the largest
-    of their maxima, and carries on to the tokens of that document only."""
+    """Shen et al.'s efficient attention with packed documents on this rank's chunk: the states of
+    every rank's last document (`efficient_chunk_states` over its positions), those of the ranks
+    that continue the document rank r - 1 ends with (`continued_document`) rescaled and summed,
+    carried on to the tokens of that document only."""
     contiguous_only("linear")
-    last = segment_ids[:, -1]  # [b]
-    in_last = (segment_ids == last[:, None])[:, None, :, None]  # [b, 1, C, 1]
-    m = k.detach().masked_fill(~in_last, float("-inf")).amax(dim=2)  # [b, g, d]: finite (the last token)
-    w = torch.exp((k - m.unsqueeze(2)).masked_fill(~in_last, float("-inf")))  # 0 off the last document
-    state = torch.cat([torch.matmul(w.transpose(-1, -2), v), w.sum(dim=2).unsqueeze(-1), m.unsqueeze(-1)], dim=-1)
-    states = gather_chunks(state.unsqueeze(2), 2, "linear states")  # [b, g, N, d, e + 2]
-    lasts = gather_chunks(last[:, None].contiguous(), 1, "linear states")  # [b, N]
-    r = context_rank()
-    # Rank 0 too takes the (empty) sum, so that every rank's backward runs the same collectives.
-    before = lasts[:, r - 1] if r else torch.full_like(last, -1)  # [b]; -1: no document before
-    joins = torch.zeros_like(lasts, dtype=torch.bool)
-    joins[:, :r] = lasts[:, :r] == before[:, None]
-    joins = joins[:, None, :, None]  # [b, 1, N, 1]
-    ms = torch.where(joins, states[..., -1].detach(), torch.full_like(states[..., -1], float("-inf")))
-    top = ms.amax(dim=2)  # [b, g, d]; -inf on rank 0
-    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    scale = torch.where(joins, torch.exp(ms - safe.unsqueeze(2)), torch.zeros_like(ms))  # [b, g, N, d]
-    summed = (states[..., :-1] * scale.unsqueeze(-1)).sum(dim=2)
-    initial = (summed[..., :-1], summed[..., -1], top, before)
+    before, joins = continued_document(segment_ids)
+    in_last = (segment_ids == segment_ids[:, -1:])[:, None, :, None]  # [b, 1, C, 1]
+    states = efficient_chunk_states(k, v, in_last)  # [b, g, N, d, e + 2]
+    initial = (*rescaled_sum(states, joins[:, None, :, None]), before)
     return segmented_efficient_attention(q, k, v, segment_ids, chunk_size, initial)

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from megalong.attention.alibi import alibi_bias
+from megalong.attention.grouped import stack_heads, stack_mask, unstack_heads
 from megalong.attention.segments import same_document
 from megalong.parallel.context import context_rank, context_size, rank_pieces
 from megalong.parallel.context_p2p import ring_shift
@@ -50,36 +51,23 @@ def _pairs(q_pieces: Pieces, k_pieces: Pieces):
                 yield qp, kp
 
 
-def _rows(x: torch.Tensor, piece: tuple[int, int, int]) -> torch.Tensor:
-    """A query-sized tensor [b, g, j, C, *e] (query head g * j + i at [:, g, i]) at a piece's
-    positions, the j heads of a group stacked along the rows: [b, g, j * m, *e] (grouped.py)."""
-    part = x.narrow(3, piece[1], piece[2])
-    return part.reshape(*part.shape[:2], part.shape[2] * part.shape[3], *part.shape[4:])
-
-
-def _unrows(x: torch.Tensor, j: int) -> torch.Tensor:
-    """The inverse of `_rows`: [b, g, j * m, *e] -> [b, g, j, m, *e]."""
-    return x.reshape(*x.shape[:2], j, x.shape[2] // j, *x.shape[3:])
-
-
 def _scores(q: torch.Tensor, k: torch.Tensor, qp: tuple[int, int, int], kp: tuple[int, int, int],
             seg_q: Optional[torch.Tensor], seg_k: Optional[torch.Tensor], slopes: Optional[torch.Tensor],
             scale: float) -> torch.Tensor:
-    """Masked (and ALiBi-biased) scores [b, g, j * m, n] of a query piece (q [b, g, j, C, d], a
-    group's j query heads stacked along the rows) against a key piece (k [b, g, C, d])."""
-    j = q.shape[2]
-    ks = k.narrow(2, kp[1], kp[2])
-    s = torch.matmul(_rows(q, qp), ks.transpose(-1, -2)) * scale
+    """Masked (and ALiBi-biased) scores [b, g, j * m, n] of a query piece of q [b, h, C, d] against
+    a key piece of k [b, g, C, d], a group's j query heads stacked along the rows (grouped.py)."""
+    heads, groups = q.shape[1], k.shape[1]
+    qs, ks = stack_heads(q.narrow(2, qp[1], qp[2]), groups), k.narrow(2, kp[1], kp[2])
+    s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
     distance = (qp[0] + torch.arange(qp[2], device=q.device))[:, None] - \
         (kp[0] + torch.arange(kp[2], device=q.device))[None, :]
+    if slopes is not None:
+        s = s + stack_mask(alibi_bias(slopes.to(s.dtype), distance), 4, heads, groups)
     visible = distance >= 0
-    if slopes is not None:  # [h, m, n] -> [g, j * m, n]
-        s = s + alibi_bias(slopes.to(s.dtype), distance).reshape(q.shape[1], j * qp[2], kp[2])
-    visible = visible.repeat(j, 1)
     if seg_q is not None and seg_k is not None:
         same = same_document(seg_q.narrow(1, qp[1], qp[2]), seg_k.narrow(1, kp[1], kp[2]))
-        visible = visible & same.repeat(1, j, 1).unsqueeze(1)
-    return s.masked_fill(~visible, float("-inf"))
+        visible = (visible & same).unsqueeze(1)
+    return s.masked_fill(~stack_mask(visible, 4, heads, groups), float("-inf"))
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -99,11 +87,6 @@ def _blocks(kv: torch.Tensor, seg: Optional[torch.Tensor], label: str):
             seg = seg_pending.wait()[0] if seg_pending is not None else None
 
 
-def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[b, h, C, *e] -> [b, g, h / g, C, *e] (a view)."""
-    return x.view(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
-
-
 class RingAttention(torch.autograd.Function):
     """q [b, h, C, d], k and v [b, g, C, d] (g key/value groups, query head i reading group
     i // (h / g)): the ring carries g heads, and a group's query heads are stacked along the rows
@@ -113,28 +96,25 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Optional[torch.Tensor],
                 slopes: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         n, r = context_size(), context_rank()
-        groups = k.shape[1]
-        j = q.shape[1] // groups
+        heads = q.shape[1]
         length = q.shape[2] * n
         mine = _pieces(r, n, length)
-        q5 = _grouped(q, groups)
-        out = torch.zeros_like(q5)
-        lse = torch.full(q5.shape[:4], float("-inf"), dtype=q.dtype, device=q.device)
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)
         for owner, kv, seg_k in _blocks(torch.stack([k, v]), seg, "global ring"):
             for qp, kp in _pairs(mine, _pieces(owner, n, length)):
-                s = _scores(q5, kv[0], qp, kp, seg, seg_k, slopes, scale)
-                block_lse = torch.logsumexp(s, dim=-1)
-                p = torch.exp(s - _finite(block_lse).unsqueeze(-1))
-                block_out = _unrows(torch.matmul(p, kv[1].narrow(2, kp[1], kp[2])), j)
-                block_lse = _unrows(block_lse, j)
+                s = _scores(q, kv[0], qp, kp, seg, seg_k, slopes, scale)
+                block_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+                p = torch.exp(s - _finite(block_lse))
+                block_out = unstack_heads(torch.matmul(p, kv[1].narrow(2, kp[1], kp[2])), heads)
+                block_lse = unstack_heads(block_lse, heads).squeeze(-1)
                 rows = slice(qp[1], qp[1] + qp[2])
-                old = lse[..., rows]
+                old = lse[:, :, rows]
                 new = torch.logaddexp(old, block_lse)
                 safe = _finite(new)
-                out[..., rows, :] = out[..., rows, :] * torch.exp(old - safe).unsqueeze(-1) + \
+                out[:, :, rows] = out[:, :, rows] * torch.exp(old - safe).unsqueeze(-1) + \
                     block_out * torch.exp(block_lse - safe).unsqueeze(-1)
-                lse[..., rows] = new
-        out = out.view_as(q)
+                lse[:, :, rows] = new
         ctx.save_for_backward(q, k, v, seg, slopes, out, lse)
         ctx.scale = scale
         return out
@@ -144,30 +124,28 @@ class RingAttention(torch.autograd.Function):
         q, k, v, seg, slopes, out, lse = ctx.saved_tensors
         scale = ctx.scale
         n, r = context_size(), context_rank()
-        groups = k.shape[1]
-        j = q.shape[1] // groups
+        heads, groups = q.shape[1], k.shape[1]
         length = q.shape[2] * n
         mine = _pieces(r, n, length)
-        grad = _grouped(grad.contiguous(), groups)
-        q5 = _grouped(q, groups)
-        delta = (grad * _grouped(out, groups)).sum(dim=-1, keepdim=True)  # [b, g, j, C, 1]
-        dq = torch.zeros_like(q5)
+        grad = grad.contiguous()
+        delta = (grad * out).sum(dim=-1, keepdim=True)  # [b, h, C, 1]
+        dq = torch.zeros_like(q)
         dkv = torch.zeros_like(torch.stack([k, v]))  # the gradient of the block being visited
         for step, (owner, kv, seg_k) in enumerate(_blocks(torch.stack([k, v]), seg, "global ring (backward)")):
             if step:  # the gradient of this block from the ranks it visited before
                 dkv = ring_shift(dkv, "global ring (backward)").wait()[0]
             for qp, kp in _pairs(mine, _pieces(owner, n, length)):
                 rows, cols = slice(qp[1], qp[1] + qp[2]), slice(kp[1], kp[1] + kp[2])
-                s = _scores(q5, kv[0], qp, kp, seg, seg_k, slopes, scale)
-                p = torch.exp(s - _rows(lse.unsqueeze(-1), qp))
-                g = _rows(grad, qp)
+                s = _scores(q, kv[0], qp, kp, seg, seg_k, slopes, scale)
+                p = torch.exp(s - stack_heads(lse[:, :, rows].unsqueeze(-1), groups))
+                g = stack_heads(grad[:, :, rows], groups)
                 dkv[1][:, :, cols] += torch.matmul(p.transpose(-1, -2), g)
-                ds = p * (torch.matmul(g, kv[1][:, :, cols].transpose(-1, -2)) - _rows(delta, qp))
-                dq[..., rows, :] += _unrows(torch.matmul(ds, kv[0][:, :, cols]) * scale, j)
-                dkv[0][:, :, cols] += torch.matmul(ds.transpose(-1, -2), _rows(q5, qp)) * scale
+                ds = p * (torch.matmul(g, kv[1][:, :, cols].transpose(-1, -2)) - stack_heads(delta[:, :, rows], groups))
+                dq[:, :, rows] += unstack_heads(torch.matmul(ds, kv[0][:, :, cols]) * scale, heads)
+                dkv[0][:, :, cols] += torch.matmul(ds.transpose(-1, -2), stack_heads(q[:, :, rows], groups)) * scale
         if n > 1:  # home: the gradient of this rank's own keys and values
             dkv = ring_shift(dkv, "global ring (backward)").wait()[0]
-        return dq.view_as(q), dkv[0], dkv[1], None, None, None
+        return dq, dkv[0], dkv[1], None, None, None
 
 
 @torch.compiler.disable

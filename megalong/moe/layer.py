@@ -186,10 +186,11 @@ def update_router_biases(model: nn.Module, applied=None) -> None:
     `applied` (a 0-dim tensor, 0.0 for a step whose update was dropped) scales the move."""
     from megatron.core import parallel_state
 
+    from megalong.parallel.distributed import data_context_group, data_context_size
+
     group = None  # data x context ranks: at context parallelism each holds one chunk of its sequences
-    if (parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1):
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if parallel_state.model_parallel_is_initialized() and data_context_size() > 1:
+        group = data_context_group()
     for m in model.modules():
         if isinstance(m, MoELayer) and m.options.bias_update_rate and hasattr(m.router, "update_bias"):
             m.router.update_bias(group, applied)
